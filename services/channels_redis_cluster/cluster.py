@@ -1,0 +1,210 @@
+"""Cluster topology and per-primary pipelines that keep commands to one node in order."""
+
+import asyncio
+import collections
+import logging
+from urllib.parse import unquote, urlsplit
+
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.backoff import NoBackoff
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    RedisClusterException,
+    ResponseError,
+    TryAgainError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
+
+logger = logging.getLogger(__name__)
+
+# Errors after which the topology is refreshed and the command tried again: lost or refused
+# connections, redirects (MOVED is an AskError) and a cluster that is electing a new primary.
+RETRYABLE = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    AskError,
+    TryAgainError,
+    ClusterDownError,
+    RedisClusterException,
+    OSError,
+)
+
+
+def parse_hosts(hosts):
+    """Turn channels_redis-style ``hosts`` into startup nodes and shared connection options."""
+    if not hosts:
+        hosts = ["redis://127.0.0.1:6379"]
+    if isinstance(hosts, (str, bytes)):
+        raise ValueError("hosts must be a list of startup nodes, even if there is only one.")
+    nodes, options = [], {}
+    for entry in hosts:
+        if isinstance(entry, dict):
+            entry = dict(entry)
+            address = entry.pop("address", None)
+            if address is None:
+                nodes.append(ClusterNode(entry.pop("host"), int(entry.pop("port", 6379))))
+                options.update(entry)
+                continue
+            options.update(entry)
+            entry = address
+        if isinstance(entry, (tuple, list)):
+            nodes.append(ClusterNode(entry[0], int(entry[1])))
+            continue
+        url = urlsplit(entry if "://" in entry else f"redis://{entry}")
+        if url.scheme not in ("redis", "rediss"):
+            raise ValueError(f"Unsupported scheme in {entry!r}: use redis:// or rediss://")
+        nodes.append(ClusterNode(url.hostname or "127.0.0.1", url.port or 6379))
+        if url.password:
+            options["password"] = unquote(url.password)
+        if url.username:
+            options["username"] = unquote(url.username)
+        if url.scheme == "rediss":
+            options["ssl"] = True
+    return nodes, options
+
+
+def dedicated_connection(node):
+    """A connection to ``node`` outside the cluster pool, with no timeout: its owner watches it."""
+    kwargs = dict(node.connection_kwargs)
+    kwargs["retry"] = Retry(NoBackoff(), 0)
+    kwargs["socket_timeout"] = None
+    return node.connection_class(**kwargs)
+
+
+class Topology:
+    """The cluster client plus coalesced slot-map refreshes after MOVED, failover or errors."""
+
+    def __init__(self, cluster: RedisCluster):
+        self.cluster = cluster
+        self._refreshing = None
+
+    def primary_for(self, name: bytes) -> ClusterNode:
+        """The primary that owns the slot of ``name`` in the current slot map."""
+        return self.cluster.get_node_from_key(name)
+
+    async def refresh(self):
+        """Reload the slot map; concurrent callers share one reload."""
+        if self._refreshing is None:
+            self._refreshing = asyncio.ensure_future(self._reload())
+        task = self._refreshing
+        try:
+            await asyncio.shield(task)
+        except RETRYABLE as exc:
+            logger.debug("slot map refresh failed: %s", exc)
+
+    async def _reload(self):
+        try:
+            await self.cluster.nodes_manager.initialize()
+        finally:
+            self._refreshing = None
+
+
+class NodePipeline:
+    """One connection to one primary: commands from any task go out in batches, replies return in order."""
+
+    def __init__(self, node: ClusterNode):
+        self.node = node
+        self.connection = dedicated_connection(node)
+        self.pending = collections.deque()
+        self.wakeup = asyncio.Event()
+        self.closed = False
+        self.task = asyncio.ensure_future(self._run())
+
+    def execute(self, *args):
+        """Queue one command; the returned future holds its reply or error."""
+        future = asyncio.get_running_loop().create_future()
+        if self.closed:
+            future.set_exception(ConnectionError(f"pipeline to {self.node.name} is closed"))
+            return future
+        self.pending.append((args, future))
+        self.wakeup.set()
+        return future
+
+    async def _run(self):
+        batch = []
+        try:
+            await self.connection.connect()
+            while True:
+                await self.wakeup.wait()
+                self.wakeup.clear()
+                batch = list(self.pending)
+                self.pending.clear()
+                packed = self.connection.pack_commands(args for args, _ in batch)
+                await self.connection.send_packed_command(packed, check_health=False)
+                for _, future in batch:
+                    try:
+                        reply = await self.connection.read_response()
+                    except ResponseError as exc:
+                        reply = exc
+                    if not future.done():
+                        if isinstance(reply, ResponseError):
+                            future.set_exception(reply)
+                        else:
+                            future.set_result(reply)
+                batch = []
+        except asyncio.CancelledError:
+            error = ConnectionError(f"pipeline to {self.node.name} closed")
+            raise
+        except BaseException as exc:  # noqa: BLE001 - every failure must reach the waiting callers
+            error = exc if isinstance(exc, Exception) else ConnectionError(str(exc))
+            logger.warning("pipeline to %s failed: %s", self.node.name, exc)
+        finally:
+            self.closed = True
+            for _, future in [*batch, *self.pending]:
+                if not future.done():
+                    future.set_exception(error)
+            self.pending.clear()
+            await self._disconnect()
+
+    async def _disconnect(self):
+        try:
+            await self.connection.disconnect(nowait=True)
+        except Exception:  # noqa: BLE001 - the socket is being dropped either way
+            pass
+
+    async def close(self):
+        """Stop the pipeline and fail whatever is still queued."""
+        self.task.cancel()
+        try:
+            await self.task
+        except (asyncio.CancelledError, Exception):
+            pass
+
+
+class Publisher:
+    """Sends single-slot commands through the pipeline of the slot's primary, retrying across failover."""
+
+    def __init__(self, topology: Topology, retry_timeout: float):
+        self.topology = topology
+        self.retry_timeout = retry_timeout
+        self.pipelines = {}
+
+    def _pipeline(self, node):
+        pipeline = self.pipelines.get(node.name)
+        if pipeline is None or pipeline.closed:
+            pipeline = self.pipelines[node.name] = NodePipeline(node)
+        return pipeline
+
+    async def execute(self, slot_key: bytes, *args):
+        """Run a command on the primary that owns ``slot_key``; retry until ``retry_timeout`` passes."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.retry_timeout
+        delay = 0.02
+        while True:
+            try:
+                return await self._pipeline(self.topology.primary_for(slot_key)).execute(*args)
+            except RETRYABLE:
+                if loop.time() + delay > deadline:
+                    raise
+            await self.topology.refresh()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.5)
+
+    async def close(self):
+        """Close every pipeline."""
+        pipelines, self.pipelines = list(self.pipelines.values()), {}
+        for pipeline in pipelines:
+            await pipeline.close()

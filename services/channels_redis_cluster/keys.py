@@ -1,0 +1,28 @@
+"""Key and shard-channel names: every name carries a hash tag so each command touches one slot."""
+
+
+class KeyScheme:
+    """Builds the Redis names of one layer prefix; the braces pick the slot."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+
+    def group_channel(self, group: str) -> bytes:
+        """Shard channel that carries a group's messages."""
+        return f"{{{self.prefix}:g:{group}}}".encode()
+
+    def group_members(self, group: str) -> str:
+        """Sorted set of a group's members (channel -> join time), in the group's slot."""
+        return f"{{{self.prefix}:g:{group}}}:members"
+
+    def inbox(self, client_prefix: str) -> bytes:
+        """Shard channel of one layer instance: direct sends and remote group_add land here."""
+        return f"{{{self.prefix}:w:{client_prefix}}}".encode()
+
+    def queue(self, channel: str) -> str:
+        """List that holds the messages of a normal (not process-specific) channel."""
+        return f"{{{self.prefix}:c:{channel}}}"
+
+    def pattern(self) -> str:
+        """Glob that matches every key of this prefix, for flush."""
+        return f"{{{self.prefix}:*"

@@ -1,0 +1,478 @@
+"""RedisClusterChannelLayer: the Channels layer API on a Redis Cluster."""
+
+import asyncio
+import hashlib
+import logging
+import secrets
+import time
+import weakref
+
+from channels.exceptions import ChannelFull
+from channels.layers import BaseChannelLayer
+from channels_redis.serializers import registry
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import NoScriptError
+
+from .cluster import RETRYABLE, Publisher, Topology, parse_hosts
+from .keys import KeyScheme
+from .local import LocalChannels
+from .metrics import LayerStats
+from .subscriber import ShardedSubscriber
+
+logger = logging.getLogger(__name__)
+
+# Normal-channel push: drop expired heads, refuse at capacity, append, refresh the key's TTL.
+# Each entry starts with its expiry time in milliseconds, 13 ASCII digits.
+PUSH_SCRIPT = """
+local key = KEYS[1]
+local now = tonumber(ARGV[1])
+while true do
+  local head = redis.call('LINDEX', key, 0)
+  if not head or tonumber(string.sub(head, 1, 13)) > now then break end
+  redis.call('LPOP', key)
+end
+if redis.call('LLEN', key) >= tonumber(ARGV[2]) then return 0 end
+redis.call('RPUSH', key, ARGV[4])
+redis.call('PEXPIRE', key, ARGV[3])
+return 1
+"""
+
+# Membership: a sorted set of channel -> join time that expires with group_expiry.
+ADD_MEMBER_SCRIPT = """
+redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
+
+SENDER_BYTES = 12  # hex client prefix of the sending process, then an 8-byte sequence number
+HEADER_BYTES = SENDER_BYTES + 8
+BLOCK_SECONDS = 1  # BLPOP timeout; far below socket_timeout so the two never race
+SWEEP_SECONDS = 30.0
+
+
+class _Script:
+    """A Lua script run by EVALSHA, loaded on first NOSCRIPT."""
+
+    def __init__(self, source):
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+    async def __call__(self, publisher, key, *args):
+        try:
+            return await publisher.execute(key.encode(), "EVALSHA", self.sha, 1, key, *args)
+        except NoScriptError:
+            return await publisher.execute(key.encode(), "EVAL", self.source, 1, key, *args)
+
+
+_push = _Script(PUSH_SCRIPT)
+_add_member = _Script(ADD_MEMBER_SCRIPT)
+
+
+class _Sequences:
+    """Per-sender numbering of pub/sub messages, so receivers can count what never arrived.
+
+    Two generations bound the memory: each sweep drops whatever was not touched for a whole generation.
+    A sequence that starts again at 1 is a new sequence, not a late message.
+    """
+
+    def __init__(self):
+        self.current, self.previous = {}, {}
+
+    def get(self, key):
+        value = self.current.get(key)
+        if value is None:
+            value = self.previous.get(key, 0)
+        return value
+
+    def set(self, key, value):
+        self.current[key] = value
+
+    def age(self):
+        self.previous, self.current = self.current, {}
+
+
+class _LoopState:
+    """Everything bound to one event loop: connections, subscriptions and local channels."""
+
+    def __init__(self, layer):
+        self.layer = layer
+        self.client_prefix = secrets.token_hex(SENDER_BYTES // 2)
+        self.sender = self.client_prefix.encode()
+        nodes, options = layer.startup_nodes, layer.redis_options
+        self.cluster = RedisCluster(
+            startup_nodes=nodes,
+            socket_timeout=layer.socket_timeout,
+            socket_connect_timeout=layer.socket_timeout,
+            max_connections=layer.max_connections,
+            **options,
+        )
+        self.topology = Topology(self.cluster)
+        self.publisher = Publisher(self.topology, layer.retry_timeout)
+        self.subscriber = ShardedSubscriber(
+            self.topology,
+            self.on_message,
+            retry_timeout=layer.retry_timeout,
+            health_interval=layer.health_interval,
+            stats=layer.stats,
+        )
+        self.local = LocalChannels(layer.expiry, layer.group_expiry, layer.get_capacity, layer.stats)
+        self.inbox = layer.keys.inbox(self.client_prefix)
+        self.group_of = {}  # shard channel -> group name, for subscribed groups
+        self.sent = _Sequences()
+        self.seen = _Sequences()
+        self.poppers = {}
+        self.acks = {}  # id -> future of a membership change sent to another process
+        self.sweeper = None
+        self.started = asyncio.ensure_future(self._start())
+
+    async def _start(self):
+        await self.cluster.initialize()
+        await self.subscriber.subscribe(self.inbox)
+        self.sweeper = asyncio.ensure_future(self._sweep())
+
+    async def ready(self):
+        """Wait until the inbox is subscribed; a failed start is tried again on the next call."""
+        if not self.started.done():
+            await asyncio.shield(self.started)
+        elif self.started.exception() is not None:
+            self.started = asyncio.ensure_future(self._start())
+            await self.started
+
+    async def _sweep(self):
+        while True:
+            await asyncio.sleep(SWEEP_SECONDS)
+            self.local.sweep()
+            self.sent.age()
+            self.seen.age()
+
+    # Outgoing pub/sub
+
+    def frame(self, shard_channel, body):
+        """Prefix ``body`` with this sender's id and its next number on ``shard_channel``."""
+        seq = self.sent.get(shard_channel) + 1
+        self.sent.set(shard_channel, seq)
+        return b"".join((self.sender, seq.to_bytes(8, "big"), body))
+
+    async def publish(self, shard_channel, body):
+        """SPUBLISH once; returns how many subscribers the shard's primary reached."""
+        return await self.publisher.execute(
+            shard_channel, "SPUBLISH", shard_channel, self.frame(shard_channel, body)
+        )
+
+    # Incoming pub/sub
+
+    def on_message(self, shard_channel, data):
+        """Called by the subscriber for every shard message, in arrival order."""
+        key = (data[:SENDER_BYTES], shard_channel)
+        seq = int.from_bytes(data[SENDER_BYTES:HEADER_BYTES], "big")
+        last = self.seen.get(key)
+        if seq > last + 1 and seq != 1:
+            self.layer.stats.inc("sequence_gaps", seq - last - 1)
+        elif seq <= last and seq != 1:
+            self.layer.stats.inc("out_of_order")
+        self.seen.set(key, seq)
+        try:
+            message = self.layer.deserialize(data[HEADER_BYTES:])
+        except Exception:  # noqa: BLE001 - a foreign or corrupt payload must not stop the reader
+            logger.exception("undecodable message on %r", shard_channel)
+            return
+        if shard_channel == self.inbox:
+            self.on_inbox(message)
+            return
+        group = self.group_of.get(shard_channel)
+        if group is not None:
+            for channel in self.local.fan_out(group, message):
+                self.forward(channel, message)
+
+    def on_inbox(self, envelope):
+        """Direct messages, remote membership changes and their acknowledgements."""
+        if "m" in envelope:
+            self.local.put(envelope["c"], envelope["m"])
+        elif "ack" in envelope:
+            future = self.acks.pop(envelope["ack"], None)
+            if future is not None and not future.done():
+                future.set_result(None)
+        elif "a" in envelope:
+            self.background(self.apply_remote(self.join(envelope["a"], envelope["c"]), envelope))
+        elif "d" in envelope:
+            self.background(self.apply_remote(self.leave(envelope["d"], envelope["c"]), envelope))
+
+    async def apply_remote(self, change, envelope):
+        """Apply a membership change asked by another process, then tell it so."""
+        await change
+        reply = self.layer.serialize({"ack": envelope["id"]})
+        await self.publish(self.layer.keys.inbox(envelope["r"]), reply)
+
+    async def ask_owner(self, owner, envelope):
+        """Have the owning process apply a membership change; returns once it has (or is gone)."""
+        envelope.update(id=secrets.token_hex(8), r=self.client_prefix)
+        future = self.acks[envelope["id"]] = asyncio.get_running_loop().create_future()
+        try:
+            if await self.publish(self.layer.keys.inbox(owner), self.layer.serialize(envelope)):
+                await asyncio.wait_for(future, self.layer.retry_timeout)
+            else:
+                self.layer.stats.inc("undeliverable")
+        finally:
+            self.acks.pop(envelope["id"], None)
+
+    def forward(self, channel, message):
+        """Push a group message into a normal channel's queue (normal channels live in Redis)."""
+        self.background(self.layer.send(channel, dict(message)))
+
+    def background(self, coroutine):
+        task = asyncio.ensure_future(coroutine)
+        task.add_done_callback(_log_failure)
+
+    # Local membership
+
+    async def join(self, group, channel):
+        """Make ``channel`` (of this process) a local member of ``group``."""
+        shard_channel = self.layer.keys.group_channel(group)
+        self.group_of[shard_channel] = group
+        if self.local.add(group, channel) or shard_channel not in self.subscriber.wanted:
+            try:
+                await self.subscriber.subscribe(shard_channel)
+            except BaseException:
+                self.local.discard(group, channel)
+                raise
+
+    async def leave(self, group, channel):
+        """Remove a local member; the last one out unsubscribes the group."""
+        if self.local.discard(group, channel):
+            shard_channel = self.layer.keys.group_channel(group)
+            self.group_of.pop(shard_channel, None)
+            await self.subscriber.unsubscribe(shard_channel)
+
+    # Normal channels
+
+    async def receive_normal(self, channel):
+        """Wait for a message of a normal channel; one BLPOP loop per channel feeds every waiter.
+
+        The loop runs apart from the receivers, so a cancelled receive never loses a popped message:
+        it stays in the local buffer for the next receive in this process.
+        """
+        buffer = self.local.buffer(channel)
+        popper = self.poppers.get(channel)
+        if popper is None or popper.done():
+            self.poppers[channel] = asyncio.ensure_future(self._pop(channel, buffer))
+        return await buffer.get(self.layer.expiry)
+
+    async def _pop(self, channel, buffer):
+        key = self.layer.keys.queue(channel)
+        try:
+            while True:
+                reply = await self.cluster.execute_command("BLPOP", key, BLOCK_SECONDS)
+                if reply is not None and int(reply[1][:13]) > time.time() * 1000:
+                    self.local.put(channel, self.layer.deserialize(reply[1][13:]))
+                if not buffer.waiters:
+                    return
+        finally:
+            if self.poppers.get(channel) is asyncio.current_task():
+                del self.poppers[channel]
+
+    async def close(self):
+        if self.sweeper is not None:
+            self.sweeper.cancel()
+        for popper in list(self.poppers.values()):
+            popper.cancel()
+        self.started.cancel()
+        await self.subscriber.close()
+        await self.publisher.close()
+        await self.cluster.aclose()
+
+
+def _log_failure(task):
+    if not task.cancelled() and task.exception() is not None:
+        logger.warning("channel layer background task failed: %s", task.exception())
+
+
+class RedisClusterChannelLayer(BaseChannelLayer):
+    """Channel layer on Redis Cluster: sharded pub/sub for groups and process channels, lists for the rest."""
+
+    extensions = ["groups", "flush"]
+
+    def __init__(
+        self,
+        hosts=None,
+        prefix="asgi",
+        expiry=60,
+        group_expiry=86400,
+        capacity=100,
+        channel_capacity=None,
+        symmetric_encryption_keys=None,
+        serializer_format="msgpack",
+        retry_timeout=20.0,
+        socket_timeout=5.0,
+        max_connections=100,
+        health_interval=5.0,
+    ):
+        super().__init__(expiry=expiry, capacity=capacity)
+        self.channel_capacity = self.compile_capacities(channel_capacity or {})
+        self.group_expiry = group_expiry
+        self.keys = KeyScheme(prefix)
+        self.startup_nodes, self.redis_options = parse_hosts(hosts)
+        self.retry_timeout = retry_timeout
+        self.socket_timeout = socket_timeout
+        self.max_connections = max_connections
+        self.health_interval = health_interval
+        self.stats = LayerStats()
+        self._serializer = registry.get_serializer(
+            serializer_format,
+            symmetric_encryption_keys=symmetric_encryption_keys,
+            random_prefix_length=0,
+            expiry=expiry,
+        )
+        self._states = weakref.WeakKeyDictionary()
+
+    def serialize(self, message):
+        """Message to bytes (msgpack, optionally encrypted), as channels_redis does."""
+        return self._serializer.serialize(message)
+
+    def deserialize(self, data):
+        """Bytes back to a message."""
+        return self._serializer.deserialize(data)
+
+    async def _state(self):
+        loop = asyncio.get_running_loop()
+        state = self._states.get(loop)
+        if state is None:
+            state = self._states[loop] = _LoopState(self)
+        await state.ready()
+        return state
+
+    @staticmethod
+    def owner_of(channel):
+        """The client prefix of the process that owns a process-specific channel, else None."""
+        bang = channel.find("!")
+        if bang < 0:
+            return None
+        return channel[:bang].rsplit(".", 1)[-1]
+
+    # Channel layer API
+
+    async def send(self, channel, message):
+        """Send ``message`` to ``channel``; ChannelFull when it is at capacity."""
+        if not isinstance(message, dict):
+            raise TypeError("message must be a dict")
+        self.require_valid_channel_name(channel)
+        state = await self._state()
+        owner = self.owner_of(channel)
+        if owner == state.client_prefix:
+            if not state.local.put(channel, message):
+                raise ChannelFull(channel)
+            return
+        try:
+            if owner is not None:
+                body = self.serialize({"c": channel, "m": message})
+                if not await state.publish(self.keys.inbox(owner), body):
+                    self.stats.inc("undeliverable")
+                return
+            key = self.keys.queue(channel)
+            expires_ms = int((time.time() + self.expiry) * 1000)
+            entry = b"%013d" % expires_ms + self.serialize(message)
+            now_ms = int(time.time() * 1000)
+            capacity = self.get_capacity(channel)
+            pushed = await _push(
+                state.publisher, key, now_ms, capacity, int(self.expiry * 1000), entry
+            )
+        except RETRYABLE:
+            self.stats.inc("errors")
+            raise
+        if not pushed:
+            raise ChannelFull(channel)
+
+    async def receive(self, channel):
+        """The next message on ``channel``, waiting for one."""
+        self.require_valid_channel_name(channel)
+        state = await self._state()
+        owner = self.owner_of(channel)
+        if owner is None:
+            return await state.receive_normal(channel)
+        if owner != state.client_prefix:
+            raise ValueError(f"{channel!r} belongs to another process or event loop")
+        return await state.local.get(channel)
+
+    async def new_channel(self, prefix="specific"):
+        """A new process-specific channel name that this process receives on."""
+        state = await self._state()
+        return f"{prefix}.{state.client_prefix}!{secrets.token_hex(12)}"
+
+    async def group_add(self, group, channel):
+        """Add ``channel`` to ``group``, whichever process owns the channel."""
+        self.require_valid_group_name(group)
+        self.require_valid_channel_name(channel)
+        state = await self._state()
+        await _add_member(
+            state.publisher, self.keys.group_members(group), time.time(), channel, self.group_expiry
+        )
+        owner = self.owner_of(channel)
+        if owner is None or owner == state.client_prefix:
+            await state.join(group, channel)
+        else:
+            await state.ask_owner(owner, {"a": group, "c": channel})
+
+    async def group_discard(self, group, channel):
+        """Remove ``channel`` from ``group``."""
+        self.require_valid_group_name(group)
+        self.require_valid_channel_name(channel)
+        state = await self._state()
+        key = self.keys.group_members(group)
+        await state.publisher.execute(key.encode(), "ZREM", key, channel)
+        owner = self.owner_of(channel)
+        if owner is None or owner == state.client_prefix:
+            await state.leave(group, channel)
+        else:
+            await state.ask_owner(owner, {"d": group, "c": channel})
+
+    async def group_send(self, group, message):
+        """Send ``message`` to every member of ``group``: one SPUBLISH, whatever the group's size."""
+        if not isinstance(message, dict):
+            raise TypeError("message must be a dict")
+        self.require_valid_group_name(group)
+        state = await self._state()
+        try:
+            await state.publish(self.keys.group_channel(group), self.serialize(message))
+        except RETRYABLE:
+            self.stats.inc("errors")
+            raise
+
+    # Extensions
+
+    async def group_channels(self, group):
+        """The channels recorded as members of ``group`` in the cluster, from any process."""
+        self.require_valid_group_name(group)
+        state = await self._state()
+        key = self.keys.group_members(group)
+        cutoff = time.time() - self.group_expiry
+        members = await state.publisher.execute(key.encode(), "ZRANGEBYSCORE", key, cutoff, "+inf")
+        return [member.decode() for member in members]
+
+    async def ping(self):
+        """Raise unless every primary answers and every subscription is in place."""
+        state = await self._state()
+        await state.cluster.execute_command("PING", target_nodes=RedisCluster.PRIMARIES)
+        if not state.subscriber.settled:
+            raise ConnectionError("shard subscriptions are being moved")
+
+    async def flush(self):
+        """Delete every key of this prefix in the cluster and forget local channels and groups."""
+        state = await self._state()
+        for shard_channel in list(state.group_of):
+            await state.subscriber.unsubscribe(shard_channel)
+        state.group_of.clear()
+        state.local.clear()
+        keys = [
+            key
+            async for key in state.cluster.scan_iter(
+                match=self.keys.pattern(), count=1000, target_nodes=RedisCluster.PRIMARIES
+            )
+        ]
+        for key in keys:
+            await state.publisher.execute(key, "UNLINK", key)
+
+    async def close(self):
+        """Close the connections of the current event loop."""
+        loop = asyncio.get_running_loop()
+        state = self._states.pop(loop, None)
+        if state is not None:
+            await state.close()

@@ -1,0 +1,162 @@
+"""The channels that live in this process: bounded buffers, waiting receivers and local group members."""
+
+import asyncio
+import collections
+import time
+
+
+class ChannelBuffer:
+    """Messages waiting for one channel, at most ``capacity`` of them, each with its expiry time."""
+
+    __slots__ = ("items", "waiters", "capacity", "idle_since")
+
+    def __init__(self, capacity):
+        self.items = collections.deque()
+        self.waiters = collections.deque()
+        self.capacity = capacity
+        self.idle_since = time.monotonic()
+
+    def put(self, message, expires_at):
+        """Hand ``message`` to a waiting receiver or keep it; False when the buffer is full."""
+        waiters = self.waiters
+        while waiters:
+            future = waiters.popleft()
+            if not future.done():
+                future.set_result(message)
+                return True
+        items = self.items
+        if len(items) >= self.capacity:
+            now = time.monotonic()
+            while items and items[0][0] <= now:
+                items.popleft()
+            if len(items) >= self.capacity:
+                return False
+        items.append((expires_at, message))
+        return True
+
+    def full(self):
+        """True when a put would be refused."""
+        return not self.waiters and len(self.items) >= self.capacity
+
+    async def get(self, expiry):
+        """The oldest unexpired message, waiting for one if there is none."""
+        now = time.monotonic()
+        items = self.items
+        while items:
+            expires_at, message = items.popleft()
+            if expires_at > now:
+                return message
+        future = asyncio.get_running_loop().create_future()
+        self.waiters.append(future)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():
+                # The message arrived as we were cancelled: keep it for the next receive.
+                items.appendleft((time.monotonic() + expiry, future.result()))
+            else:
+                try:
+                    self.waiters.remove(future)
+                except ValueError:
+                    pass
+            raise
+        finally:
+            self.idle_since = time.monotonic()
+
+    def abandoned(self, cutoff):
+        """True when nobody waits, nothing unexpired is left and it has been idle since before ``cutoff``."""
+        if self.waiters or self.idle_since > cutoff:
+            return False
+        now = time.monotonic()
+        return all(expires_at <= now for expires_at, _ in self.items)
+
+
+class LocalChannels:
+    """Per-process channel buffers and group membership, fed by the layer's readers."""
+
+    def __init__(self, expiry, group_expiry, capacity_for, stats):
+        self.expiry = expiry
+        self.group_expiry = group_expiry
+        self.capacity_for = capacity_for
+        self.stats = stats
+        self.buffers = {}
+        # group -> {channel: wall-clock join time}; wall clock because group_expiry is shared with Redis
+        self.groups = {}
+
+    def buffer(self, channel):
+        """The buffer of ``channel``, created on first use."""
+        buffer = self.buffers.get(channel)
+        if buffer is None:
+            buffer = self.buffers[channel] = ChannelBuffer(self.capacity_for(channel))
+        return buffer
+
+    def put(self, channel, message):
+        """Deliver to one local channel; False (and counted) when its buffer is full."""
+        if self.buffer(channel).put(message, time.monotonic() + self.expiry):
+            return True
+        self.stats.inc("overflow")
+        return False
+
+    async def get(self, channel):
+        """Wait for the next message of a local channel."""
+        return await self.buffer(channel).get(self.expiry)
+
+    def add(self, group, channel):
+        """Record a local member; True when it is the group's first local member."""
+        members = self.groups.get(group)
+        first = members is None
+        if first:
+            members = self.groups[group] = {}
+        members[channel] = time.time()
+        return first
+
+    def discard(self, group, channel):
+        """Forget a local member; True when the group has no local members left."""
+        members = self.groups.get(group)
+        if members is None:
+            return False
+        members.pop(channel, None)
+        if members:
+            return False
+        del self.groups[group]
+        return True
+
+    def fan_out(self, group, message):
+        """Give every live local member of ``group`` its own shallow copy of ``message``."""
+        members = self.groups.get(group)
+        if not members:
+            return []
+        cutoff = time.time() - self.group_expiry
+        expires_at = time.monotonic() + self.expiry
+        buffers = self.buffers
+        forward = []
+        expired = []
+        delivered = dropped = 0
+        for channel, joined in members.items():
+            if joined < cutoff:
+                expired.append(channel)
+            elif "!" not in channel:
+                forward.append(channel)
+            elif (buffers.get(channel) or self.buffer(channel)).put(dict(message), expires_at):
+                delivered += 1
+            else:
+                dropped += 1
+        for channel in expired:
+            del members[channel]
+        self.stats.inc("delivered", delivered)
+        if dropped:
+            self.stats.inc("overflow", dropped)
+        return forward
+
+    def sweep(self):
+        """Drop buffers nobody has read for longer than the expiry: their messages are dead anyway."""
+        cutoff = time.monotonic() - self.expiry
+        dead = [name for name, buffer in self.buffers.items() if buffer.abandoned(cutoff)]
+        for name in dead:
+            del self.buffers[name]
+        return len(dead)
+
+    def clear(self):
+        """Forget everything, as flush does."""
+        self.buffers.clear()
+        self.groups.clear()

@@ -1,0 +1,41 @@
+"""Layer event counters, mirrored into Prometheus when prometheus_client is installed."""
+
+import collections
+
+try:
+    from prometheus_client import Counter
+except ImportError:  # the layer works without it; only the export is lost
+    Counter = None
+
+EVENTS = {
+    "delivered": "Group messages put into local channel buffers",
+    "overflow": "Messages dropped because a local channel buffer was full",
+    "undeliverable": "Direct sends to a process-specific channel whose process is gone",
+    "sequence_gaps": "Pub/sub messages numbered by a sender that never arrived here",
+    "out_of_order": "Pub/sub messages that arrived after a later one from the same sender",
+    "resubscribes": "Subscriber connections lost and moved to the slot's current primary",
+    "errors": "Layer operations that failed after retrying",
+}
+
+_exported = (
+    {name: Counter(f"channels_layer_{name}", text) for name, text in EVENTS.items()}
+    if Counter is not None
+    else {}
+)
+
+
+class LayerStats:
+    """Per-layer counts of the events in ``EVENTS``; ``counts`` is what tests and health checks read."""
+
+    def __init__(self):
+        self.counts = collections.Counter()
+
+    def inc(self, name, amount=1):
+        """Count ``amount`` events of kind ``name``."""
+        self.counts[name] += amount
+        exported = _exported.get(name)
+        if exported is not None:
+            exported.inc(amount)
+
+    def __getitem__(self, name):
+        return self.counts[name]

@@ -1,0 +1,243 @@
+"""Sharded pub/sub: one SSUBSCRIBE connection and one reader per primary, moved after failover or resharding."""
+
+import asyncio
+import collections
+import logging
+
+from redis.exceptions import ResponseError
+
+from .cluster import RETRYABLE, Topology, dedicated_connection
+
+logger = logging.getLogger(__name__)
+
+
+class _NodeReader:
+    """Owns one subscriber connection to one primary and reads every push that arrives on it."""
+
+    def __init__(self, owner, node):
+        self.owner = owner
+        self.node = node
+        self.channels = set()
+        # Replies to SSUBSCRIBE/SUNSUBSCRIBE come back in the order the commands went out.
+        self.replies = collections.deque()
+        self.connection = dedicated_connection(node)
+        self.closed = False
+        self.last_seen = 0.0
+        self.tasks = []
+
+    async def start(self):
+        await self.connection.connect()
+        self.last_seen = asyncio.get_running_loop().time()
+        self.tasks = [asyncio.ensure_future(self._read()), asyncio.ensure_future(self._watch())]
+
+    async def command(self, verb, channel):
+        """Send SSUBSCRIBE or SUNSUBSCRIBE for one channel and wait for the server's answer."""
+        if self.closed:
+            raise ConnectionError(f"subscriber for {self.node.name} is closed")
+        future = asyncio.get_running_loop().create_future()
+        self.replies.append((verb, channel, future))
+        await self.connection.send_command(verb, channel, check_health=False)
+        await future
+
+    async def _read(self):
+        error = ConnectionError(f"subscriber for {self.node.name} closed")
+        loop = asyncio.get_running_loop()
+        on_message = self.owner.on_message
+        try:
+            while True:
+                try:
+                    reply = await self.connection.read_response(push_request=True)
+                except ResponseError as exc:
+                    self._answer(None, exc)
+                    continue
+                self.last_seen = loop.time()
+                kind = reply[0]
+                if kind == b"smessage":
+                    on_message(reply[1], reply[2])
+                elif kind == b"ssubscribe":
+                    self.channels.add(reply[1])
+                    self._answer(b"SSUBSCRIBE", None)
+                elif kind == b"sunsubscribe":
+                    if self.replies and self.replies[0][:2] == (b"SUNSUBSCRIBE", reply[1]):
+                        self.channels.discard(reply[1])
+                        self._answer(b"SUNSUBSCRIBE", None)
+                    else:
+                        # The server dropped us because the slot moved to another primary.
+                        self.channels.discard(reply[1])
+                        self.owner.relocate([reply[1]])
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure ends this connection; the owner moves on
+            error = exc
+            logger.warning("shard subscriber for %s lost: %s", self.node.name, exc)
+        finally:
+            self.closed = True
+            while self.replies:
+                future = self.replies.popleft()[2]
+                if not future.done():
+                    future.set_exception(ConnectionError(str(error)))
+            self.owner.reader_lost(self)
+
+    def _answer(self, verb, exc):
+        if not self.replies:
+            return
+        _, _, future = self.replies.popleft()
+        if future.done():
+            return
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(verb)
+
+    async def _watch(self):
+        """PING now and then: a half-open connection shows as silence, then is dropped."""
+        interval = self.owner.health_interval
+        loop = asyncio.get_running_loop()
+        while not self.closed:
+            await asyncio.sleep(interval)
+            if loop.time() - self.last_seen > 3 * interval:
+                logger.warning("shard subscriber for %s silent, reconnecting", self.node.name)
+                self.tasks[0].cancel()
+                return
+            try:
+                await self.connection.send_command("PING", check_health=False)
+            except Exception:  # noqa: BLE001 - the reader sees the same failure and handles it
+                return
+
+    async def close(self):
+        for task in self.tasks:
+            task.cancel()
+        for task in self.tasks:
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):
+                pass
+        try:
+            await self.connection.disconnect(nowait=True)
+        except Exception:  # noqa: BLE001
+            pass
+
+
+class ShardedSubscriber:
+    """Keeps a set of shard channels subscribed on whichever primary owns each one's slot."""
+
+    def __init__(self, topology: Topology, on_message, *, retry_timeout, health_interval, stats):
+        self.topology = topology
+        self.on_message = on_message
+        self.retry_timeout = retry_timeout
+        self.health_interval = health_interval
+        self.stats = stats
+        self.wanted = set()
+        self.readers = {}
+        self._reader_locks = collections.defaultdict(asyncio.Lock)
+        self._channel_locks = collections.defaultdict(asyncio.Lock)
+        self._moving = set()
+        self._mover = None
+        self.closed = False
+
+    @property
+    def settled(self):
+        """True when every wanted channel is subscribed on a live connection."""
+        return not self._moving
+
+    async def subscribe(self, channel: bytes):
+        """Subscribe ``channel``; returns once the owning primary confirmed it."""
+        self.wanted.add(channel)
+        await self._reconcile(channel, self.retry_timeout)
+
+    async def unsubscribe(self, channel: bytes):
+        """Drop ``channel``; a failure to tell the server only costs unwanted traffic, which is ignored."""
+        self.wanted.discard(channel)
+        try:
+            await self._reconcile(channel, 0)
+        except RETRYABLE as exc:
+            logger.debug("sunsubscribe %r failed: %s", channel, exc)
+
+    async def _reconcile(self, channel, timeout):
+        """Bring one channel's subscription in line with ``wanted``, retrying until ``timeout``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        delay = 0.02
+        lock = self._channel_locks[channel]
+        async with lock:
+            try:
+                while not self.closed:
+                    try:
+                        return await self._apply(channel)
+                    except RETRYABLE:
+                        if loop.time() + delay > deadline:
+                            raise
+                    await self.topology.refresh()
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 0.5)
+            finally:
+                if not lock._waiters:
+                    self._channel_locks.pop(channel, None)
+
+    async def _apply(self, channel):
+        holder = next((r for r in self.readers.values() if channel in r.channels), None)
+        if channel not in self.wanted:
+            if holder is not None and not holder.closed:
+                await holder.command(b"SUNSUBSCRIBE", channel)
+            return
+        node = self.topology.primary_for(channel)
+        if holder is not None and holder.node.name == node.name and not holder.closed:
+            return
+        if holder is not None and not holder.closed:
+            await holder.command(b"SUNSUBSCRIBE", channel)
+        reader = await self._reader(node)
+        await reader.command(b"SSUBSCRIBE", channel)
+
+    async def _reader(self, node):
+        reader = self.readers.get(node.name)
+        if reader is not None and not reader.closed:
+            return reader
+        async with self._reader_locks[node.name]:
+            reader = self.readers.get(node.name)
+            if reader is None or reader.closed:
+                reader = _NodeReader(self, node)
+                await reader.start()
+                self.readers[node.name] = reader
+        return reader
+
+    def reader_lost(self, reader):
+        """Called by a reader whose connection ended: its channels move to the current owners."""
+        if self.readers.get(reader.node.name) is reader:
+            del self.readers[reader.node.name]
+        if reader.channels and not self.closed:
+            self.stats.inc("resubscribes")
+            self.relocate(list(reader.channels))
+        reader.channels.clear()
+
+    def relocate(self, channels):
+        """Resubscribe ``channels`` in the background until each is placed or no longer wanted."""
+        if self.closed:
+            return
+        self._moving.update(c for c in channels if c in self.wanted)
+        if self._mover is None or self._mover.done():
+            self._mover = asyncio.ensure_future(self._move())
+
+    async def _move(self):
+        delay = 0.05
+        while self._moving and not self.closed:
+            await self.topology.refresh()
+            for channel in list(self._moving):
+                try:
+                    await self._reconcile(channel, 0)
+                except RETRYABLE as exc:
+                    logger.info("resubscribe %r pending: %s", channel, exc)
+                    break
+                self._moving.discard(channel)
+            else:
+                continue
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+    async def close(self):
+        """Close every subscriber connection."""
+        self.closed = True
+        if self._mover is not None:
+            self._mover.cancel()
+        readers, self.readers = list(self.readers.values()), {}
+        for reader in readers:
+            await reader.close()

