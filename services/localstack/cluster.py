@@ -1,5 +1,6 @@
 """A throwaway 6-node Redis Cluster (3 primaries, 3 replicas) on 127.0.0.1, for `make run` and the tests."""
 
+import ctypes
 import os
 import shutil
 import signal
@@ -12,6 +13,15 @@ from pathlib import Path
 import redis
 
 SLOTS = 16384
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent():
+    """preexec_fn: the child gets SIGTERM when the process that started it dies, however it dies."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:  # not Linux: the normal stop path still cleans up
+        pass
 
 
 def server_binary():
@@ -89,6 +99,7 @@ class LocalCluster:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
+            preexec_fn=die_with_parent,
         )
         self._wait(lambda: self.client(port).ping(), f"node {port} to answer")
 

@@ -1,0 +1,31 @@
+# Two commands do all set-up on a fresh machine with Python 3.11+ and make: `make run` and `make test`.
+PYTHON ?= python3
+UV_VERSION := 0.13.8
+TOOLS := .tools
+UV := $(TOOLS)/bin/uv
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: run test bench env clean
+
+$(UV):
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/pip install --quiet uv==$(UV_VERSION)
+
+$(VENV)/.synced: pyproject.toml uv.lock | $(UV)
+	$(UV) sync --frozen --quiet
+	touch $@
+
+env: $(VENV)/.synced ## the locked environment in .venv
+
+run: env ## local 6-node Redis Cluster + WEB_CONCURRENCY workers on 127.0.0.1:8000
+	PYTHONPATH=services $(PY) -m localstack.run
+
+test: env ## every test suite
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: env ## fan-out benchmark report
+	$(PY) -m pytest tests/test_bench_smoke.py
+
+clean:
+	rm -rf $(VENV) $(TOOLS) .pytest_cache artifacts

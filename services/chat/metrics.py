@@ -1,0 +1,14 @@
+"""Prometheus metrics of the chat consumer (multiprocess-safe under gunicorn)."""
+
+from prometheus_client import Counter, Gauge, Histogram
+
+CONNECTIONS = Gauge("chat_connections", "Open chat WebSockets", multiprocess_mode="livesum")
+MESSAGES_IN = Counter("chat_messages_in_total", "Chat messages accepted from clients")
+MESSAGES_OUT = Counter("chat_messages_out_total", "Chat messages written to clients")
+REJECTED = Counter("chat_rejected_total", "Client frames or connections refused", ["reason"])
+LAYER_ERRORS = Counter("chat_layer_errors_total", "Channel layer calls that failed", ["operation"])
+FANOUT_LATENCY = Histogram(
+    "chat_fanout_latency_seconds",
+    "From group_send on the sender's worker to the write on the receiver's socket",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)

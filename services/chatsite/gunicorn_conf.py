@@ -1,0 +1,52 @@
+"""gunicorn settings shared by `make run`, the container image and the Helm chart."""
+
+import os
+import shutil
+import tempfile
+
+# Metrics of all worker processes are summed per pod; the directory must exist before workers import.
+metrics_dir = os.environ.setdefault(
+    "PROMETHEUS_MULTIPROC_DIR", os.path.join(tempfile.gettempdir(), f"chat-metrics-{os.getpid()}")
+)
+
+bind = os.environ.get("BIND", "0.0.0.0:8000")
+workers = int(os.environ.get("WEB_CONCURRENCY", "3"))
+worker_class = "chatsite.worker.ChatUvicornWorker"
+# Time given to open WebSockets to close after SIGTERM before workers are killed.
+graceful_timeout = int(os.environ.get("GRACEFUL_TIMEOUT", "25"))
+timeout = 60
+keepalive = 5
+worker_tmp_dir = os.environ.get("WORKER_TMP_DIR", tempfile.gettempdir())
+# The control socket would live under $HOME, which is read-only in the container.
+control_socket_disable = True
+accesslog = None
+errorlog = "-"
+loglevel = os.environ.get("LOG_LEVEL", "info").lower()
+logconfig_dict = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {
+        "json": {
+            "()": "pythonjsonlogger.json.JsonFormatter",
+            "fmt": "%(asctime)s %(levelname)s %(name)s %(process)d %(message)s",
+            "rename_fields": {"asctime": "time", "levelname": "level", "name": "logger", "process": "pid"},
+        }
+    },
+    "handlers": {"stdout": {"class": "logging.StreamHandler", "formatter": "json"}},
+    "root": {"handlers": ["stdout"], "level": loglevel.upper()},
+    "loggers": {
+        "gunicorn.error": {"handlers": ["stdout"], "level": loglevel.upper(), "propagate": False},
+        "uvicorn.error": {"handlers": ["stdout"], "level": loglevel.upper(), "propagate": False},
+    },
+}
+
+
+def on_starting(server):
+    shutil.rmtree(metrics_dir, ignore_errors=True)
+    os.makedirs(metrics_dir, exist_ok=True)
+
+
+def child_exit(server, worker):
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
