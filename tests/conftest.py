@@ -1,0 +1,42 @@
+"""Shared fixtures: one real 6-node Redis Cluster per session, and layers on it."""
+
+import os
+import uuid
+
+import pytest
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "chatsite.settings")
+
+from localstack.cluster import LocalCluster  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def redis_cluster():
+    """A local cluster of 3 primaries and 3 replicas, shared by the tests that only read and write keys."""
+    with LocalCluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def cluster_hosts(redis_cluster):
+    return [f"redis://{node}" for node in redis_cluster.startup_nodes]
+
+
+@pytest.fixture
+async def make_layer(cluster_hosts):
+    """Factory of RedisClusterChannelLayer instances with a prefix of their own, closed after the test."""
+    from channels_redis_cluster import RedisClusterChannelLayer
+
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    layers = []
+
+    def make(**config):
+        config.setdefault("prefix", prefix)
+        layer = RedisClusterChannelLayer(hosts=cluster_hosts, **config)
+        layers.append(layer)
+        return layer
+
+    yield make
+    for layer in layers:
+        await layer.flush()
+        await layer.close()
