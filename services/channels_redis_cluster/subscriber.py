@@ -218,7 +218,8 @@ class ShardedSubscriber:
             self._mover = asyncio.ensure_future(self._move())
 
     async def _move(self):
-        delay = 0.05
+        # Short steps: every moment without a subscription loses the room's messages.
+        delay = 0.02
         while self._moving and not self.closed:
             await self.topology.refresh()
             for channel in list(self._moving):
@@ -231,7 +232,7 @@ class ShardedSubscriber:
             else:
                 continue
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 1.0)
+            delay = min(delay * 2, 0.2)
 
     async def close(self):
         """Close every subscriber connection."""
