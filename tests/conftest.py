@@ -7,7 +7,11 @@ import pytest
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "chatsite.settings")
 
+import django  # noqa: E402
+
 from localstack.cluster import LocalCluster  # noqa: E402
+
+django.setup()
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,127 @@
+"""The chat consumer through the whole ASGI app (WebsocketCommunicator) on the cluster layer."""
+
+import json
+
+import pytest
+from channels.testing import WebsocketCommunicator
+from django.test import override_settings
+
+ORIGIN = [(b"origin", b"http://127.0.0.1:8000")]
+
+
+@pytest.fixture
+async def application(cluster_hosts):
+    from channels.layers import channel_layers
+
+    layers = {"default": {"BACKEND": "channels_redis_cluster.RedisClusterChannelLayer",
+                          "CONFIG": {"hosts": cluster_hosts, "prefix": "consumer"}}}
+    with override_settings(CHANNEL_LAYERS=layers, CHAT_MAX_MESSAGE_CHARS=100, CHAT_MAX_FRAME_BYTES=1000):
+        from chatsite.asgi import application
+
+        yield application
+        await channel_layers["default"].close()
+
+
+async def join(application, room, v2=False):
+    communicator = WebsocketCommunicator(
+        application, f"/ws/chat/{room}/", headers=ORIGIN, subprotocols=["chat.v2"] if v2 else None
+    )
+    connected, subprotocol = await communicator.connect(timeout=5)
+    assert connected
+    assert subprotocol == ("chat.v2" if v2 else None)
+    return communicator
+
+
+async def test_v1_message_reaches_every_member_including_sender(application):
+    alice, bob = await join(application, "lobby"), await join(application, "lobby")
+    await alice.send_to(text_data=json.dumps({"message": "hello"}))
+    assert await alice.receive_json_from(timeout=3) == {"message": "hello"}
+    assert await bob.receive_json_from(timeout=3) == {"message": "hello"}
+    await alice.disconnect()
+    await bob.disconnect()
+
+
+async def test_rooms_are_isolated(application):
+    alice, carol = await join(application, "room-a"), await join(application, "room-b")
+    await alice.send_to(text_data=json.dumps({"message": "only a"}))
+    assert (await alice.receive_json_from(timeout=3))["message"] == "only a"
+    assert await carol.receive_nothing(timeout=0.5)
+    await alice.disconnect()
+    await carol.disconnect()
+
+
+async def test_v2_frames_carry_room_sender_and_nonce(application):
+    alice = await join(application, "v2room", v2=True)
+    await alice.send_to(text_data=json.dumps({"message": "hi", "nonce": "n-1"}))
+    frame = await alice.receive_json_from(timeout=3)
+    assert frame["type"] == "message" and frame["message"] == "hi" and frame["nonce"] == "n-1"
+    assert frame["room"] == "v2room" and ":" in frame["sender"] and frame["sent_at"] > 0
+    await alice.disconnect()
+
+
+BAD_FRAMES = [
+    ("not json", "bad_json", 4400),
+    (json.dumps(["message"]), "bad_frame", 4400),
+    (json.dumps({}), "bad_message", 4400),
+    (json.dumps({"message": 5}), "bad_message", 4400),
+    (json.dumps({"message": None}), "bad_message", 4400),
+    (json.dumps({"message": "x", "admin": True}), "unknown_field", 4400),
+    (json.dumps({"message": "x" * 101}), "message_too_long", 4413),
+    (json.dumps({"message": "é" * 90, "pad": "y" * 900}), "frame_too_large", 4413),
+]
+
+
+@pytest.mark.parametrize("text,reason,code", BAD_FRAMES)
+async def test_v1_bad_input_closes_with_a_clear_code(application, text, reason, code):
+    bystander = await join(application, "bad-v1")
+    client = await join(application, "bad-v1")
+    await client.send_to(text_data=text)
+    closed = await client.receive_output(timeout=3)
+    assert closed["type"] == "websocket.close" and closed["code"] == code
+    assert await bystander.receive_nothing(timeout=0.3), "nothing bad reaches the room"
+    await bystander.send_to(text_data=json.dumps({"message": "still here"}))
+    assert await bystander.receive_json_from(timeout=3) == {"message": "still here"}
+    await bystander.disconnect()
+
+
+@pytest.mark.parametrize("text,reason,code", BAD_FRAMES)
+async def test_v2_bad_input_gets_an_error_frame_and_stays_open(application, text, reason, code):
+    client = await join(application, "bad-v2", v2=True)
+    await client.send_to(text_data=text)
+    error = await client.receive_json_from(timeout=3)
+    assert error["type"] == "error" and error["error"] == reason and error["detail"]
+    await client.send_to(text_data=json.dumps({"message": "ok"}))
+    assert (await client.receive_json_from(timeout=3))["message"] == "ok"
+    await client.disconnect()
+
+
+async def test_binary_frames_are_refused(application):
+    v1, v2 = await join(application, "binary"), await join(application, "binary", v2=True)
+    await v1.send_to(bytes_data=b"\x00\x01")
+    closed = await v1.receive_output(timeout=3)
+    assert closed["type"] == "websocket.close" and closed["code"] == 4415
+    await v2.send_to(bytes_data=b"\x00\x01")
+    assert (await v2.receive_json_from(timeout=3))["error"] == "binary_frame"
+    await v2.disconnect()
+
+
+@pytest.mark.parametrize("room", ["has space", "x" * 65, "émoji", "a.b"])
+async def test_invalid_room_name_closes_4404(application, room):
+    communicator = WebsocketCommunicator(application, f"/ws/chat/{room}/", headers=ORIGIN)
+    connected, _ = await communicator.connect(timeout=5)
+    assert connected
+    closed = await communicator.receive_output(timeout=3)
+    assert closed["type"] == "websocket.close" and closed["code"] == 4404
+
+
+async def test_invalid_room_v2_gets_error_frame_first(application):
+    communicator = WebsocketCommunicator(application, "/ws/chat/bad%20room/", headers=ORIGIN, subprotocols=["chat.v2"])
+    await communicator.connect(timeout=5)
+    assert (await communicator.receive_json_from(timeout=3))["error"] == "bad_room"
+    assert (await communicator.receive_output(timeout=3))["code"] == 4404
+
+
+async def test_unknown_websocket_path_is_refused(application):
+    communicator = WebsocketCommunicator(application, "/ws/nowhere/", headers=ORIGIN)
+    connected, _ = await communicator.connect(timeout=5)
+    assert not connected
