@@ -25,7 +25,7 @@ test: env ## every test suite
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: env ## fan-out benchmark report
-	$(PY) -m pytest tests/test_bench_smoke.py
+	PYTHONPATH=services:. $(PY) -m loadtest.fanout_bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) $(TOOLS) .pytest_cache artifacts
