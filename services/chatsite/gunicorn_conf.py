@@ -4,6 +4,8 @@ import os
 import shutil
 import tempfile
 
+from chatsite.log_config import json_logging
+
 # Metrics of all worker processes are summed per pod; the directory must exist before workers import.
 metrics_dir = os.environ.setdefault(
     "PROMETHEUS_MULTIPROC_DIR", os.path.join(tempfile.gettempdir(), f"chat-metrics-{os.getpid()}")
@@ -22,23 +24,7 @@ control_socket_disable = True
 accesslog = None
 errorlog = "-"
 loglevel = os.environ.get("LOG_LEVEL", "info").lower()
-logconfig_dict = {
-    "version": 1,
-    "disable_existing_loggers": False,
-    "formatters": {
-        "json": {
-            "()": "pythonjsonlogger.json.JsonFormatter",
-            "fmt": "%(asctime)s %(levelname)s %(name)s %(process)d %(message)s",
-            "rename_fields": {"asctime": "time", "levelname": "level", "name": "logger", "process": "pid"},
-        }
-    },
-    "handlers": {"stdout": {"class": "logging.StreamHandler", "formatter": "json"}},
-    "root": {"handlers": ["stdout"], "level": loglevel.upper()},
-    "loggers": {
-        "gunicorn.error": {"handlers": ["stdout"], "level": loglevel.upper(), "propagate": False},
-        "uvicorn.error": {"handlers": ["stdout"], "level": loglevel.upper(), "propagate": False},
-    },
-}
+logconfig_dict = json_logging(loglevel)
 
 
 def on_starting(server):

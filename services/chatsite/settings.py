@@ -3,6 +3,8 @@
 import os
 import secrets
 
+from .log_config import json_logging
+
 
 def env_bool(name, default=False):
     return os.environ.get(name, str(default)).strip().lower() in ("1", "true", "yes", "on")
@@ -59,16 +61,4 @@ def channel_layers():
 
 CHANNEL_LAYERS = {"default": channel_layers()}
 
-LOGGING = {
-    "version": 1,
-    "disable_existing_loggers": False,
-    "formatters": {
-        "json": {
-            "()": "pythonjsonlogger.json.JsonFormatter",
-            "fmt": "%(asctime)s %(levelname)s %(name)s %(process)d %(message)s",
-            "rename_fields": {"asctime": "time", "levelname": "level", "name": "logger", "process": "pid"},
-        }
-    },
-    "handlers": {"stdout": {"class": "logging.StreamHandler", "formatter": "json"}},
-    "root": {"handlers": ["stdout"], "level": os.environ.get("LOG_LEVEL", "INFO")},
-}
+LOGGING = json_logging(os.environ.get("LOG_LEVEL", "INFO"))
