@@ -202,3 +202,19 @@ class LocalCluster:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def migrate_slot(cluster, key, target_port):
+    """Move the slot of ``key`` (and its keys) to the primary on ``target_port``, as resharding does."""
+    source_port = cluster.primary_for(key)
+    source, target = cluster.client(source_port), cluster.client(target_port)
+    slot = source.execute_command("CLUSTER", "KEYSLOT", key)
+    source_id = source.execute_command("CLUSTER", "MYID")
+    target_id = target.execute_command("CLUSTER", "MYID")
+    target.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+    source.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+    while keys := source.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100):
+        source.execute_command("MIGRATE", "127.0.0.1", target_port, "", 0, 5000, "KEYS", *keys)
+    for port in cluster.running_primaries():
+        cluster.client(port).execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+    return slot
