@@ -48,16 +48,9 @@ async def start_worker(hosts, prefix, sockets):
     return process, json.loads(line)["channels"]
 
 
-async def read_until_stop(process, sockets):
-    received, stopped = [], 0
-    while stopped < sockets:
-        record = json.loads(await asyncio.wait_for(process.stdout.readline(), 30))
-        if record["message"]["type"] == "stop":
-            stopped += 1
-        else:
-            received.append(record)
-    await asyncio.wait_for(process.wait(), 30)
-    return received
+async def read_messages(process, count):
+    """The next ``count`` messages a worker printed."""
+    return [json.loads(await asyncio.wait_for(process.stdout.readline(), 30)) for _ in range(count)]
 
 
 async def test_group_send_reaches_members_in_every_process(cluster_hosts):
@@ -75,13 +68,17 @@ async def test_group_send_reaches_members_in_every_process(cluster_hosts):
         # A direct send from this process to one channel in each worker process.
         for _, channels in workers:
             await sender.send(channels[0], {"type": "direct"})
-        await sender.group_send("room", {"type": "stop"})
+        # Messages on different shard channels have no order between them: read everything first.
         for process, channels in workers:
-            received = await read_until_stop(process, sockets)
+            received = await read_messages(process, 20 * sockets + 1)
             per_channel = {c: [r["message"].get("n") for r in received if r["channel"] == c and r["message"]["type"] == "chat"] for c in channels}
             assert per_channel == {c: list(range(20)) for c in channels}, "every member gets every message, in order"
             directs = [r["channel"] for r in received if r["message"]["type"] == "direct"]
             assert directs == [channels[0]]
+        await sender.group_send("room", {"type": "stop"})
+        for process, _ in workers:
+            assert len(await read_messages(process, sockets)) == sockets
+            assert await asyncio.wait_for(process.wait(), 30) == 0
     finally:
         for process, _ in workers:
             if process.returncode is None:
