@@ -77,7 +77,9 @@ def main():
     parser.add_argument("--redis-port", type=int, default=int(os.environ.get("REDIS_BASE_PORT", "7000")))
     args = parser.parse_args()
 
-    signal.signal(signal.SIGTERM, _interrupt)
+    # Also SIGINT: a shell that starts us in the background would otherwise leave it ignored.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _interrupt)
     cluster = LocalCluster(base_port=args.redis_port)
     workers = None
     try:
