@@ -22,6 +22,13 @@ def redis_cluster():
 
 
 @pytest.fixture
+def own_cluster():
+    """A cluster of the test's own, for tests that kill nodes or move slots."""
+    with LocalCluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture
 def cluster_hosts(redis_cluster):
     return [f"redis://{node}" for node in redis_cluster.startup_nodes]
 

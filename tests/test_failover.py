@@ -5,24 +5,14 @@ import json
 import time
 from pathlib import Path
 
-import pytest
-
 from channels_redis_cluster import RedisClusterChannelLayer
-from localstack.cluster import LocalCluster
 
-NODE_TIMEOUT_MS = 2000
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
-
-
-@pytest.fixture
-def own_cluster():
-    """A cluster of this test's own: it loses a node."""
-    with LocalCluster(node_timeout_ms=NODE_TIMEOUT_MS) as cluster:
-        yield cluster
 
 
 async def test_primary_failover_under_traffic(own_cluster):
     hosts = [f"redis://{node}" for node in own_cluster.startup_nodes]
+    node_timeout = own_cluster.node_timeout_ms / 1000
     receiver = RedisClusterChannelLayer(hosts=hosts, prefix="fo")
     sender = RedisClusterChannelLayer(hosts=hosts, prefix="fo")
     members = [await receiver.new_channel() for _ in range(3)]
@@ -57,7 +47,7 @@ async def test_primary_failover_under_traffic(own_cluster):
     killed_at = time.monotonic()
     own_cluster.kill(victim)
 
-    bound = NODE_TIMEOUT_MS / 1000 + 5
+    bound = node_timeout + 5
     resumed_at = None
     while time.monotonic() - killed_at < bound + 5:
         after = [min((t for n, t in r.items() if sent.get(n, 0) > killed_at), default=None) for r in received.values()]
@@ -80,7 +70,7 @@ async def test_primary_failover_under_traffic(own_cluster):
     window = [n for n in sent if n <= checkpoint]
     lost = {channel: sum(1 for n in window if n not in received[channel]) for channel in members}
     report = {
-        "node_timeout_s": NODE_TIMEOUT_MS / 1000,
+        "node_timeout_s": node_timeout,
         "resumed_after_s": round(resumed_at - killed_at, 3),
         "bound_s": bound,
         "sent_ok": len(sent),

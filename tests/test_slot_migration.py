@@ -3,17 +3,8 @@
 import asyncio
 import time
 
-import pytest
-
 from channels_redis_cluster import RedisClusterChannelLayer
-from localstack.cluster import LocalCluster, migrate_slot
-
-
-@pytest.fixture
-def own_cluster():
-    """A cluster of this test's own: its slot map changes."""
-    with LocalCluster() as cluster:
-        yield cluster
+from localstack.cluster import migrate_slot
 
 
 async def test_group_follows_its_slot_to_another_primary(own_cluster):
