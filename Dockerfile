@@ -19,6 +19,20 @@ RUN /opt/uv/bin/uv sync --frozen --no-dev --no-install-project --no-cache --pyth
 COPY services/ /app/services/
 RUN python3 -m compileall -q /app/services
 
+# Locust with the project's scenarios: `docker build --target loadtest` (the compose `loadtest` profile).
+FROM build AS loadtest-build
+ENV UV_PROJECT_ENVIRONMENT=/opt/loadtest
+RUN /opt/uv/bin/uv sync --frozen --only-group loadtest --no-install-project --no-cache --python python3
+
+FROM ${PYTHON_IMAGE} AS loadtest
+COPY --from=loadtest-build /opt/loadtest /opt/loadtest
+COPY loadtest/ /app/loadtest/
+ENV PATH=/opt/loadtest/bin:$PATH PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
+WORKDIR /app
+USER 10001:10001
+EXPOSE 8089 5557
+ENTRYPOINT ["locust", "--locustfile", "loadtest/locustfile.py"]
+
 FROM ${PYTHON_IMAGE} AS runtime
 COPY --from=build /opt/venv /opt/venv
 COPY --from=build /app /app

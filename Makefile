@@ -5,8 +5,10 @@ TOOLS := .tools
 UV := $(TOOLS)/bin/uv
 VENV := .venv
 PY := $(VENV)/bin/python
+# The base-image choice made by `make images` (official or local stand-ins) travels in this env file.
+COMPOSE = docker compose $(if $(wildcard .run/compose.env),--env-file .run/compose.env)
 
-.PHONY: run test bench env clean
+.PHONY: run test bench env images up down clean
 
 $(UV):
 	$(PYTHON) -m venv $(TOOLS)
@@ -26,6 +28,16 @@ test: env ## every test suite
 
 bench: env ## fan-out benchmark report
 	PYTHONPATH=services:. $(PY) -m loadtest.fanout_bench $(BENCH_ARGS)
+
+images: env ## chat and loadtest images; BASE_IMAGES=auto|official|local (stand-ins built from Debian)
+	docker/images.sh
+
+up: images ## the compose stack, healthy, ingress on 127.0.0.1:8080
+	$(COMPOSE) up --detach --wait
+	@echo "chat is up: http://127.0.0.1:$${INGRESS_PORT:-8080}/chat/"
+
+down: ## stops the compose stack and removes its containers, networks and volumes
+	$(COMPOSE) down --volumes --remove-orphans
 
 clean:
 	rm -rf $(VENV) $(TOOLS) .pytest_cache artifacts
