@@ -1,17 +1,21 @@
-"""Shared fixtures: one real 6-node Redis Cluster per session, and layers on it."""
+"""Shared fixtures: a real 6-node Redis Cluster and layers on it; the images and the compose stack."""
 
 import os
+import subprocess
 import uuid
+from pathlib import Path
 
 import pytest
+from testcontainers.compose import DockerCompose
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "chatsite.settings")
 
 import django  # noqa: E402
 
-from localstack.cluster import LocalCluster  # noqa: E402
+from localstack.cluster import LocalCluster, free_base_port  # noqa: E402
 
 django.setup()
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="session")
@@ -60,3 +64,74 @@ def pytest_sessionfinish(session, exitstatus):
     if os.environ.get("CI") and skipped and session.exitstatus == 0:
         reporter.write_line(f"CI: {len(skipped)} test(s) skipped; a skip is a failure here", red=True)
         session.exitstatus = 1
+
+
+def docker_ready():
+    """Why the Docker suites cannot run here, or None when a Docker engine with Compose v2 answers."""
+    for command in (["docker", "info"], ["docker", "compose", "version"]):
+        try:
+            if subprocess.run(command, capture_output=True, timeout=30).returncode != 0:
+                return f"`{' '.join(command)}` failed: run `sudo docker/host-setup.sh` for a Docker engine"
+        except (OSError, subprocess.TimeoutExpired) as error:
+            return f"`{' '.join(command)}`: {error}"
+    return None
+
+
+@pytest.fixture(scope="session")
+def chat_images():
+    """The chat and loadtest images as `make images` builds them; the env file that selects their bases."""
+    reason = docker_ready()
+    if reason:
+        pytest.skip(reason)
+    subprocess.run(["docker/images.sh"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    return ROOT / ".run" / "compose.env"
+
+
+class ComposeStack:
+    """One compose project of the test session's own, with its ingress on a free 127.0.0.1 port."""
+
+    def __init__(self, images_env, tmp_path):
+        self.project = f"chat-test-{uuid.uuid4().hex[:6]}"
+        self.port = free_base_port(1, 40000, 41000)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.ws = f"ws://127.0.0.1:{self.port}"
+        env_file = tmp_path / f"{self.project}.env"
+        env_file.write_text(images_env.read_text() + f"COMPOSE_PROJECT_NAME={self.project}\nINGRESS_PORT={self.port}\n")
+        self.compose = DockerCompose(ROOT, env_file=str(env_file), wait=True)
+
+    def run(self, *args, check=True):
+        """`docker compose ARGS` for this project; returns the completed process."""
+        command = [*self.compose.compose_command_property, *args]
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240)
+        if check and result.returncode != 0:
+            raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stderr[-3000:]}")
+        return result
+
+    @staticmethod
+    def run_docker(*args):
+        """`docker ARGS`, checked."""
+        subprocess.run(["docker", *args], check=True, capture_output=True, timeout=240)
+
+    def containers(self, service):
+        """Ids of the project's running containers of `service`."""
+        return [c.ID for c in self.compose.get_containers() if c.Service == service and c.State == "running"]
+
+    def leftovers(self):
+        """Containers, volumes and networks that still carry this project's label."""
+        label = f"label=com.docker.compose.project={self.project}"
+        found = []
+        for kind in (["ps", "-aq"], ["volume", "ls", "-q"], ["network", "ls", "-q"]):
+            out = subprocess.run(["docker", *kind, "--filter", label], capture_output=True, text=True, check=True)
+            found += out.stdout.split()
+        return found
+
+
+@pytest.fixture(scope="session")
+def compose_stack(chat_images, tmp_path_factory):
+    """The compose stack (3 chat replicas behind the HAProxy ingress), up and healthy, removed at the end."""
+    stack = ComposeStack(chat_images, tmp_path_factory.mktemp("compose"))
+    try:
+        stack.compose.start()
+        yield stack
+    finally:
+        stack.compose.stop()

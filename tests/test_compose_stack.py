@@ -1,0 +1,90 @@
+"""The compose stack for real: 6 Redis nodes, chat containers and the HAProxy ingress, driven through 127.0.0.1."""
+
+import asyncio
+import json
+import time
+
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+ROOM_TIMEOUT_S = 15
+
+
+async def join(stack, room):
+    """A v1 socket in `room` through the ingress, and the container (hostname part of X-Served-By) serving it."""
+    client = await connect(f"{stack.ws}/ws/chat/{room}/", origin=stack.url, open_timeout=15)
+    return client, client.response.headers["X-Served-By"].partition(":")[0]
+
+
+async def join_until(stack, room, enough, limit=60):
+    """Open sockets until `enough(containers)` holds (or `limit` sockets); returns [(client, container)]."""
+    joined = []
+    while len(joined) < limit and not enough({container for _, container in joined}):
+        joined.append(await join(stack, room))
+    return joined
+
+
+async def everyone_gets_everything(clients, tag):
+    """Every client sends one message; assert every client receives all of them."""
+    expected = {f"{tag}-{index}" for index in range(len(clients))}
+    for index, client in enumerate(clients):
+        await client.send(json.dumps({"message": f"{tag}-{index}"}))
+
+    async def collect(client):
+        got = set()
+        while not expected <= got:
+            got.add(json.loads(await asyncio.wait_for(client.recv(), ROOM_TIMEOUT_S))["message"])
+        return got
+
+    for got in await asyncio.gather(*(collect(client) for client in clients)):
+        assert expected <= got
+
+
+async def test_sockets_through_the_ingress_span_containers_and_reach_everyone(compose_stack):
+    joined = await join_until(compose_stack, "compose-room", lambda seen: len(seen) >= 3)
+    containers = {container for _, container in joined}
+    assert len(containers) >= 2, f"{len(joined)} sockets all landed on {containers}"
+    assert containers <= {c[:12] for c in compose_stack.containers("chat")}
+    await everyone_gets_everything([client for client, _ in joined], "spread")
+    for client, _ in joined:
+        await client.close()
+
+
+async def test_scaled_up_replicas_receive_new_sockets_without_a_proxy_restart(compose_stack):
+    ingress_before = compose_stack.containers("ingress")
+    before = set(compose_stack.containers("chat"))
+    compose_stack.run("up", "--detach", "--wait", "--no-recreate", "--scale", "chat=5")
+    new = {c[:12] for c in set(compose_stack.containers("chat")) - before}
+    assert len(new) == 2 and compose_stack.containers("ingress") == ingress_before
+    # The ingress finds the new replicas through DNS and a passed health check, within seconds.
+    joined, deadline = [], time.monotonic() + 60
+    while not new <= {container for _, container in joined} and time.monotonic() < deadline:
+        joined += await join_until(compose_stack, "scaled-room", lambda seen: new <= seen, limit=10)
+    assert new <= {container for _, container in joined}, f"new replicas {new} got none of {len(joined)} sockets"
+    await everyone_gets_everything([client for client, _ in joined[-10:]], "scaled")
+    for client, _ in joined:
+        await client.close()
+
+
+async def test_clients_of_a_stopped_container_reconnect_elsewhere_and_the_room_goes_on(compose_stack):
+    joined = await join_until(compose_stack, "stop-room", lambda seen: len(seen) >= 3, limit=30)
+    victim = joined[0][1]
+    on_victim = [i for i, (_, container) in enumerate(joined) if container == victim]
+    survivors = [client for client, container in joined if container != victim]
+    assert survivors, "every socket landed on one container"
+    full_id = next(c for c in compose_stack.containers("chat") if c.startswith(victim))
+    stopping = asyncio.create_task(asyncio.to_thread(compose_stack.run_docker, "stop", "--time", "30", full_id))
+    # Under traffic: the survivors keep chatting while the victim drains and closes its sockets.
+    for index in on_victim:
+        try:
+            await asyncio.wait_for(joined[index][0].wait_closed(), 40)
+        except ConnectionClosed:
+            pass
+        await everyone_gets_everything(survivors, f"during-{index}")
+    await stopping
+    for index in on_victim:
+        joined[index] = await join(compose_stack, "stop-room")
+        assert joined[index][1] != victim
+    await everyone_gets_everything([client for client, _ in joined], "after")
+    for client, _ in joined:
+        await client.close()
