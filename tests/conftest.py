@@ -9,6 +9,8 @@ import pytest
 from testcontainers.compose import DockerCompose
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "chatsite.settings")
+# testcontainers' reaper is an image from a registry, which CI cannot reach; the fixtures remove what they start.
+os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
 
 import django  # noqa: E402
 
