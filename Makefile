@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 # The base-image choice made by `make images` (official or local stand-ins) travels in this env file.
 COMPOSE = docker compose $(if $(wildcard .run/compose.env),--env-file .run/compose.env)
 
-.PHONY: run test bench env images up down clean
+.PHONY: run test bench env host images up down clean
 
 $(UV):
 	$(PYTHON) -m venv $(TOOLS)
@@ -23,13 +23,17 @@ env: $(VENV)/.synced ## the locked environment in .venv
 run: env ## local 6-node Redis Cluster + WEB_CONCURRENCY workers on 127.0.0.1:8000
 	PYTHONPATH=services $(PY) -m localstack.run
 
-test: env ## every test suite
+host: env ## Docker engine + Compose v2, debootstrap, chromium (as root; otherwise their suites skip)
+	@if [ "$$(id -u)" = 0 ]; then docker/host-setup.sh; \
+	else echo "not root: skipping docker/host-setup.sh; the Docker and browser suites need what it installs"; fi
+
+test: env host ## every test suite
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: env ## fan-out benchmark report
 	PYTHONPATH=services:. $(PY) -m loadtest.fanout_bench $(BENCH_ARGS)
 
-images: env ## chat and loadtest images; BASE_IMAGES=auto|official|local (stand-ins built from Debian)
+images: env host ## chat and loadtest images; BASE_IMAGES=auto|official|local (stand-ins built from Debian)
 	docker/images.sh
 
 up: images ## the compose stack, healthy, ingress on 127.0.0.1:8080
