@@ -1,6 +1,7 @@
 # Two commands do all set-up on a fresh machine with Python 3.11+ and make: `make run` and `make test`.
 PYTHON ?= python3
-UV_VERSION := 0.13.8
+# One pin for the host and the image build: the Dockerfile's.
+UV_VERSION := $(shell sed -n 's/^ARG UV_VERSION=//p' Dockerfile)
 TOOLS := .tools
 UV := $(TOOLS)/bin/uv
 VENV := .venv

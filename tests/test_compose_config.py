@@ -1,0 +1,79 @@
+"""The compose file and the ingress config as policy: what is exposed, hardened, and free of affinity."""
+
+import json
+import re
+import subprocess
+
+import pytest
+
+from conftest import ROOT
+
+LOCAL_IMAGES = ROOT / "docker" / "local-base-images.env"
+
+
+def compose_config(*env_files, profiles=("loadtest",)):
+    """The resolved compose model, as `docker compose config` renders it (no engine needed)."""
+    command = [str(ROOT / ".venv/bin/docker-compose"), "-f", str(ROOT / "compose.yaml")]
+    for env_file in env_files:
+        command += ["--env-file", str(env_file)]
+    for profile in profiles:
+        command += ["--profile", profile]
+    result = subprocess.run([*command, "config", "--format", "json"], capture_output=True, text=True, check=True,
+                            env={"PATH": "/usr/bin:/bin"})
+    return json.loads(result.stdout)
+
+
+@pytest.fixture(scope="module")
+def services():
+    return compose_config()["services"]
+
+
+def test_only_the_ingress_is_published_and_only_on_loopback(services):
+    published = {name: spec["ports"] for name, spec in services.items() if spec.get("ports")}
+    assert list(published) == ["ingress"]
+    assert [(p["host_ip"], p["published"], p["target"]) for p in published["ingress"]] == [("127.0.0.1", "8080", 8080)]
+
+
+def test_redis_sits_on_an_internal_network_with_chat_only(services):
+    config = compose_config()
+    assert config["networks"]["redis"].get("internal") is True
+    on_redis = {name for name, spec in services.items() if "redis" in spec["networks"]}
+    assert on_redis == {"chat", "redis-init", *(f"redis-{n}" for n in range(6))}
+    assert all(list(services[f"redis-{n}"]["networks"]) == ["redis"] for n in range(6))
+
+
+def test_every_service_is_hardened(services):
+    for name, spec in services.items():
+        assert spec.get("read_only") is True, name
+        assert spec.get("cap_drop") == ["ALL"], name
+        assert "no-new-privileges:true" in spec.get("security_opt", []), name
+        assert spec.get("user") != "root", name
+
+
+def test_chat_replicas_wait_for_the_cluster_and_stop_gracefully(services):
+    chat = services["chat"]
+    assert chat["deploy"]["replicas"] == 3 and "ports" not in chat
+    assert chat["environment"]["CHANNEL_LAYER"] == "redis-cluster"
+    assert chat["depends_on"]["redis-init"]["condition"] == "service_completed_successfully"
+    assert int(chat["stop_grace_period"].rstrip("s")) >= 30 and chat["tmpfs"] == ["/tmp"]
+    assert all(services[f"redis-{n}"]["healthcheck"]["test"] for n in range(6))
+
+
+def test_images_are_official_by_default_and_local_with_the_switch():
+    default, local = compose_config()["services"], compose_config(LOCAL_IMAGES)["services"]
+    standins = dict(re.findall(r"^(\w+)=(\S+)$", LOCAL_IMAGES.read_text(), re.MULTILINE))
+    assert default["redis-0"]["image"].startswith("redis:") and default["ingress"]["image"].startswith("haproxy:")
+    assert "args" not in default["chat"]["build"]
+    assert local["redis-0"]["image"] == local["redis-init"]["image"] == standins["REDIS_IMAGE"]
+    assert local["ingress"]["image"] == standins["HAPROXY_IMAGE"]
+    assert local["chat"]["build"]["args"]["PYTHON_IMAGE"] == standins["PYTHON_IMAGE"]
+
+
+def test_ingress_balances_round_robin_with_no_affinity():
+    haproxy = (ROOT / "docker" / "haproxy.cfg").read_text()
+    directives = [line.split("#")[0].strip() for line in haproxy.splitlines() if line.split("#")[0].strip()]
+    assert "balance roundrobin" in directives
+    assert not [d for d in directives if re.match(r"(cookie|stick|stick-table|hash-type|balance (source|uri|hdr|url_param))\b", d)]
+    assert any(d.startswith("timeout tunnel") for d in directives)
+    assert any(d.startswith("server-template chat") and "resolvers" not in d for d in directives)
+    assert any("resolvers docker" in d for d in directives if d.startswith("default-server"))
