@@ -17,7 +17,8 @@ def env_list(name, default):
 DEBUG = env_bool("DJANGO_DEBUG")
 # Nothing here signs data that another process must verify, so a per-process random key is a safe default.
 SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY") or secrets.token_urlsafe(50)
-ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", "127.0.0.1,localhost")
+# A pod is also addressed by its IP (kubelet probes, Prometheus scrapes).
+ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", "127.0.0.1,localhost") + env_list("POD_IP", "")
 
 INSTALLED_APPS = ["channels", "chat"]
 MIDDLEWARE = [

@@ -1,7 +1,8 @@
 #!/bin/sh
-# Starts one Redis Cluster node that announces its host name to clients. Containers get new IPs when
-# they are recreated, so the peers' addresses in nodes.conf are refreshed from DNS first; a peer not
-# resolvable yet keeps its old address and is corrected by gossip once it pings this node.
+# Starts one Redis Cluster node that announces its DNS name (REDIS_ANNOUNCE_HOSTNAME, default the host
+# name) to clients. Containers and pods get new IPs when they are recreated, so the peers' addresses in
+# nodes.conf are refreshed from DNS first; a peer not resolvable yet keeps its old address and is
+# corrected by gossip once it pings this node. Used by compose.yaml and the Helm chart alike.
 set -eu
 conf=/data/nodes.conf
 if [ -s "$conf" ]; then
@@ -23,7 +24,7 @@ exec redis-server \
   --cluster-enabled yes \
   --cluster-config-file "$conf" \
   --cluster-node-timeout "${CLUSTER_NODE_TIMEOUT_MS:-5000}" \
-  --cluster-announce-hostname "$(hostname)" \
+  --cluster-announce-hostname "${REDIS_ANNOUNCE_HOSTNAME:-$(hostname)}" \
   --cluster-preferred-endpoint-type hostname \
   --appendonly no \
   --save "" \
