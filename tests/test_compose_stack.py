@@ -2,10 +2,13 @@
 
 import asyncio
 import json
+import subprocess
 import time
 
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
+
+from conftest import ROOT
 
 ROOM_TIMEOUT_S = 15
 
@@ -88,3 +91,15 @@ async def test_clients_of_a_stopped_container_reconnect_elsewhere_and_the_room_g
     await everyone_gets_everything([client for client, _ in joined], "after")
     for client, _ in joined:
         await client.close()
+
+
+def test_helm_test_script_runs_in_the_chat_image_against_the_stack(compose_stack):
+    """The chart's `helm test` check, in the chat image, through the ingress: containers stand in for pods."""
+    script = ROOT / "deploy/helm/files/fanout_check.py"
+    result = subprocess.run(
+        ["docker", "run", "--rm", "--network", f"{compose_stack.project}_edge", "--read-only", "--user", "10001",
+         "--volume", f"{script}:/check/fanout_check.py:ro", "--entrypoint", "python", "chat-blueprint/chat:latest",
+         "/check/fanout_check.py", "--url", "http://ingress:8080", "--min-workers", "2", "--by", "pod"],
+        capture_output=True, text=True, timeout=180,
+    )
+    assert result.returncode == 0 and result.stdout.startswith("OK:"), result.stdout + result.stderr

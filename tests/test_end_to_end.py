@@ -133,3 +133,11 @@ def test_ctrl_c_stops_everything(stack):
     while any(listening(port) for port in stack["ports"]) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not [port for port in stack["ports"] if listening(port)], "a server outlived make run"
+
+
+def test_helm_test_script_passes_against_the_local_stack(stack):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "deploy/helm/files/fanout_check.py"), "--url", stack["url"], "--by", "process"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0 and result.stdout.startswith("OK:"), result.stdout + result.stderr
