@@ -49,8 +49,9 @@ up: images ## the compose stack, healthy, ingress on 127.0.0.1:8080
 down: ## stops the compose stack and removes its containers, networks and volumes
 	$(COMPOSE) down --volumes --remove-orphans
 
-k8s: env ## renders deploy/k8s (kustomize base and overlays) from the Helm chart
+k8s: env ## renders deploy/k8s (kustomize base and overlays) and the chart README's values table
 	$(PY) deploy/render_k8s.py $(HELM) deploy/k8s
+	$(PY) deploy/values_table.py
 
 clean:
 	rm -rf $(VENV) $(TOOLS) .pytest_cache artifacts

@@ -8,7 +8,9 @@ from conftest import ROOT, ComposeStack
 
 
 def make(target, stack):
-    env = {**os.environ, "COMPOSE_PROJECT_NAME": stack.project, "INGRESS_PORT": str(stack.port)}
+    # With a Redis password, as the Helm chart always runs it: nodes, init job and chat all use it.
+    env = {**os.environ, "COMPOSE_PROJECT_NAME": stack.project, "INGRESS_PORT": str(stack.port),
+           "REDIS_PASSWORD": "lifecycle-test-password"}
     return subprocess.run(["make", target], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -21,6 +23,8 @@ def test_second_up_is_harmless_and_down_leaves_nothing_behind(chat_images, tmp_p
         assert second.returncode == 0, second.stderr[-3000:]
         init_log = stack.run("logs", "redis-init").stdout
         assert "cluster of 6 nodes already ok" in init_log
+        refused = stack.run("exec", "-T", "redis-0", "redis-cli", "ping", check=False)
+        assert "NOAUTH" in refused.stdout + refused.stderr, "the nodes must refuse clients without the password"
         with urllib.request.urlopen(f"{stack.url}/readyz", timeout=10) as response:
             assert response.status == 200 and response.headers["X-Served-By"]
     finally:

@@ -199,3 +199,19 @@ REFUSED = [
 def test_bad_values_are_refused_with_a_clear_message(args, message):
     result = helm("template", "channels-chat", str(CHART), *args, check=False)
     assert result.returncode != 0 and message.lower() in result.stderr.lower(), result.stderr
+
+
+def test_every_value_is_documented_and_the_readme_table_is_current():
+    sys.path.insert(0, str(ROOT / "deploy"))
+    import values_table
+
+    assert values_table.undocumented() == []
+    readme = (CHART / "README.md").read_text()
+    assert f"{values_table.START}\n{values_table.table()}\n{values_table.END}" in readme, "run `make k8s`"
+
+
+@pytest.mark.parametrize("values", SCENARIOS, ids=lambda p: p.stem)
+def test_install_notes_render_and_say_how_to_check(values):
+    result = helm("install", "chat", str(CHART), "--dry-run=client", "--namespace", "chat", "-f", str(values))
+    notes = result.stdout.partition("NOTES:")[2]
+    assert "helm test chat -n chat" in notes and "rollout status deploy/chat-channels-chat" in notes
