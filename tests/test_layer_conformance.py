@@ -164,6 +164,24 @@ async def test_groups_across_instances(make_layer):
     await nothing_for(a, a2)
 
 
+async def test_every_concurrent_group_add_returns_only_once_the_group_is_subscribed(make_layer):
+    """A socket is accepted when group_add returns: a message sent right after must reach it, even when
+    other members of the same new group join at the same moment (the subscription is still in flight)."""
+    b = make_layer()
+    await b.group_send("warm-up", {"type": "warm.up"})
+    for round_ in range(10):
+        # A fresh instance: its first subscription also opens the connection that carries it.
+        a = make_layer()
+        channels = [await a.new_channel() for _ in range(20)]
+        group = f"burst-{round_}"
+        for joined in asyncio.as_completed([a.group_add(group, channel) for channel in channels]):
+            await joined
+            break  # the first group_add to return; the rest are still in flight
+        await b.group_send(group, {"type": "burst", "round": round_})
+        for channel in channels:
+            assert (await receive(a, channel))["round"] == round_
+
+
 async def test_group_add_from_another_worker(make_layer):
     """Any instance may add a channel that lives on another one; the owner then receives group sends."""
     owner, other = make_layer(), make_layer()

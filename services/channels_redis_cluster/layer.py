@@ -229,12 +229,14 @@ class _LoopState:
         """Make ``channel`` (of this process) a local member of ``group``."""
         shard_channel = self.layer.keys.group_channel(group)
         self.group_of[shard_channel] = group
-        if self.local.add(group, channel) or shard_channel not in self.subscriber.wanted:
-            try:
-                await self.subscriber.subscribe(shard_channel)
-            except BaseException:
-                self.local.discard(group, channel)
-                raise
+        self.local.add(group, channel)
+        # Every member waits for the confirmed subscription, also when another member's join started
+        # it: the caller accepts the socket next, and a message sent after that must reach it.
+        try:
+            await self.subscriber.subscribe(shard_channel)
+        except BaseException:
+            self.local.discard(group, channel)
+            raise
 
     async def leave(self, group, channel):
         """Remove a local member; the last one out unsubscribes the group."""
