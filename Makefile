@@ -11,7 +11,7 @@ HELM := $(TOOLS)/bin/helm
 # The base-image choice made by `make images` (official or local stand-ins) travels in this env file.
 COMPOSE = docker compose $(if $(wildcard .run/compose.env),--env-file .run/compose.env)
 
-.PHONY: run test bench env host images up down k8s clean
+.PHONY: run test bench env host images up down k8s loadtest clean
 
 $(UV):
 	$(PYTHON) -m venv $(TOOLS)
@@ -35,6 +35,16 @@ host: env ## Docker engine + Compose v2, debootstrap, chromium (as root; otherwi
 
 test: env host ## every test suite
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# make loadtest: bounded by USERS, SPAWN_RATE (users/s) and DURATION (s); SCENARIO is a user class.
+TARGET ?= http://127.0.0.1:8000
+USERS ?= 50
+SPAWN_RATE ?= 10
+DURATION ?= 30
+SCENARIO ?= RoomFanoutUser
+loadtest: env ## Locust fan-out scenario against TARGET, headless; the exit status is the verdict
+	$(PY) -m locust -f loadtest/locustfile.py --headless --only-summary -H $(TARGET) -u $(USERS) -r $(SPAWN_RATE) \
+		-t $(DURATION)s --html artifacts/loadtest/report.html --csv artifacts/loadtest/locust $(SCENARIO)
 
 bench: env ## fan-out benchmark report
 	PYTHONPATH=services:. $(PY) -m loadtest.fanout_bench $(BENCH_ARGS)

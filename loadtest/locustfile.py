@@ -1,71 +1,217 @@
-"""Room fan-out: Locust users that chat in shared rooms over the chat.v2 WebSocket protocol.
+"""Locust scenarios that prove cross-worker fan-out: room fan-out, churn and a reconnect storm.
 
-Each delivery of a room message is reported as a Locust request of type DELIVER whose response time is
-the fan-out latency (receive time minus the server's send time). Settings come from the environment:
-ROOMS (room count, default 5), MESSAGE_INTERVAL_S (seconds between a user's messages, default 1).
+Users speak the chat.v2 WebSocket protocol (websocket-client under gevent). Every delivery of a room
+message is a Locust request of type DELIVER, named same-worker or cross-worker by the X-Served-By of
+sender and receiver, whose response time is the fan-out latency. At the end the master (or the lone
+local runner) prints the verdict, saves it as JSON and CSV and sets the exit status: non-zero when an
+expected delivery is missing, when no delivery crossed workers although two or more served sockets,
+or when p99 passes --max-p99-ms. Pick a scenario by class name: RoomFanoutUser (default),
+ChurnUser, ReconnectStormUser. Options (also as LOADTEST_* environment variables) are listed by
+`locust -f loadtest/locustfile.py --help`.
 """
 
 import itertools
 import json
-import os
+import logging
+import random
+import sys
 import time
 import uuid
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import gevent
 import websocket
-from locust import User, between, events, task
+from locust import User, constant, events, task
+from locust.runners import MasterRunner, WorkerRunner
 
-ROOMS = int(os.environ.get("ROOMS", "5"))
-MESSAGE_INTERVAL_S = float(os.environ.get("MESSAGE_INTERVAL_S", "1"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ledger import Ledger, describe, save, verdict  # noqa: E402
+
+logger = logging.getLogger("loadtest")
+ledger = Ledger()
 _user_numbers = itertools.count()
 
 
-class RoomUser(User):
-    """Joins one room, sends a message every MESSAGE_INTERVAL_S and receives everyone's."""
+@events.init_command_line_parser.add_listener
+def add_options(parser):
+    group = parser.add_argument_group("chat fan-out")
+    group.add_argument("--rooms", type=int, default=5, env_var="LOADTEST_ROOMS", help="rooms the users spread over")
+    group.add_argument("--room-distribution", choices=["uniform", "zipf"], default="uniform",
+                       env_var="LOADTEST_ROOM_DISTRIBUTION", help="room sizes: even, or room k weighted 1/k")
+    group.add_argument("--message-interval", type=float, default=1.0, env_var="LOADTEST_MESSAGE_INTERVAL",
+                       help="seconds between two messages of one user")
+    group.add_argument("--max-p99-ms", type=float, default=1000.0, env_var="LOADTEST_MAX_P99_MS",
+                       help="fail when the p99 fan-out latency is higher")
+    group.add_argument("--leave-grace", type=float, default=1.0, env_var="LOADTEST_LEAVE_GRACE",
+                       help="messages sent this close before a member leaves are not expected to reach it")
+    group.add_argument("--churn-messages", type=int, default=3, env_var="LOADTEST_CHURN_MESSAGES",
+                       help="ChurnUser: messages sent before leaving and joining another room")
+    group.add_argument("--storm-interval", type=float, default=10.0, env_var="LOADTEST_STORM_INTERVAL",
+                       help="ReconnectStormUser: seconds between storms (all users drop at once)")
+    group.add_argument("--report-dir", default="artifacts/loadtest", env_var="LOADTEST_REPORT_DIR",
+                       help="where verdict.json and verdict.csv go")
 
-    wait_time = between(MESSAGE_INTERVAL_S * 0.5, MESSAGE_INTERVAL_S * 1.5)
+
+@events.test_start.add_listener
+def refuse_unbounded(environment, **_):
+    options = environment.parsed_options
+    if options and options.headless and not options.run_time and not isinstance(environment.runner, WorkerRunner):
+        logger.error("refusing an unbounded run: give --run-time")
+        environment.runner.quit()
+
+
+@events.report_to_master.add_listener
+def hand_records_to_master(client_id, data):
+    data["fanout"] = ledger.drain()
+
+
+@events.worker_report.add_listener
+def take_records_from_worker(client_id, data):
+    ledger.merge(data.get("fanout", {}))
+
+
+@events.quitting.add_listener
+def judge(environment, **_):
+    if isinstance(environment.runner, WorkerRunner) or environment.parsed_options is None:
+        return
+    options = environment.parsed_options
+    summary = verdict(ledger, options.leave_grace, options.max_p99_ms)
+    save(summary, options.report_dir)
+    print(describe(summary), flush=True)
+    if not summary["passed"]:
+        environment.process_exit_code = 1
+
+
+class ChatUser(User):
+    """A chat member: one socket in one room at a time, a receiver greenlet, messages with a nonce."""
+
+    abstract = True
+    wait_time = constant(0)
 
     def on_start(self):
-        target = urlsplit(self.host)
-        scheme = "wss" if target.scheme == "https" else "ws"
-        self.room = f"load-{next(_user_numbers) % ROOMS}"
-        started = time.perf_counter()
-        self.socket, self.receiver, error = None, None, None
-        try:
-            self.socket = websocket.create_connection(
-                f"{scheme}://{target.netloc}/ws/chat/{self.room}/", subprotocols=["chat.v2"],
-                origin=f"{target.scheme}://{target.netloc}", timeout=10,
-            )
-        except (websocket.WebSocketException, OSError) as refused:
-            error = refused
-        self.served_by = self.socket.getheaders().get("x-served-by", "") if self.socket else ""
-        events.request.fire(request_type="WSCONNECT", name="join", response_time=(time.perf_counter() - started) * 1000,
-                            response_length=0, exception=error, context={"served_by": self.served_by})
-        if error:
-            self.stop()
-        self.receiver = gevent.spawn(self.receive)
+        options = self.environment.parsed_options
+        number = next(_user_numbers)
+        worker = getattr(self.environment.runner, "worker_index", 0) if not isinstance(self.environment.runner, MasterRunner) else 0
+        self.random = random.Random(f"{worker}-{number}")
+        self.rooms = options.rooms
+        self.weights = [1 / (k + 1) for k in range(self.rooms)] if options.room_distribution == "zipf" else None
+        self.interval = options.message_interval
+        self.socket = self.receiver = self.member = None
+        self.join(self.pick_room())
 
     def on_stop(self):
-        if self.receiver:
-            self.receiver.kill(block=False)
-        if self.socket:
-            self.socket.close()
+        self.leave()
 
-    def receive(self):
+    def pick_room(self):
+        index = self.random.choices(range(self.rooms), weights=self.weights)[0]
+        return f"load-{index}"
+
+    def join(self, room, name="join"):
+        """Open a socket in `room`; reported as a WSCONNECT request."""
+        target = urlsplit(self.host)
+        self.room, started = room, time.perf_counter()
+        try:
+            self.socket = websocket.create_connection(
+                f"{'wss' if target.scheme == 'https' else 'ws'}://{target.netloc}/ws/chat/{room}/",
+                subprotocols=["chat.v2"], origin=f"{target.scheme}://{target.netloc}", timeout=15,
+            )
+        except (websocket.WebSocketException, OSError) as error:
+            self.socket = None
+            self.report("WSCONNECT", name, started, error)
+            return False
+        self.member = uuid.uuid4().hex[:16]
+        self.served_by = self.socket.getheaders().get("x-served-by", "?")
+        ledger.join(self.member, room, self.served_by)
+        self.report("WSCONNECT", name, started)
+        self.receiver = gevent.spawn(self.receive, self.socket, self.member)
+        return True
+
+    def leave(self):
+        if self.socket is None:
+            return
+        ledger.leave(self.member)
+        socket, self.socket = self.socket, None
+        # The receiver stops reading first, so the close handshake has the socket to itself.
+        self.receiver.kill(block=True)
+        try:
+            socket.close(timeout=2)
+        except (websocket.WebSocketException, OSError):
+            pass
+
+    def receive(self, socket, member):
         while True:
             try:
-                frame = json.loads(self.socket.recv())
-            except (websocket.WebSocketException, OSError, ValueError) as error:
-                events.request.fire(request_type="DELIVER", name="receive", response_time=0, response_length=0,
-                                    exception=error, context={})
+                frame = json.loads(socket.recv())
+            except (websocket.WebSocketException, OSError, ValueError):
                 return
-            if frame.get("type") == "message":
-                events.request.fire(
-                    request_type="DELIVER", name="room", response_time=(time.time() - frame["sent_at"]) * 1000,
-                    response_length=len(frame["message"]), exception=None, context={"sender": frame.get("sender")},
-                )
+            if frame.get("type") != "message" or "nonce" not in frame:
+                continue
+            received_at = time.time()
+            sent_at = float(frame["message"].partition(" ")[0])
+            kind = "same-worker" if frame.get("sender") == self.served_by else "cross-worker"
+            ledger.receive(frame["nonce"], member, received_at)
+            self.environment.events.request.fire(
+                request_type="DELIVER", name=kind, response_time=(received_at - sent_at) * 1000,
+                response_length=len(frame["message"]), exception=None, context={},
+            )
+
+    def say(self):
+        """Send one message; it carries its send time, its nonce is how receipts are matched."""
+        if self.socket is None:
+            return
+        nonce, sent_at = uuid.uuid4().hex, time.time()
+        ledger.send(nonce, self.room, self.member, sent_at)
+        try:
+            self.socket.send(json.dumps({"message": f"{sent_at:.6f} from {self.member}", "nonce": nonce}))
+        except (websocket.WebSocketException, OSError) as error:
+            self.report("WSSEND", "message", time.perf_counter(), error)
+            self.leave()
+
+    def report(self, kind, name, started, error=None):
+        self.environment.events.request.fire(
+            request_type=kind, name=name, response_time=(time.perf_counter() - started) * 1000,
+            response_length=0, exception=error, context={},
+        )
+
+    def pause(self):
+        gevent.sleep(self.random.uniform(0.5, 1.5) * self.interval)
+
+
+class RoomFanoutUser(ChatUser):
+    """Joins one room and chats in it for the whole run."""
 
     @task
-    def send(self):
-        self.socket.send(json.dumps({"message": f"hello from {self.served_by}", "nonce": uuid.uuid4().hex}))
+    def chat(self):
+        if self.socket is None:
+            self.join(self.pick_room(), name="rejoin")
+        self.say()
+        self.pause()
+
+
+class ChurnUser(ChatUser):
+    """Joins a room, sends a few messages, leaves and joins another (or the same) room, over and over."""
+
+    @task
+    def churn(self):
+        for _ in range(self.environment.parsed_options.churn_messages):
+            self.say()
+            self.pause()
+        # Stay long enough for the last messages to be owed to this member, then leave.
+        gevent.sleep(self.environment.parsed_options.leave_grace)
+        self.leave()
+        self.join(self.pick_room(), name="rejoin")
+
+
+class ReconnectStormUser(ChatUser):
+    """Chats in one room; every --storm-interval seconds of wall time all users drop and reconnect at once."""
+
+    @task
+    def chat_through_storms(self):
+        storm = self.environment.parsed_options.storm_interval
+        next_storm = (time.time() // storm + 1) * storm
+        while time.time() < next_storm:
+            self.say()
+            gevent.sleep(min(self.random.uniform(0.5, 1.5) * self.interval, max(0.0, next_storm - time.time())))
+        self.leave()
+        self.join(self.room, name="reconnect")

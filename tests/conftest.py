@@ -1,8 +1,12 @@
 """Shared fixtures: a real 6-node Redis Cluster and layers on it; the images and the compose stack."""
 
 import os
+import signal
 import subprocess
+import sys
+import threading
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -18,6 +22,31 @@ from localstack.cluster import LocalCluster, free_base_port  # noqa: E402
 
 django.setup()
 ROOT = Path(__file__).resolve().parent.parent
+
+
+@contextmanager
+def local_stack(**env):
+    """The `make run` topology (python -m localstack.run: a 6-node cluster and 3 workers) on free ports."""
+    port, redis_port = free_base_port(1, 30000, 31000), free_base_port(6, 31000, 39000)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "localstack.run", "--port", str(port), "--redis-port", str(redis_port)],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT / "services"), "WEB_CONCURRENCY": "3", **env},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    try:
+        for line in process.stdout:
+            if "chat is ready" in line:
+                break
+        else:
+            pytest.fail(f"make run topology did not start (status {process.wait()})")
+        # Keep reading so the stack never blocks on a full pipe.
+        threading.Thread(target=process.stdout.read, daemon=True).start()
+        yield {"url": f"http://127.0.0.1:{port}", "ws": f"ws://127.0.0.1:{port}", "process": process,
+               "ports": [port, *range(redis_port, redis_port + 6)]}
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+            process.wait(timeout=60)
 
 
 @pytest.fixture(scope="session")

@@ -2,12 +2,10 @@
 
 import asyncio
 import json
-import os
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -17,7 +15,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from localstack.cluster import free_base_port
+from conftest import local_stack
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,26 +28,8 @@ def listening(port):
 @pytest.fixture(scope="module")
 def stack():
     """`python -m localstack.run` exactly as `make run` starts it, on ports of its own."""
-    port, redis_port = free_base_port(1, 30000, 31000), free_base_port(6, 31000, 39000)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "localstack.run", "--port", str(port), "--redis-port", str(redis_port)],
-        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT / "services"), "WEB_CONCURRENCY": "3"},
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-    )
-    try:
-        for line in process.stdout:
-            if "chat is ready" in line:
-                break
-        else:
-            pytest.fail(f"make run topology did not start (status {process.wait()})")
-        # Keep reading so the stack never blocks on a full pipe.
-        threading.Thread(target=process.stdout.read, daemon=True).start()
-        yield {"url": f"http://127.0.0.1:{port}", "ws": f"ws://127.0.0.1:{port}", "process": process,
-               "ports": [port, *range(redis_port, redis_port + 6)]}
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGINT)
-            process.wait(timeout=60)
+    with local_stack() as running:
+        yield running
 
 
 def get(url):

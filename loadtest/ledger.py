@@ -1,0 +1,172 @@
+"""Who was in which room when, what was sent, what arrived: the facts a fan-out verdict is computed from.
+
+Every Locust process keeps a Ledger. Workers hand their new records to the master with each stats
+report (`drain`/`merge`); the master (or a lone local runner) computes the verdict at the end.
+A member is expected to receive a message when its socket joined the room before the message was
+sent and stayed at least `leave_grace` seconds after: the server adds a socket to its group before
+it accepts the handshake, so a socket that is open when a message is sent must get it.
+"""
+
+import csv
+import json
+import math
+import statistics
+import time
+from collections import defaultdict
+from pathlib import Path
+
+
+class Ledger:
+    """Records of one process: joins, leaves, sends and receipts."""
+
+    def __init__(self):
+        self.joins = []  # (member, room, joined_at, served_by)
+        self.leaves = []  # (member, left_at)
+        self.sends = []  # (nonce, room, sent_at, member)
+        self.receipts = []  # (nonce, member, received_at)
+
+    def join(self, member, room, served_by):
+        self.joins.append((member, room, time.time(), served_by))
+
+    def leave(self, member):
+        self.leaves.append((member, time.time()))
+
+    def send(self, nonce, room, member, sent_at):
+        self.sends.append((nonce, room, sent_at, member))
+
+    def receive(self, nonce, member, received_at):
+        self.receipts.append((nonce, member, received_at))
+
+    def drain(self):
+        """The records gathered since the last drain, as plain lists (for the report to the master)."""
+        records = {"joins": self.joins, "leaves": self.leaves, "sends": self.sends, "receipts": self.receipts}
+        self.joins, self.leaves, self.sends, self.receipts = [], [], [], []
+        return records
+
+    def merge(self, records):
+        """Add a worker's drained records."""
+        for name in ("joins", "leaves", "sends", "receipts"):
+            getattr(self, name).extend(tuple(record) for record in records.get(name, ()))
+
+
+def percentile(values, fraction):
+    """The `fraction` percentile (nearest rank) of `values`, or None when empty."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
+
+
+def verdict(ledger, leave_grace, max_p99_ms, ended_at=None):
+    """The run's outcome: counts, cross-worker share, latency percentiles, and why it failed (if it did)."""
+    ended_at = ended_at or time.time()
+    left = dict(ledger.leaves)
+    members = {member: (room, joined_at, left.get(member, ended_at), served_by)
+               for member, room, joined_at, served_by in ledger.joins}
+    by_room = defaultdict(list)
+    for member, (room, joined_at, left_at, served_by) in members.items():
+        by_room[room].append((member, joined_at, left_at, served_by))
+    received = defaultdict(dict)
+    duplicates = 0
+    for nonce, member, received_at in ledger.receipts:
+        duplicates += member in received[nonce]
+        received[nonce].setdefault(member, received_at)
+
+    expected = delivered = cross = same = 0
+    latencies, missing_examples = [], []
+    rooms = defaultdict(lambda: {"messages": 0, "expected": 0, "delivered": 0})
+    for nonce, room, sent_at, sender in ledger.sends:
+        sender_worker = members[sender][3] if sender in members else None
+        rooms[room]["messages"] += 1
+        for member, joined_at, left_at, served_by in by_room[room]:
+            if not joined_at < sent_at < left_at - leave_grace:
+                continue
+            expected += 1
+            rooms[room]["expected"] += 1
+            arrived = received[nonce].get(member)
+            if arrived is None:
+                if len(missing_examples) < 10:
+                    missing_examples.append({
+                        "nonce": nonce, "room": room, "member": member, "member_worker": served_by,
+                        "sender_worker": sender_worker, "sent_after_join_s": round(sent_at - joined_at, 3),
+                        "left_after_send_s": round(left_at - sent_at, 3),
+                    })
+                continue
+            delivered += 1
+            rooms[room]["delivered"] += 1
+            latencies.append((arrived - sent_at) * 1000)
+            if served_by == sender_worker:
+                same += 1
+            else:
+                cross += 1
+
+    workers = sorted({served_by for _, _, _, served_by in ledger.joins})
+    p99 = percentile(latencies, 0.99)
+    summary = {
+        "messages_sent": len(ledger.sends),
+        "sockets_joined": len(ledger.joins),
+        "workers_serving_sockets": len(workers),
+        "deliveries_expected": expected,
+        "delivered": delivered,
+        "missing": expected - delivered,
+        "duplicates": duplicates,
+        "same_worker_deliveries": same,
+        "cross_worker_deliveries": cross,
+        "cross_worker_share": round(cross / delivered, 4) if delivered else 0.0,
+        "latency_ms_p50": percentile(latencies, 0.50),
+        "latency_ms_p95": percentile(latencies, 0.95),
+        "latency_ms_p99": p99,
+        "latency_ms_mean": round(statistics.fmean(latencies), 3) if latencies else None,
+        "max_p99_ms": max_p99_ms,
+        "leave_grace_s": leave_grace,
+    }
+    failures = []
+    if expected == 0:
+        failures.append("no delivery was expected: no message was sent to an open room")
+    if summary["missing"]:
+        failures.append(f"{summary['missing']} of {expected} expected deliveries are missing")
+    if len(workers) >= 2 and cross == 0:
+        failures.append(f"{len(workers)} workers served sockets but no delivery crossed workers")
+    if p99 is not None and p99 > max_p99_ms:
+        failures.append(f"p99 fan-out latency {p99:.1f} ms is over the {max_p99_ms} ms limit")
+    summary["passed"] = not failures
+    summary["failures"] = failures
+    summary["missing_examples"] = missing_examples
+    summary["rooms"] = {room: counts for room, counts in sorted(rooms.items())}
+    summary["workers"] = workers
+    return summary
+
+
+def save(summary, directory):
+    """Write verdict.json and verdict.csv (one row per room and a total row) into `directory`."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "verdict.json").write_text(json.dumps(summary, indent=2) + "\n")
+    with open(directory / "verdict.csv", "w", newline="") as out:
+        writer = csv.writer(out)
+        writer.writerow(["room", "messages", "deliveries_expected", "delivered", "missing"])
+        for room, counts in summary["rooms"].items():
+            writer.writerow([room, counts["messages"], counts["expected"], counts["delivered"],
+                             counts["expected"] - counts["delivered"]])
+        writer.writerow(["TOTAL", summary["messages_sent"], summary["deliveries_expected"], summary["delivered"],
+                         summary["missing"]])
+
+
+def describe(summary):
+    """The verdict as a few human lines."""
+    def ms(value):
+        return "-" if value is None else f"{value:.1f}"
+
+    lines = [
+        f"fan-out verdict: {'PASS' if summary['passed'] else 'FAIL'}",
+        f"  messages sent {summary['messages_sent']}, sockets {summary['sockets_joined']} on "
+        f"{summary['workers_serving_sockets']} workers",
+        f"  deliveries expected {summary['deliveries_expected']}, delivered {summary['delivered']}, "
+        f"missing {summary['missing']}, duplicates {summary['duplicates']}",
+        f"  cross-worker {summary['cross_worker_deliveries']} ({summary['cross_worker_share']:.1%}), "
+        f"same-worker {summary['same_worker_deliveries']}",
+        f"  latency ms p50 {ms(summary['latency_ms_p50'])} p95 {ms(summary['latency_ms_p95'])} "
+        f"p99 {ms(summary['latency_ms_p99'])} (limit {summary['max_p99_ms']})",
+    ]
+    lines += [f"  FAIL: {reason}" for reason in summary["failures"]]
+    return "\n".join(lines)
