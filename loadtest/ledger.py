@@ -54,7 +54,7 @@ def percentile(values, fraction):
     if not values:
         return None
     ordered = sorted(values)
-    return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
+    return round(ordered[max(0, math.ceil(fraction * len(ordered)) - 1)], 3)
 
 
 def verdict(ledger, leave_grace, max_p99_ms, ended_at=None):

@@ -130,10 +130,11 @@ class ComposeStack:
         env_file.write_text(images_env.read_text() + f"COMPOSE_PROJECT_NAME={self.project}\nINGRESS_PORT={self.port}\n")
         self.compose = DockerCompose(ROOT, env_file=str(env_file), wait=True)
 
-    def run(self, *args, check=True):
-        """`docker compose ARGS` for this project; returns the completed process."""
+    def run(self, *args, check=True, **env):
+        """`docker compose ARGS` for this project (ENV added to its environment); the completed process."""
         command = [*self.compose.compose_command_property, *args]
-        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240)
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240,
+                                env={**os.environ, **env})
         if check and result.returncode != 0:
             raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stderr[-3000:]}")
         return result
