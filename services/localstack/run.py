@@ -28,10 +28,10 @@ def stack_env(cluster, bind, workers):
     return env
 
 
-def start_workers(env):
+def start_workers(env, app="chatsite.asgi:application"):
     """gunicorn with the project's config, in its own process group so Ctrl-C reaches it once."""
     return subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "-c", "python:chatsite.gunicorn_conf", "chatsite.asgi:application"],
+        [sys.executable, "-m", "gunicorn", "-c", "python:chatsite.gunicorn_conf", app],
         cwd=SERVICES,
         env=env,
         start_new_session=True,

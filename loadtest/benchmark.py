@@ -1,0 +1,469 @@
+"""`make bench`: the fan-out benchmark, side by side in one run on this machine, all on 127.0.0.1.
+
+Backends, each the same gunicorn + 3 uvicorn workers serving the same sockets: the chat on this layer
+(local Redis Cluster), the chat on channels_redis core and on channels_redis pub/sub (a standalone
+server from the same binary), and a ceiling: an ASGI app that broadcasts in process with no layer
+(each message reaches only the sender's worker). Measured: sustainable fan-out (the highest offered
+deliveries/s with 100% delivery and p99 <= 100 ms, found by stepping the load), overload at 2x that,
+one 1,000-member room over 3 workers, Redis commands per group_send against room size and worker count,
+idle memory per socket (chat against the bare app, per WebSocket implementation), and a py-spy
+profile of a worker. Writes artifacts/bench/report.{md,json} and PNG plots.
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import Counter, defaultdict
+from contextlib import contextmanager
+from pathlib import Path
+
+import redis
+
+from localstack.cluster import LocalCluster, die_with_parent, free_base_port, server_binary
+from localstack.run import start_workers, stop, wait_ready
+from loadtest import wsclient
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "artifacts" / "bench"
+BACKENDS = {
+    "redis-cluster": "this layer (Redis Cluster)",
+    "redis": "channels_redis core",
+    "redis-pubsub": "channels_redis pub/sub",
+    "ceiling": "ceiling (in process, no layer)",
+}
+P99_LIMIT_MS = 100.0
+PREFIX = b'{"message": "'
+
+
+def percentile(values, fraction):
+    if not values:
+        return None
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, int(fraction * len(ordered)))], 2)
+
+
+@contextmanager
+def standalone_redis():
+    """A standalone server (for channels_redis) from the same binary as the cluster."""
+    port = free_base_port(1, 39000, 40000)
+    process = subprocess.Popen(
+        [server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=die_with_parent,
+    )
+    try:
+        client = redis.Redis(port=port)
+        for _ in range(100):
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        yield port
+    finally:
+        process.terminate()
+        process.wait()
+
+
+class Stack:
+    """gunicorn with 3 uvicorn workers serving `backend` on a free port."""
+
+    def __init__(self, backend, cluster, redis_port, ws="websockets-sansio", workers=3):
+        self.port = free_base_port(1, 41000, 42000)
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {
+            **os.environ, "BIND": f"127.0.0.1:{self.port}", "WEB_CONCURRENCY": str(workers), "UVICORN_WS": ws,
+            "PYTHONPATH": f"{ROOT / 'services'}:{ROOT}", "LOG_LEVEL": "warning",
+            "CHANNEL_LAYER": "memory" if backend == "ceiling" else backend,
+            "CHANNEL_LAYER_PREFIX": f"bench{random.randrange(10**6)}",
+            "REDIS_CLUSTER_NODES": ",".join(cluster.startup_nodes),
+            "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+        }
+        app = "loadtest.ceiling:application" if backend == "ceiling" else "chatsite.asgi:application"
+        self.process = start_workers(env, app)
+        wait_ready(self.url, self.process)
+
+    def worker_pids(self):
+        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text().split()
+        return [int(pid) for pid in children]
+
+    def rss_kib(self):
+        total = 0
+        for pid in self.worker_pids():
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        return total
+
+    def metric(self, name):
+        """The sum of a Prometheus counter over all workers (0 when absent)."""
+        with urllib.request.urlopen(f"{self.url}/metrics", timeout=10) as response:
+            text = response.read().decode()
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+    def close(self):
+        stop(self.process)
+
+
+class Load:
+    """Rooms of sockets on a stack; sends numbered, timed messages and counts their deliveries."""
+
+    def __init__(self, stack, local_only=False):
+        self.stack, self.local_only = stack, local_only
+        self.rooms = []  # [(room, [sockets])]
+        self.sent = {}  # seq -> (sent_at, expected)
+        self.received = Counter()
+        self.latencies = defaultdict(list)  # step -> [ms]
+        self.step_of = {}
+        self.seq = 0
+
+    def on_text(self, payload):
+        now = time.perf_counter()
+        seq, _, sent_at = payload[len(PREFIX):-2].partition(b" ")
+        seq = int(seq)
+        self.received[seq] += 1
+        self.latencies[self.step_of.get(seq)].append((now - float(sent_at)) * 1000)
+
+    async def add_room(self, name, size):
+        sockets = []
+        for start in range(0, size, 100):
+            sockets += await asyncio.gather(*(
+                wsclient.connect("127.0.0.1", self.stack.port, f"/ws/chat/{name}/", self.on_text)
+                for _ in range(start, min(size, start + 100))
+            ))
+        self.rooms.append((name, sockets))
+        await asyncio.sleep(0.5)  # joins settle before traffic
+        return sockets
+
+    def close(self):
+        for _, sockets in self.rooms:
+            for socket in sockets:
+                socket.close()
+        self.rooms = []
+
+    def send(self, step):
+        _, sockets = random.choice(self.rooms)
+        sender = random.choice(sockets)
+        self.seq += 1
+        expected = len(sockets) if not self.local_only else sum(s.served_by == sender.served_by for s in sockets)
+        self.sent[self.seq] = (time.perf_counter(), expected)
+        self.step_of[self.seq] = step
+        sender.send_text(json.dumps({"message": f"{self.seq} {time.perf_counter():.6f}"}).encode())
+
+    async def run_step(self, step, deliveries_per_s, seconds, drain=3.0):
+        """Offer `deliveries_per_s` for `seconds`; delivered ratio, achieved rate and latency of this step."""
+        room_size = sum(len(s) for _, s in self.rooms) / len(self.rooms)
+        messages_per_s = deliveries_per_s / room_size
+        first = self.seq + 1
+        started = time.perf_counter()
+        sent = 0
+        while (elapsed := time.perf_counter() - started) < seconds:
+            for _ in range(int(messages_per_s * elapsed) - sent):
+                self.send(step)
+                sent += 1
+            await asyncio.sleep(0.002)
+        seqs = range(first, self.seq + 1)
+        expected = sum(self.sent[s][1] for s in seqs)
+        deadline = time.perf_counter() + drain
+        while sum(self.received[s] for s in seqs) < expected and time.perf_counter() < deadline:
+            await asyncio.sleep(0.05)
+        delivered = sum(min(self.received[s], self.sent[s][1]) for s in seqs)
+        latencies = self.latencies.pop(step, [])
+        return {
+            "offered_per_s": deliveries_per_s, "messages": len(seqs), "expected": expected, "delivered": delivered,
+            "delivered_ratio": round(delivered / expected, 5) if expected else 0.0,
+            "achieved_per_s": round(delivered / seconds), "p50_ms": percentile(latencies, 0.50),
+            "p99_ms": percentile(latencies, 0.99), "max_ms": percentile(latencies, 1.0),
+        }
+
+
+def passes(result):
+    return result["delivered_ratio"] == 1.0 and result["p99_ms"] is not None and result["p99_ms"] <= P99_LIMIT_MS
+
+
+def profile(pid, seconds):
+    """py-spy's view of one worker: share of samples by leaf function and by package."""
+    out = OUT / f"profile-{pid}.txt"
+    result = subprocess.run([str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(pid), "--duration",
+                             str(seconds), "--format", "raw", "--output", str(out), "--nonblocking", "--rate", "200"],
+                            capture_output=True, text=True)
+    if result.returncode != 0 or not out.exists():
+        return {"error": (result.stderr or result.stdout)[-300:]}
+    leaves, packages, total = Counter(), Counter(), 0
+    for line in out.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        count = int(count)
+        total += count
+        leaf = stack.rsplit(";", 1)[-1]
+        leaves[leaf.split(" (")[0] + " (" + leaf.rsplit("/", 1)[-1]] += count
+        frames = stack.split(";")
+        package = "other"
+        for frame in reversed(frames):
+            path = frame.split("(", 1)[-1]
+            for name in ("channels_redis_cluster", "channels_redis", "channels/", "websockets", "uvicorn", "django",
+                         "redis/", "msgpack", "json", "asyncio", "uvloop", "chat/", "chatsite"):
+                if name in path:
+                    package = name.strip("/")
+                    break
+            if package != "other":
+                break
+        packages[package] += count
+    share = lambda counter: [(name, round(100 * n / total, 1)) for name, n in counter.most_common(12)]  # noqa: E731
+    return {"samples": total, "leaf_functions": share(leaves), "packages": share(packages)}
+
+
+async def bench_backend(backend, cluster, redis_port, args):
+    """Sustainable rate, overload and the big room for one backend."""
+    stack = Stack(backend, cluster, redis_port)
+    load = Load(stack, local_only=backend == "ceiling")
+    result = {"label": BACKENDS[backend], "steps": []}
+    try:
+        for index in range(args.rooms):
+            await load.add_room(f"bench-{index}", args.room_size)
+        sustainable = None
+        for number, rate in enumerate(args.steps):
+            step = await load.run_step(number, rate, args.step_seconds)
+            result["steps"].append(step)
+            print(f"  {backend} offered {rate}/s: {step}", flush=True)
+            if not passes(step):
+                break
+            sustainable = step
+        result["sustainable"] = sustainable
+        if sustainable and backend == "redis-cluster" and args.profile:
+            pid = stack.worker_pids()[0]
+            profiling = asyncio.get_running_loop().run_in_executor(None, profile, pid, args.step_seconds)
+            await load.run_step("profile", sustainable["offered_per_s"], args.step_seconds)
+            result["profile"] = await profiling
+        if sustainable and args.overload:
+            drops_before = stack.metric("channels_layer_overflow_total") if backend == "redis-cluster" else 0
+            overload = await load.run_step("overload", 2 * sustainable["offered_per_s"], args.step_seconds, drain=10)
+            if backend == "redis-cluster":
+                overload["counted_drops"] = int(stack.metric("channels_layer_overflow_total") - drops_before)
+            result["overload"] = overload
+            print(f"  {backend} overload: {overload}", flush=True)
+        load.close()
+        await asyncio.sleep(1)
+        big = Load(stack, local_only=backend == "ceiling")
+        await big.add_room("big-room", args.big_room)
+        result["big_room"] = await big.run_step("big", args.big_room * args.big_room_messages_per_s, args.step_seconds)
+        result["big_room"]["workers"] = len({s.served_by for s in big.rooms[0][1]})
+        print(f"  {backend} {args.big_room}-member room: {result['big_room']}", flush=True)
+        big.close()
+    finally:
+        stack.close()
+    return result
+
+
+async def commands_per_send(cluster, redis_port, args):
+    """INFO commandstats calls per group_send, by layer, room size and worker (layer instance) count."""
+    from channels_redis.core import RedisChannelLayer
+    from channels_redis.pubsub import RedisPubSubChannelLayer
+
+    from channels_redis_cluster import RedisClusterChannelLayer
+
+    standalone = [redis.Redis(port=redis_port)]
+    primaries = [redis.Redis(port=int(node.rsplit(":", 1)[1])) for node in cluster.startup_nodes]
+    primaries = [c for c in primaries if c.info("replication")["role"] == "master"]
+    layers = {
+        "redis-cluster": (lambda p: RedisClusterChannelLayer(hosts=[f"redis://{n}" for n in cluster.startup_nodes], prefix=p), primaries),
+        "redis": (lambda p: RedisChannelLayer(hosts=[f"redis://127.0.0.1:{redis_port}"], prefix=p), standalone),
+        "redis-pubsub": (lambda p: RedisPubSubChannelLayer(hosts=[f"redis://127.0.0.1:{redis_port}"], prefix=p), standalone),
+    }
+    results = {}
+    for name, (make, nodes) in layers.items():
+        for size in args.command_room_sizes:
+            for workers in args.command_workers:
+                prefix = f"cmd{random.randrange(10**6)}"
+                instances = [make(prefix) for _ in range(workers + 1)]
+                sender, receivers = instances[0], instances[1:]
+                for index in range(size):
+                    layer = receivers[index % workers]
+                    await layer.group_add("room", await layer.new_channel())
+                # Warm up on the same group, so the sender's connection to its node exists already.
+                await sender.group_send("room", {"type": "warm.up"})
+                await asyncio.sleep(0.2)
+                for node in nodes:
+                    node.config_resetstat()
+                sends = 20
+                for _ in range(sends):
+                    await sender.group_send("room", {"type": "chat.message", "message": "x"})
+                await asyncio.sleep(0.2)
+                calls = Counter()
+                for node in nodes:
+                    for command, stats in node.info("commandstats").items():
+                        # Our own probes and the replicas' acknowledgements are not the layer's commands.
+                        if command not in ("cmdstat_config|resetstat", "cmdstat_info", "cmdstat_replconf"):
+                            calls[command.removeprefix("cmdstat_")] += stats["calls"]
+                results[f"{name}/{size}/{workers}"] = {
+                    "layer": name, "room_size": size, "workers": workers,
+                    "commands_per_send": round(sum(calls.values()) / sends, 2),
+                    "by_command": {c: round(n / sends, 2) for c, n in calls.most_common()},
+                }
+                print(f"  commands {name} room {size} workers {workers}: {results[f'{name}/{size}/{workers}']}", flush=True)
+                for layer in instances:
+                    for method in ("close", "close_pools", "flush"):
+                        if hasattr(layer, method):
+                            await getattr(layer, method)()
+                            break
+    return results
+
+
+async def idle_memory(cluster, redis_port, args):
+    """RSS growth per idle socket of the chat and of the bare app, per uvicorn WebSocket implementation."""
+    results = {}
+    for ws in args.ws_implementations:
+        for app, backend in (("bare", "ceiling"), ("chat", "redis-cluster")):
+            stack = Stack(backend, cluster, redis_port, ws=ws)
+            try:
+                warm = Load(stack)
+                await warm.add_room("warm-up", 30)
+                warm.close()
+                await asyncio.sleep(1)
+                before = stack.rss_kib()
+                load = Load(stack)
+                for index in range(0, args.idle_sockets, 50):
+                    await load.add_room(f"idle-{index // 50}", min(50, args.idle_sockets - index))
+                await asyncio.sleep(3)
+                after = stack.rss_kib()
+                load.close()
+            finally:
+                stack.close()
+            results[f"{app}/{ws}"] = {"app": app, "ws": ws, "sockets": args.idle_sockets,
+                                      "kib_per_socket": round((after - before) / args.idle_sockets, 2)}
+            print(f"  idle memory {app} {ws}: {results[f'{app}/{ws}']}", flush=True)
+    return results
+
+
+def plots(report):
+    """latency_vs_load.png and commands_per_send.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(8, 5))
+    for backend, result in report["backends"].items():
+        steps = [s for s in result["steps"] if s["p99_ms"] is not None]
+        axis.plot([s["offered_per_s"] for s in steps], [s["p99_ms"] for s in steps], marker="o", label=f"{result['label']} p99")
+    axis.axhline(P99_LIMIT_MS, color="grey", linestyle="--", linewidth=1)
+    axis.set(xlabel="offered deliveries/s", ylabel="p99 fan-out latency (ms)", yscale="log",
+             title="Fan-out latency against load (rooms of %d, 3 workers)" % report["args"]["room_size"])
+    axis.legend()
+    figure.savefig(OUT / "latency_vs_load.png", dpi=110, bbox_inches="tight")
+    plt.close(figure)
+
+    figure, axis = plt.subplots(figsize=(8, 5))
+    workers = max(report["args"]["command_workers"])
+    for layer in ("redis-cluster", "redis", "redis-pubsub"):
+        rows = [r for r in report["commands"].values() if r["layer"] == layer and r["workers"] == workers]
+        axis.plot([r["room_size"] for r in rows], [r["commands_per_send"] for r in rows], marker="o", label=BACKENDS[layer])
+    axis.set(xlabel="room size", ylabel="Redis commands per group_send", xscale="log", yscale="log",
+             title=f"Commands per group_send ({workers} workers)")
+    axis.legend()
+    figure.savefig(OUT / "commands_per_send.png", dpi=110, bbox_inches="tight")
+    plt.close(figure)
+
+
+def markdown(report):
+    backends, args = report["backends"], report["args"]
+    core = (backends.get("redis", {}).get("sustainable") or {}).get("offered_per_s")
+
+    def ratio(value):
+        return f"{value / core:.1f}x" if core and value else "-"
+
+    lines = [
+        "# Fan-out benchmark", "",
+        f"One run on this machine ({os.cpu_count()} cores): gunicorn + 3 uvicorn workers, {args['rooms']} rooms of "
+        f"{args['room_size']}, the client in one process on 127.0.0.1. Sustainable = highest offered step with 100% "
+        f"delivery and p99 <= {P99_LIMIT_MS:.0f} ms; steps of {args['step_seconds']} s.", "",
+        "| backend | sustainable deliveries/s | vs core | p50 ms | p99 ms | at 2x: delivered | at 2x: p99 ms | at 2x: counted drops | 1,000-member room p50 / p99 ms |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for backend, r in backends.items():
+        s, o, b = r.get("sustainable") or {}, r.get("overload") or {}, r.get("big_room") or {}
+        overload_ratio = f"{o['delivered_ratio']:.2%}" if o else "-"
+        drops = o.get("counted_drops", "not counted" if o and backend != "ceiling" else "-")
+        lines.append(
+            f"| {r['label']} | {s.get('offered_per_s', 'none')} | {ratio(s.get('offered_per_s'))} | {s.get('p50_ms', '-')} | "
+            f"{s.get('p99_ms', '-')} | {overload_ratio} | {o.get('p99_ms', '-')} | {drops} | "
+            f"{b.get('p50_ms', '-')} / {b.get('p99_ms', '-')} |"
+        )
+    lines += ["", "Every step (offered deliveries/s: delivered, p50 / p99 ms):", ""]
+    for backend, r in backends.items():
+        cells = [f"{s['offered_per_s']}: {s['delivered_ratio']:.2%}, {s['p50_ms']} / {s['p99_ms']}" for s in r["steps"]]
+        lines.append(f"- {r['label']}: " + "; ".join(cells))
+    lines += ["", "## Redis commands per group_send (INFO commandstats)", "",
+              "| layer | " + " | ".join(f"room {size}, {w} workers" for size in args["command_room_sizes"] for w in args["command_workers"]) + " |",
+              "| --- |" + " --- |" * (len(args["command_room_sizes"]) * len(args["command_workers"]))]
+    for layer in ("redis-cluster", "redis", "redis-pubsub"):
+        row = [report["commands"][f"{layer}/{size}/{w}"]["commands_per_send"] for size in args["command_room_sizes"] for w in args["command_workers"]]
+        lines.append(f"| {BACKENDS[layer]} | " + " | ".join(str(v) for v in row) + " |")
+    lines += ["", "## Idle memory per socket (RSS growth of the workers / sockets)", "",
+              "| WebSocket implementation | bare ASGI app KiB | chat KiB | chat vs bare |", "| --- | --- | --- | --- |"]
+    for ws in args["ws_implementations"]:
+        bare, chat = report["memory"][f"bare/{ws}"]["kib_per_socket"], report["memory"][f"chat/{ws}"]["kib_per_socket"]
+        lines.append(f"| {ws} | {bare} | {chat} | {'+' if chat >= bare else ''}{(chat / bare - 1) * 100 if bare else 0:.0f}% |")
+    prof = backends.get("redis-cluster", {}).get("profile")
+    if prof and "packages" in prof:
+        lines += ["", f"## Where a worker's time goes (py-spy, {prof['samples']} samples at the sustainable rate)", "",
+                  "By package (innermost project or library frame): " + ", ".join(f"{n} {p}%" for n, p in prof["packages"]), "",
+                  "Top leaf functions: " + ", ".join(f"`{n}` {p}%" for n, p in prof["leaf_functions"][:8])]
+    lines += ["", "![latency against load](latency_vs_load.png) ![commands per group_send](commands_per_send.png)", ""]
+    return "\n".join(lines)
+
+
+async def main(args):
+    OUT.mkdir(parents=True, exist_ok=True)
+    report = {"args": vars(args), "backends": {}}
+    started = time.monotonic()
+    with LocalCluster() as cluster, standalone_redis() as redis_port:
+        for backend in args.backends:
+            print(f"{BACKENDS[backend]}:", flush=True)
+            report["backends"][backend] = await bench_backend(backend, cluster, redis_port, args)
+        print("commands per group_send:", flush=True)
+        report["commands"] = await commands_per_send(cluster, redis_port, args)
+        print("idle memory:", flush=True)
+        report["memory"] = await idle_memory(cluster, redis_port, args)
+    report["seconds"] = round(time.monotonic() - started)
+    (OUT / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    plots(report)
+    text = markdown(report)
+    (OUT / "report.md").write_text(text)
+    print(text)
+    return 0
+
+
+def parse(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=list(BACKENDS))
+    parser.add_argument("--rooms", type=int, default=4, help="rooms for the throughput steps")
+    parser.add_argument("--room-size", type=int, default=50)
+    parser.add_argument("--steps", type=int, nargs="+", help="offered deliveries/s, ascending",
+                        default=[2000, 4000, 6000, 8000, 10000, 12000, 15000, 18000, 21000, 25000, 30000])
+    parser.add_argument("--step-seconds", type=float, default=4.0)
+    parser.add_argument("--big-room", type=int, default=1000, help="members of the one big room")
+    parser.add_argument("--big-room-messages-per-s", type=float, default=4.0)
+    parser.add_argument("--command-room-sizes", type=int, nargs="+", default=[10, 100, 1000])
+    parser.add_argument("--command-workers", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--idle-sockets", type=int, default=2000)
+    parser.add_argument("--ws-implementations", nargs="+", default=["websockets-sansio", "wsproto"])
+    parser.add_argument("--no-overload", dest="overload", action="store_false")
+    parser.add_argument("--no-profile", dest="profile", action="store_false")
+    parser.add_argument("--smoke", action="store_true", help="a seconds-long run of every part, for CI")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.rooms, args.room_size, args.steps, args.step_seconds = 1, 6, [300], 1.0
+        args.big_room, args.command_room_sizes, args.command_workers = 12, [10], [1, 2]
+        args.idle_sockets, args.ws_implementations, args.profile = 60, ["websockets-sansio"], False
+    return args
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main(parse())))
