@@ -47,7 +47,7 @@ loadtest: env ## Locust fan-out scenario against TARGET, headless; the exit stat
 		-t $(DURATION)s --html artifacts/loadtest/report.html --csv artifacts/loadtest/locust $(SCENARIO)
 
 bench: env ## fan-out benchmark report
-	PYTHONPATH=services:. $(PY) -m loadtest.fanout_bench $(BENCH_ARGS)
+	PYTHONPATH=services:. $(PY) -m loadtest.benchmark $(BENCH_ARGS)
 
 images: env host ## chat and loadtest images; BASE_IMAGES=auto|official|local (stand-ins built from Debian)
 	docker/images.sh

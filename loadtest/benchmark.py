@@ -190,7 +190,7 @@ def profile(pid, seconds):
     """py-spy's view of one worker: share of samples by leaf function and by package."""
     out = OUT / f"profile-{pid}.txt"
     result = subprocess.run([str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(pid), "--duration",
-                             str(seconds), "--format", "raw", "--output", str(out), "--nonblocking", "--rate", "200"],
+                             str(int(seconds)), "--format", "raw", "--output", str(out), "--nonblocking", "--rate", "200"],
                             capture_output=True, text=True)
     if result.returncode != 0 or not out.exists():
         return {"error": (result.stderr or result.stdout)[-300:]}

@@ -9,6 +9,6 @@ REJECTED = Counter("chat_rejected_total", "Client frames or connections refused"
 LAYER_ERRORS = Counter("chat_layer_errors_total", "Channel layer calls that failed", ["operation"])
 FANOUT_LATENCY = Histogram(
     "chat_fanout_latency_seconds",
-    "From group_send on the sender's worker to the write on the receiver's socket",
+    "From the sender's worker to the first write of a room message on a receiving worker (once per message and worker)",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
 )
