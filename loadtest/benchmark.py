@@ -221,7 +221,7 @@ def profile(pid, seconds):
 
 async def bench_backend(backend, cluster, redis_port, args):
     """Sustainable rate, overload and the big room for one backend."""
-    stack = Stack(backend, cluster, redis_port)
+    stack = Stack(backend, cluster, redis_port, ws=args.ws)
     load = Load(stack, local_only=backend == "ceiling")
     result = {"label": BACKENDS[backend], "steps": []}
     try:
@@ -453,7 +453,9 @@ def parse(argv=None):
     parser.add_argument("--command-room-sizes", type=int, nargs="+", default=[10, 100, 1000])
     parser.add_argument("--command-workers", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--idle-sockets", type=int, default=2000)
-    parser.add_argument("--ws-implementations", nargs="+", default=["websockets-sansio", "wsproto"])
+    parser.add_argument("--ws", default="websockets-sansio", help="uvicorn WebSocket implementation for the fan-out steps")
+    parser.add_argument("--ws-implementations", nargs="+", default=["websockets-sansio", "wsproto"],
+                        help="implementations compared for idle memory")
     parser.add_argument("--no-overload", dest="overload", action="store_false")
     parser.add_argument("--no-profile", dest="profile", action="store_false")
     parser.add_argument("--smoke", action="store_true", help="a seconds-long run of every part, for CI")
