@@ -14,8 +14,14 @@ def make(target, stack):
     return subprocess.run(["make", target], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
+def volumes():
+    return set(subprocess.run(["docker", "volume", "ls", "-q"], capture_output=True, text=True, check=True).stdout.split())
+
+
 def test_second_up_is_harmless_and_down_leaves_nothing_behind(chat_images, tmp_path):
     stack = ComposeStack(chat_images, tmp_path)
+    # Anonymous volumes carry no project label: compare the engine's volumes before and after too.
+    volumes_before = volumes()
     try:
         first = make("up", stack)
         assert first.returncode == 0, first.stderr[-3000:]
@@ -31,3 +37,4 @@ def test_second_up_is_harmless_and_down_leaves_nothing_behind(chat_images, tmp_p
         down = make("down", stack)
     assert down.returncode == 0, down.stderr[-3000:]
     assert stack.leftovers() == []
+    assert volumes() - volumes_before == set()
