@@ -25,7 +25,7 @@ from pathlib import Path
 
 import redis
 
-from localstack.cluster import LocalCluster, die_with_parent, free_base_port, server_binary
+from localstack.cluster import LocalCluster, die_with_parent, free_port, server_binary
 from localstack.run import start_workers, stop, wait_ready
 from loadtest import wsclient
 
@@ -51,7 +51,7 @@ def percentile(values, fraction):
 @contextmanager
 def standalone_redis():
     """A standalone server (for channels_redis) from the same binary as the cluster."""
-    port = free_base_port(1, 39000, 40000)
+    port = free_port()
     process = subprocess.Popen(
         [server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=die_with_parent,
@@ -74,7 +74,7 @@ class Stack:
     """gunicorn with 3 uvicorn workers serving `backend` on a free port."""
 
     def __init__(self, backend, cluster, redis_port, ws="websockets-sansio", workers=3):
-        self.port = free_base_port(1, 41000, 42000)
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {
             **os.environ, "BIND": f"127.0.0.1:{self.port}", "WEB_CONCURRENCY": str(workers), "UVICORN_WS": ws,

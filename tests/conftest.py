@@ -18,7 +18,7 @@ os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
 
 import django  # noqa: E402
 
-from localstack.cluster import LocalCluster, free_base_port  # noqa: E402
+from localstack.cluster import LocalCluster, free_base_port, free_port  # noqa: E402
 
 django.setup()
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @contextmanager
 def local_stack(**env):
     """The `make run` topology (python -m localstack.run: a 6-node cluster and 3 workers) on free ports."""
-    port, redis_port = free_base_port(1, 30000, 31000), free_base_port(6, 31000, 39000)
+    port, redis_port = free_port(), free_base_port(6, 31000, 39000)
     process = subprocess.Popen(
         [sys.executable, "-m", "localstack.run", "--port", str(port), "--redis-port", str(redis_port)],
         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT / "services"), "WEB_CONCURRENCY": "3", **env},
@@ -123,7 +123,7 @@ class ComposeStack:
 
     def __init__(self, images_env, tmp_path):
         self.project = f"chat-test-{uuid.uuid4().hex[:6]}"
-        self.port = free_base_port(1, 40000, 41000)
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.ws = f"ws://127.0.0.1:{self.port}"
         env_file = tmp_path / f"{self.project}.env"

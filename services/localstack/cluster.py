@@ -49,9 +49,19 @@ def _port_free(port):
     return True
 
 
+def free_port():
+    """A free TCP port on 127.0.0.1, chosen by the kernel (for a server without a cluster bus)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def free_base_port(count, low=20000, high=29000):
     """A base port whose ``count`` ports and their cluster-bus ports (+10000) are all free."""
-    for base in range(low + (os.getpid() * 7) % (high - low), high, count):
+    bases = range(low, high - count + 1, count)
+    # Start at a per-process offset, so parallel runs rarely race, and wrap around the whole range.
+    start = (os.getpid() * 7) % len(bases)
+    for base in (*bases[start:], *bases[:start]):
         if all(_port_free(p) and _port_free(p + 10000) for p in range(base, base + count)):
             return base
     raise RuntimeError("no free ports for a local Redis Cluster")
