@@ -293,7 +293,7 @@ def _log_failure(task):
 class RedisClusterChannelLayer(BaseChannelLayer):
     """Channel layer on Redis Cluster: sharded pub/sub for groups and process channels, lists for the rest."""
 
-    extensions = ["groups", "flush"]
+    extensions = ["groups", "flush", "attach"]
 
     def __init__(
         self,
@@ -403,6 +403,23 @@ class RedisClusterChannelLayer(BaseChannelLayer):
         """A new process-specific channel name that this process receives on."""
         state = await self._state()
         return f"{prefix}.{state.client_prefix}!{secrets.token_hex(12)}"
+
+    async def attach(self, channel, deliver):
+        """Have this process's ``channel`` call ``deliver(message)`` on arrival instead of being received on.
+
+        ``deliver`` runs in the layer's reader, so it must not block; it returns False when it cannot
+        take the message, which is then counted as overflow. ``detach`` ends it.
+        """
+        state = await self._state()
+        if self.owner_of(channel) != state.client_prefix:
+            raise ValueError(f"{channel!r} is not a channel of this process and event loop")
+        state.local.attach(channel, deliver)
+
+    def detach(self, channel):
+        """Stop calling the receiver attached to ``channel``."""
+        state = self._states.get(asyncio.get_running_loop())
+        if state is not None:
+            state.local.detach(channel)
 
     async def group_add(self, group, channel):
         """Add ``channel`` to ``group``, whichever process owns the channel."""

@@ -1,7 +1,10 @@
-"""The channels that live in this process: bounded buffers, waiting receivers and local group members."""
+"""The channels that live in this process: bounded buffers or attached receivers, and local group members."""
 
 import asyncio
+import logging
 import time
+
+logger = logging.getLogger(__name__)
 
 
 class ChannelBuffer:
@@ -83,6 +86,7 @@ class LocalChannels:
         self.capacity_for = capacity_for
         self.stats = stats
         self.buffers = {}
+        self.sinks = {}  # channel -> deliver(message), for channels attached instead of received on
         # group -> {channel: wall-clock join time}; wall clock because group_expiry is shared with Redis
         self.groups = {}
 
@@ -94,11 +98,27 @@ class LocalChannels:
         return buffer
 
     def put(self, channel, message):
-        """Deliver to one local channel; False (and counted) when its buffer is full."""
-        if self.buffer(channel).put(message, time.monotonic() + self.expiry):
-            return True
-        self.stats.inc("overflow")
-        return False
+        """Deliver to one local channel; False (and counted) when its buffer or receiver is full."""
+        sink = self.sinks.get(channel)
+        if sink is not None:
+            accepted = _call(sink, message)
+        else:
+            accepted = self.buffer(channel).put(message, time.monotonic() + self.expiry)
+        if not accepted:
+            self.stats.inc("overflow")
+        return accepted
+
+    def attach(self, channel, deliver):
+        """Hand ``channel``'s messages to ``deliver`` as they arrive, instead of buffering them."""
+        self.sinks[channel] = deliver
+        buffer = self.buffers.pop(channel, None)
+        if buffer is not None:
+            for _, message in buffer.items:
+                self.put(channel, message)
+
+    def detach(self, channel):
+        """Stop handing ``channel``'s messages to its receiver."""
+        self.sinks.pop(channel, None)
 
     async def get(self, channel):
         """Wait for the next message of a local channel."""
@@ -131,13 +151,16 @@ class LocalChannels:
             return []
         cutoff = time.time() - self.group_expiry
         expires_at = time.monotonic() + self.expiry
-        buffers = self.buffers
+        buffers, sinks = self.buffers, self.sinks
         forward = []
         expired = []
+        attached = []
         delivered = dropped = 0
         for channel, joined in members.items():
             if joined < cutoff:
                 expired.append(channel)
+            elif (sink := sinks.get(channel)) is not None:
+                attached.append(sink)
             elif "!" not in channel:
                 forward.append(channel)
             elif (buffers.get(channel) or self.buffer(channel)).put(dict(message), expires_at):
@@ -146,6 +169,12 @@ class LocalChannels:
                 dropped += 1
         for channel in expired:
             del members[channel]
+        # Called once the members are walked: a receiver may join or leave groups as it handles a message.
+        for sink in attached:
+            if _call(sink, dict(message)):
+                delivered += 1
+            else:
+                dropped += 1
         self.stats.inc("delivered", delivered)
         if dropped:
             self.stats.inc("overflow", dropped)
@@ -162,4 +191,14 @@ class LocalChannels:
     def clear(self):
         """Forget everything, as flush does."""
         self.buffers.clear()
+        self.sinks.clear()
         self.groups.clear()
+
+
+def _call(deliver, message):
+    """``deliver(message)``; a receiver that raises must not stop the reader that feeds every other one."""
+    try:
+        return deliver(message)
+    except Exception:  # noqa: BLE001
+        logger.exception("an attached receiver failed on a message")
+        return False

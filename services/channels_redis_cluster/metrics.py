@@ -8,7 +8,7 @@ except ImportError:  # the layer works without it; only the export is lost
     Counter = None
 
 EVENTS = {
-    "delivered": "Group messages put into local channel buffers",
+    "delivered": "Group messages handed to local channels (buffers or attached receivers)",
     "overflow": "Messages dropped because a local channel buffer was full",
     "undeliverable": "Direct sends to a process-specific channel whose process is gone",
     "sequence_gaps": "Pub/sub messages numbered by a sender that never arrived here",

@@ -7,6 +7,7 @@ import time
 from channels.generic.websocket import AsyncWebsocketConsumer
 from channels.consumer import get_handler_name
 
+from channels_redis_cluster.consumer import LayerPushMixin
 from chatsite.identity import worker_id
 
 from . import metrics
@@ -49,10 +50,11 @@ def _frame(event, version, room):
     return text
 
 
-class ChatConsumer(AsyncWebsocketConsumer):
+class ChatConsumer(LayerPushMixin, AsyncWebsocketConsumer):
     """Joins the room's group, relays client messages to it and group messages to the client."""
 
     room_group_name = None
+    groups = ()  # the room's group is joined in connect(); a tuple spares each connection an empty list
 
     async def dispatch(self, message):
         """Channels' dispatch without its per-message close of old database connections.

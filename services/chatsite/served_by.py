@@ -8,27 +8,38 @@ class ServedByMiddleware:
 
     def __init__(self, app):
         self.app = app
+        self.header = (HEADER, worker_id().encode())
 
     async def __call__(self, scope, receive, send):
         if scope["type"] not in ("http", "websocket"):
             return await self.app(scope, receive, send)
-        served_by = (HEADER, worker_id().encode())
         can_deny = "websocket.http.response" in scope.get("extensions", {})
-        accepted = False
+        return await self.app(scope, receive, _SendWithHeader(send, self.header, can_deny))
 
-        async def send_with_header(message):
-            nonlocal accepted
-            kind = message["type"]
-            if kind in ("http.response.start", "websocket.accept"):
-                message = {**message, "headers": [*message.get("headers", []), served_by]}
-                accepted = True
-            elif kind == "websocket.close" and not accepted and can_deny:
-                # Refused before accept: answer with a real HTTP status instead of a bare close.
-                accepted = True
-                body = f"WebSocket refused ({message.get('reason') or 'forbidden'})\n".encode()
-                await send({"type": "websocket.http.response.start", "status": 403,
-                            "headers": [(b"content-type", b"text/plain"), served_by]})
-                return await send({"type": "websocket.http.response.body", "body": body})
-            return await send(message)
 
-        return await self.app(scope, receive, send_with_header)
+class _SendWithHeader:
+    """The ASGI send of one connection, adding the header to its response start or handshake accept.
+
+    A slotted object rather than a closure: one lives as long as each WebSocket, so its size counts.
+    """
+
+    __slots__ = ("send", "header", "can_deny", "started")
+
+    def __init__(self, send, header, can_deny):
+        self.send, self.header, self.can_deny, self.started = send, header, can_deny, False
+
+    async def __call__(self, message):
+        if self.started:
+            return await self.send(message)
+        kind = message["type"]
+        if kind in ("http.response.start", "websocket.accept"):
+            self.started = True
+            message = {**message, "headers": [*message.get("headers", []), self.header]}
+        elif kind == "websocket.close" and self.can_deny:
+            # Refused before accept: answer with a real HTTP status instead of a bare close.
+            self.started = True
+            body = f"WebSocket refused ({message.get('reason') or 'forbidden'})\n".encode()
+            await self.send({"type": "websocket.http.response.start", "status": 403,
+                             "headers": [(b"content-type", b"text/plain"), self.header]})
+            return await self.send({"type": "websocket.http.response.body", "body": body})
+        return await self.send(message)
