@@ -22,6 +22,8 @@ def test_benchmark_smoke_writes_the_report_with_every_part():
     assert ours["overload"]["counted_drops"] == ours["overload"]["expected"] - ours["overload"]["delivered"]
     # One SPUBLISH per group_send, whatever else the connections do.
     assert all(r["by_command"].get("spublish") == 1.0 for r in report["commands"].values() if r["layer"] == "redis-cluster")
-    assert report["memory"]["chat/websockets-sansio"]["kib_per_socket"] is not None
+    assert report["memory"]["chat/wsproto"]["kib_per_socket"] is not None
+    assert [row["met"] for row in report["targets"]][1:3] == [True, True]  # no silent drop, one command per send
+    assert set(report["server_settings"]) == {"wsproto/uvloop"}
     assert (out / "latency_vs_load.png").stat().st_size > 0 and (out / "commands_per_send.png").stat().st_size > 0
     assert "| this layer (Redis Cluster) |" in (out / "report.md").read_text()

@@ -1,6 +1,7 @@
 """A consumer mixin that takes layer messages pushed by the layer instead of waiting for them in tasks."""
 
 import asyncio
+import contextvars
 import logging
 import sys
 
@@ -16,16 +17,17 @@ class LayerPushMixin:
     Channels' consumer loop keeps two tasks per connection, one waiting on the client and one on the
     layer, and recreates one of them for every message: memory per idle socket and a few event loop
     round trips per delivered message. Here a layer message is dispatched at once, up to the handler's
-    first suspension (a frame write suspends only while the client's socket is not writable). A handler
-    that suspends finishes in a task and later messages queue behind it, at most ``push_backlog`` of
-    them; beyond that the layer counts them as overflow. On layers without ``attach`` (channels_redis,
-    in-memory) Channels' own loop runs.
+    first suspension (a frame write suspends only while the client's socket is not writable). Dispatches
+    still run one at a time: a layer message that arrives while another handler is suspended queues
+    behind it, up to the channel's capacity, beyond which the layer counts it as overflow. On layers
+    without ``attach`` (channels_redis, in-memory) Channels' own loop runs.
 
-    Until its first suspension a handler runs inside the layer's reader; on Python 3.11 that means
-    ``asyncio.current_task()`` is the reader there (3.12+ runs it as an eager task of its own).
+    Until its first suspension a handler runs inside the layer's reader, in a context of its own; on
+    Python 3.11 ``asyncio.current_task()`` is the reader there (3.12+ runs it as an eager task).
     """
 
-    push_backlog = 100
+    _backlog = None  # layer messages waiting while another dispatch runs; None when none runs
+    _client_waiting = None  # a future the connection's task awaits to dispatch a client event
 
     async def __call__(self, scope, receive, send):
         layer = get_channel_layer(self.channel_layer_alias)
@@ -33,11 +35,24 @@ class LayerPushMixin:
             return await super().__call__(scope, receive, send)
         self.scope, self.channel_layer, self.base_send = scope, layer, send
         self.channel_name = await layer.new_channel()
-        self._backlog = None  # messages behind a suspended dispatch, else None
         await layer.attach(self.channel_name, self._push)
         try:
             while True:
-                await self.dispatch(await receive())
+                message = await receive()
+                # One dispatch at a time, as in Channels' loop: a client event waits for a suspended
+                # layer handler, and layer messages wait for the client event's handler (connect
+                # accepts the socket before the first room message may be sent on it).
+                if self._backlog is None:
+                    self._backlog = []
+                else:
+                    self._client_waiting = asyncio.get_running_loop().create_future()
+                    try:
+                        await self._client_waiting
+                    finally:
+                        self._client_waiting = None
+                await self.dispatch(message)
+                backlog, self._backlog = self._backlog, None
+                self._dispatch_in_order(backlog)
         except StopConsumer:
             pass
         finally:
@@ -46,11 +61,11 @@ class LayerPushMixin:
                 self._backlog.clear()
 
     def _push(self, message):
-        """Dispatch a layer message now; False when this consumer is too far behind to take it."""
+        """Dispatch a layer message now, or queue it behind the running dispatch; False when the queue is full."""
         backlog = self._backlog
         if backlog is None:
             self._dispatch_in_order([message])
-        elif len(backlog) < self.push_backlog:
+        elif len(backlog) < self.channel_layer.get_capacity(self.channel_name):
             backlog.append(message)
         else:
             return False
@@ -72,6 +87,9 @@ class LayerPushMixin:
     def _resume(self, task):
         if not task.cancelled() and task.exception() is not None:
             self._handler_failed(task.exception())
+        if self._client_waiting is not None:
+            self._client_waiting.set_result(None)  # the client event goes first; the backlog after it
+            return
         backlog, self._backlog = self._backlog, None
         self._dispatch_in_order(backlog)
 
@@ -94,11 +112,13 @@ def start_eagerly(coroutine):
             return task
         task.result()
         return None
+    # As an eager task would: a context of its own, so the caller's context variables stay untouched.
+    context = contextvars.copy_context()
     try:
-        waiting_on = coroutine.send(None)
+        waiting_on = context.run(coroutine.send, None)
     except StopIteration:
         return None
-    return asyncio.ensure_future(_finish(_Suspended(coroutine, waiting_on)))
+    return asyncio.get_running_loop().create_task(_finish(_Suspended(coroutine, waiting_on)), context=context)
 
 
 async def _finish(rest):

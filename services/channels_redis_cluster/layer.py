@@ -417,7 +417,11 @@ class RedisClusterChannelLayer(BaseChannelLayer):
 
     def detach(self, channel):
         """Stop calling the receiver attached to ``channel``."""
-        state = self._states.get(asyncio.get_running_loop())
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # a consumer finalised after its event loop stopped: nothing is left to detach
+            return
+        state = self._states.get(loop)
         if state is not None:
             state.local.detach(channel)
 

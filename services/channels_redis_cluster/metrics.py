@@ -9,7 +9,7 @@ except ImportError:  # the layer works without it; only the export is lost
 
 EVENTS = {
     "delivered": "Group messages handed to local channels (buffers or attached receivers)",
-    "overflow": "Messages dropped because a local channel buffer was full",
+    "overflow": "Messages dropped because a local channel buffer or attached receiver was full",
     "undeliverable": "Direct sends to a process-specific channel whose process is gone",
     "sequence_gaps": "Pub/sub messages numbered by a sender that never arrived here",
     "out_of_order": "Pub/sub messages that arrived after a later one from the same sender",
