@@ -190,6 +190,11 @@ def profile(pid, seconds):
                             capture_output=True, text=True)
     if result.returncode != 0 or not out.exists():
         return {"error": (result.stderr or result.stdout)[-300:]}
+    return summarize_profile(out)
+
+
+def summarize_profile(out):
+    """Share of py-spy's raw samples by leaf function and by package (innermost project or library frame)."""
     leaves, packages, total = Counter(), Counter(), 0
     for line in out.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
@@ -203,8 +208,8 @@ def profile(pid, seconds):
         package = "other"
         for frame in reversed(frames):
             path = frame.split("(", 1)[-1]
-            for name in ("channels_redis_cluster", "channels_redis", "channels/", "websockets", "uvicorn", "django",
-                         "redis/", "msgpack", "json", "asyncio", "uvloop", "chat/", "chatsite"):
+            for name in ("channels_redis_cluster", "channels_redis", "channels/", "uvicorn", "wsproto", "websockets",
+                         "django", "redis/", "msgpack", "json", "asyncio", "uvloop", "chat/", "chatsite"):
                 if name in path:
                     package = name.strip("/")
                     break
@@ -248,7 +253,9 @@ async def bench_backend(backend, cluster, redis_port, args):
         result["steps"], sustainable = await step_up(load, backend, args, args.repeats)
         result["sustainable"] = sustainable
         if sustainable and backend == "redis-cluster" and args.profile:
-            pid = stack.worker_pids()[0]
+            # The worker holding the most sockets: the one the load weighs on most.
+            served_by = Counter(s.served_by for _, room in load.rooms for s in room).most_common(1)[0][0]
+            pid = int(served_by.rpartition(":")[2])
             profiling = asyncio.get_running_loop().run_in_executor(None, profile, pid, args.step_seconds)
             await load.run_step("profile", sustainable["offered_per_s"], args.step_seconds)
             result["profile"] = await profiling
