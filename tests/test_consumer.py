@@ -81,6 +81,7 @@ async def test_v1_bad_input_closes_with_a_clear_code(application, text, reason, 
     assert await bystander.receive_nothing(timeout=0.3), "nothing bad reaches the room"
     await bystander.send_to(text_data=json.dumps({"message": "still here"}))
     assert await bystander.receive_json_from(timeout=3) == {"message": "still here"}
+    assert await client.receive_nothing(timeout=0.3), "a closed socket gets no room message before its disconnect"
     await bystander.disconnect()
 
 

@@ -54,6 +54,7 @@ class ChatConsumer(LayerPushMixin, AsyncWebsocketConsumer):
     """Joins the room's group, relays client messages to it and group messages to the client."""
 
     room_group_name = None
+    closing = False
     groups = ()  # the room's group is joined in connect(); a tuple spares each connection an empty list
 
     async def dispatch(self, message):
@@ -118,8 +119,15 @@ class ChatConsumer(LayerPushMixin, AsyncWebsocketConsumer):
             )
         metrics.MESSAGES_IN.inc()
 
+    async def close(self, code=None, reason=None):
+        # Room messages can arrive until the client's disconnect removes this socket from the group.
+        self.closing = True
+        await super().close(code, reason)
+
     async def chat_message(self, event):
         """A room message from the channel layer: v1 clients get the tutorial's frame, v2 clients more."""
+        if self.closing:
+            return
         await self.send(text_data=_frame(event, self.version, self.room_name))
         metrics.MESSAGES_OUT.inc()
 
