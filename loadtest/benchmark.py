@@ -136,6 +136,10 @@ class Load:
         await asyncio.sleep(settle)  # joins settle before traffic
         return sockets
 
+    def sockets_per_worker(self):
+        """Open sockets by the worker id that accepted them."""
+        return Counter(s.served_by for _, room in self.rooms for s in room)
+
     def close(self):
         for _, sockets in self.rooms:
             for socket in sockets:
@@ -240,7 +244,7 @@ async def add_rooms(load, args):
     """The throughput rooms; sockets per worker."""
     for index in range(args.rooms):
         await load.add_room(f"bench-{index}", args.room_size)
-    return sorted(Counter(s.served_by for _, room in load.rooms for s in room).values())
+    return sorted(load.sockets_per_worker().values())
 
 
 async def bench_backend(backend, cluster, redis_port, args):
@@ -254,7 +258,7 @@ async def bench_backend(backend, cluster, redis_port, args):
         result["sustainable"] = sustainable
         if sustainable and backend == "redis-cluster" and args.profile:
             # The worker holding the most sockets: the one the load weighs on most.
-            served_by = Counter(s.served_by for _, room in load.rooms for s in room).most_common(1)[0][0]
+            served_by = load.sockets_per_worker().most_common(1)[0][0]
             pid = int(served_by.rpartition(":")[2])
             profiling = asyncio.get_running_loop().run_in_executor(None, profile, pid, args.step_seconds)
             await load.run_step("profile", sustainable["offered_per_s"], args.step_seconds)
@@ -274,7 +278,7 @@ async def bench_backend(backend, cluster, redis_port, args):
         big = Load(stack, local_only=backend == "ceiling")
         await big.add_room("big-room", args.big_room)
         result["big_room"] = await big.run_step("big", args.big_room * args.big_room_messages_per_s, args.step_seconds)
-        result["big_room"]["workers"] = len({s.served_by for s in big.rooms[0][1]})
+        result["big_room"]["workers"] = len(big.sockets_per_worker())
         print(f"  {backend} {args.big_room}-member room: {result['big_room']}", flush=True)
         big.close()
     finally:
@@ -383,7 +387,7 @@ async def idle_memory(cluster, redis_port, args):
                     stack.close()
         for app, values in samples.items():
             results[f"{app}/{ws}"] = {"app": app, "ws": ws, "sockets": args.idle_sockets,
-                                      "kib_per_socket": sorted(values)[len(values) // 2], "samples": values}
+                                      "kib_per_socket": percentile(values, 0.5), "samples": values}
             print(f"  idle memory {app} {ws}: {results[f'{app}/{ws}']}", flush=True)
     return results
 

@@ -106,7 +106,10 @@ async def recorder(cluster_hosts, make_layer):
 
         yield join, make_layer(prefix=prefix)
         for communicator in communicators:
-            await communicator.wait(timeout=0) if communicator.future.done() else communicator.future.cancel()
+            if communicator.future.done():
+                await communicator.wait(timeout=0)  # re-raises whatever ended the consumer
+            else:
+                communicator.future.cancel()
         await channel_layers["default"].close()
 
 

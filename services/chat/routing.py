@@ -32,7 +32,7 @@ class WebsocketRouter:
 
 
 def _origin(scope):
-    """The parsed Origin header, as Channels' OriginValidator reads it (None when absent or undecodable)."""
+    """The parsed Origin header (the first one), or None when absent or unparsable, which is refused."""
     for name, value in scope.get("headers", ()):
         if name == b"origin":
             try:
