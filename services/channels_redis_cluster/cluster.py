@@ -3,6 +3,7 @@
 import asyncio
 import collections
 import logging
+import re
 from urllib.parse import unquote, urlsplit
 
 from redis.asyncio.cluster import ClusterNode, RedisCluster
@@ -102,8 +103,15 @@ class Topology:
             self._refreshing = None
 
 
+RUN_ID = re.compile(rb"run_id:(\w+)")
+
+
 class NodePipeline:
-    """One connection to one primary: commands from any task go out in batches, replies return in order."""
+    """One connection to one primary: commands from any task go out in batches, replies return in order.
+
+    ``run_id`` is the server process this connection reached: it changes with every restart or
+    failover, and a connection cannot outlive the process it reached.
+    """
 
     def __init__(self, node: ClusterNode):
         self.node = node
@@ -111,6 +119,8 @@ class NodePipeline:
         self.pending = collections.deque()
         self.wakeup = asyncio.Event()
         self.closed = False
+        self.run_id = asyncio.get_running_loop().create_future()
+        self.run_id.add_done_callback(_retrieve)
         self.task = asyncio.ensure_future(self._run())
 
     def execute(self, *args):
@@ -127,6 +137,8 @@ class NodePipeline:
         batch = []
         try:
             await self.connection.connect()
+            await self.connection.send_command("INFO", "server", check_health=False)
+            self.run_id.set_result(RUN_ID.search(await self.connection.read_response()).group(1))
             while True:
                 await self.wakeup.wait()
                 self.wakeup.clear()
@@ -153,6 +165,8 @@ class NodePipeline:
             logger.warning("pipeline to %s failed: %s", self.node.name, exc)
         finally:
             self.closed = True
+            if not self.run_id.done():
+                self.run_id.set_exception(error)
             for _, future in [*batch, *self.pending]:
                 if not future.done():
                     future.set_exception(error)
@@ -174,6 +188,12 @@ class NodePipeline:
             pass
 
 
+def _retrieve(future):
+    """Mark a future's exception as seen: nobody may be waiting for it."""
+    if not future.cancelled():
+        future.exception()
+
+
 class Publisher:
     """Sends single-slot commands through the pipeline of the slot's primary, retrying across failover."""
 
@@ -190,12 +210,18 @@ class Publisher:
 
     async def execute(self, slot_key: bytes, *args):
         """Run a command on the primary that owns ``slot_key``; retry until ``retry_timeout`` passes."""
+        return await self.execute_as(slot_key, lambda run_id: args)
+
+    async def execute_as(self, slot_key: bytes, command):
+        """Run ``command(run_id)`` on the primary that owns ``slot_key``, ``run_id`` naming its server process."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.retry_timeout
         delay = 0.02
         while True:
             try:
-                return await self._pipeline(self.topology.primary_for(slot_key)).execute(*args)
+                pipeline = self._pipeline(self.topology.primary_for(slot_key))
+                run_id = pipeline.run_id
+                return await pipeline.execute(*command(run_id.result() if run_id.done() else await run_id))
             except RETRYABLE:
                 if loop.time() + delay > deadline:
                     raise

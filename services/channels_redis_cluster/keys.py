@@ -15,6 +15,11 @@ class KeyScheme:
         """Sorted set of a group's members (channel -> join time), in the group's slot."""
         return f"{{{self.prefix}:g:{group}}}:members"
 
+    def group_history(self, group: str) -> list:
+        """The keys of a group's history, in the group's slot: top/epoch hash, entries, idempotency keys."""
+        tag = f"{{{self.prefix}:g:{group}}}"
+        return [f"{tag}:history", f"{tag}:log", f"{tag}:keys"]
+
     def inbox(self, client_prefix: str) -> bytes:
         """Shard channel of one layer instance: direct sends and remote group_add land here."""
         return f"{{{self.prefix}:w:{client_prefix}}}".encode()

@@ -13,6 +13,7 @@ from channels_redis.serializers import registry
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError
 
+from . import history
 from .cluster import RETRYABLE, Publisher, Topology, parse_hosts
 from .keys import KeyScheme
 from .local import LocalChannels
@@ -44,10 +45,17 @@ redis.call('EXPIRE', KEYS[1], ARGV[3])
 return 1
 """
 
-SENDER_BYTES = 12  # hex client prefix of the sending process, then an 8-byte sequence number
-HEADER_BYTES = SENDER_BYTES + 8
+SENDER_BYTES = 12  # hex client prefix of the sending process, then an 8-byte sequence number, then a kind
+SEQ_END = SENDER_BYTES + 8
+HEADER_BYTES = SEQ_END + 1
+PLAIN, NUMBERED, SKIPPED = b"p", b"h", b"s"  # kinds: a message; one with epoch and offset; none (a duplicate)
+EPOCH_END = HEADER_BYTES + history.EPOCH_CHARS
+OFFSET_END = EPOCH_END + history.OFFSET_CHARS
 BLOCK_SECONDS = 1  # BLPOP timeout; far below socket_timeout so the two never race
 SWEEP_SECONDS = 30.0
+
+
+WRITER = object()  # stands for the run id of the server process that runs a script
 
 
 class _Script:
@@ -57,15 +65,24 @@ class _Script:
         self.source = source
         self.sha = hashlib.sha1(source.encode()).hexdigest()
 
-    async def __call__(self, publisher, key, *args):
+    async def __call__(self, publisher, keys, *args):
+        """Run on the primary of the keys' slot; ``WRITER`` among ``args`` becomes its server's run id."""
+        if isinstance(keys, str):
+            keys = (keys,)
+
+        def command(verb, script):
+            return lambda run_id: (verb, script, len(keys), *keys, *(run_id if a is WRITER else a for a in args))
+
         try:
-            return await publisher.execute(key.encode(), "EVALSHA", self.sha, 1, key, *args)
+            return await publisher.execute_as(keys[0].encode(), command("EVALSHA", self.sha))
         except NoScriptError:
-            return await publisher.execute(key.encode(), "EVAL", self.source, 1, key, *args)
+            return await publisher.execute_as(keys[0].encode(), command("EVAL", self.source))
 
 
 _push = _Script(PUSH_SCRIPT)
 _add_member = _Script(ADD_MEMBER_SCRIPT)
+_send_numbered = _Script(history.SEND_SCRIPT)
+_read_history = _Script(history.READ_SCRIPT)
 
 
 class _Sequences:
@@ -149,11 +166,11 @@ class _LoopState:
 
     # Outgoing pub/sub
 
-    def frame(self, shard_channel, body):
-        """Prefix ``body`` with this sender's id and its next number on ``shard_channel``."""
+    def frame(self, shard_channel, body=b"", kind=PLAIN):
+        """Prefix ``body`` with this sender's id, its next number on ``shard_channel`` and the frame's kind."""
         seq = self.sent.get(shard_channel) + 1
         self.sent.set(shard_channel, seq)
-        return b"".join((self.sender, seq.to_bytes(8, "big"), body))
+        return b"".join((self.sender, seq.to_bytes(8, "big"), kind, body))
 
     async def publish(self, shard_channel, body):
         """SPUBLISH once; returns how many subscribers the shard's primary reached."""
@@ -166,15 +183,23 @@ class _LoopState:
     def on_message(self, shard_channel, data):
         """Called by the subscriber for every shard message, in arrival order."""
         key = (data[:SENDER_BYTES], shard_channel)
-        seq = int.from_bytes(data[SENDER_BYTES:HEADER_BYTES], "big")
+        seq = int.from_bytes(data[SENDER_BYTES:SEQ_END], "big")
         last = self.seen.get(key)
         if seq > last + 1 and seq != 1:
             self.layer.stats.inc("sequence_gaps", seq - last - 1)
         elif seq <= last and seq != 1:
             self.layer.stats.inc("out_of_order")
         self.seen.set(key, seq)
+        kind = data[SEQ_END:HEADER_BYTES]
+        if kind == SKIPPED:
+            return
         try:
-            message = self.layer.deserialize(data[HEADER_BYTES:])
+            if kind == NUMBERED:
+                message = self.layer.deserialize(data[OFFSET_END:])
+                message[history.EPOCH] = data[HEADER_BYTES:EPOCH_END].decode()
+                message[history.OFFSET] = int(data[EPOCH_END:OFFSET_END])
+            else:
+                message = self.layer.deserialize(data[HEADER_BYTES:])
         except Exception:  # noqa: BLE001 - a foreign or corrupt payload must not stop the reader
             logger.exception("undecodable message on %r", shard_channel)
             return
@@ -293,7 +318,7 @@ def _log_failure(task):
 class RedisClusterChannelLayer(BaseChannelLayer):
     """Channel layer on Redis Cluster: sharded pub/sub for groups and process channels, lists for the rest."""
 
-    extensions = ["groups", "flush", "attach"]
+    extensions = ["groups", "flush", "attach", "history"]
 
     def __init__(
         self,
@@ -309,10 +334,14 @@ class RedisClusterChannelLayer(BaseChannelLayer):
         socket_timeout=5.0,
         max_connections=100,
         health_interval=5.0,
+        history_size=0,
+        history_age=300,
+        group_history=None,
     ):
         super().__init__(expiry=expiry, capacity=capacity)
         self.channel_capacity = self.compile_capacities(channel_capacity or {})
         self.group_expiry = group_expiry
+        self.history = history.HistoryPolicy(history_size, history_age, group_history)
         self.keys = KeyScheme(prefix)
         self.startup_nodes, self.redis_options = parse_hosts(hosts)
         self.retry_timeout = retry_timeout
@@ -452,17 +481,69 @@ class RedisClusterChannelLayer(BaseChannelLayer):
         else:
             await state.ask_owner(owner, {"d": group, "c": channel})
 
-    async def group_send(self, group, message):
-        """Send ``message`` to every member of ``group``: one SPUBLISH, whatever the group's size."""
+    async def group_send(self, group, message, *, idempotency_key=None):
+        """Send ``message`` to every member of ``group``: one command, whatever the group's size.
+
+        With history on for the group, that command numbers the message, keeps it and publishes it;
+        a message whose ``idempotency_key`` was sent within the history window is not sent again.
+        Returns the message's offset, or None without history.
+        """
         if not isinstance(message, dict):
             raise TypeError("message must be a dict")
         self.require_valid_group_name(group)
         state = await self._state()
+        channel = self.keys.group_channel(group)
+        bound = self.history.bound(group)
         try:
-            await state.publish(self.keys.group_channel(group), self.serialize(message))
+            if not bound.size:
+                await state.publish(channel, self.serialize(message))
+                return None
+            offset, _, rotated, duplicate = await _send_numbered(
+                state.publisher, self.keys.group_history(group), *self._history_args(bound),
+                bound.size, int(max(bound.age, self.group_expiry) * 1000), channel,
+                state.frame(channel, kind=NUMBERED), self.serialize(message), idempotency_key or "",
+            )
         except RETRYABLE:
             self.stats.inc("errors")
             raise
+        if rotated:
+            self.stats.inc("epoch_rotations")
+        if duplicate:
+            self.stats.inc("duplicates_suppressed")
+        return offset
+
+    async def group_history(self, group, since=None, epoch=None, last=0):
+        """The messages of ``group`` after offset ``since`` of ``epoch`` (or its ``last`` ones), as ``GroupHistory``.
+
+        Each message carries its offset and epoch, as live ones do; the group's top offset and epoch
+        come back even when it has no history yet, so a caller can resume from there later.
+        """
+        self.require_valid_group_name(group)
+        state = await self._state()
+        bound = self.history.bound(group)
+        try:
+            top, current, first, recovered, rotated, entries = await _read_history(
+                state.publisher, self.keys.group_history(group), *self._history_args(bound),
+                int(max(bound.age, self.group_expiry) * 1000),
+                "" if since is None else int(since), epoch or "", int(last),
+            )
+        except RETRYABLE:
+            self.stats.inc("errors")
+            raise
+        if rotated:
+            self.stats.inc("epoch_rotations")
+        current = current.decode()
+        messages = []
+        for offset, entry in enumerate(entries, first):
+            message = self.deserialize(entry[history.TIME_CHARS:])
+            message[history.OFFSET], message[history.EPOCH] = offset, current
+            messages.append(message)
+        return history.GroupHistory(messages, top, current, bool(recovered))
+
+    @staticmethod
+    def _history_args(bound):
+        """The arguments every history script starts with: writer, a new epoch if one is needed, now, age."""
+        return WRITER, secrets.token_hex(history.EPOCH_CHARS // 2), int(time.time() * 1000), int(bound.age * 1000)
 
     # Extensions
 

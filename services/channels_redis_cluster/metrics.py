@@ -15,6 +15,8 @@ EVENTS = {
     "out_of_order": "Pub/sub messages that arrived after a later one from the same sender",
     "resubscribes": "Subscriber connections lost and moved to the slot's current primary",
     "errors": "Layer operations that failed after retrying",
+    "epoch_rotations": "Group histories given a new epoch: new, lost, or written by another server process since",
+    "duplicates_suppressed": "Group sends not published again because their idempotency key was in the history",
 }
 
 _exported = (

@@ -48,7 +48,10 @@ def channel_layers():
         password = os.environ.get("REDIS_PASSWORD")
         auth = f":{password}@" if password else ""
         hosts = [f"redis://{auth}{node}" for node in nodes]
-        return {"BACKEND": "channels_redis_cluster.RedisClusterChannelLayer", "CONFIG": {"hosts": hosts, **common}}
+        # Room history, for resuming clients and recent messages on open; 0 turns it off.
+        history = {"size": int(os.environ.get("CHAT_HISTORY_SIZE", "500")), "age": int(os.environ.get("CHAT_HISTORY_AGE", "300"))}
+        config = {"hosts": hosts, "group_history": {"chat_*": history}, **common}
+        return {"BACKEND": "channels_redis_cluster.RedisClusterChannelLayer", "CONFIG": config}
     if kind in ("redis", "redis-pubsub"):
         backend = "channels_redis.core.RedisChannelLayer" if kind == "redis" else "channels_redis.pubsub.RedisPubSubChannelLayer"
         config = {"hosts": [os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")], "prefix": common["prefix"]}

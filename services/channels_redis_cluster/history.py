@@ -1,0 +1,161 @@
+"""Group history: a gapless offset and an epoch per group, its recent messages, and resuming from an offset.
+
+Everything of a group lives in the group's slot: a hash with the top offset, the epoch and the server
+process that wrote last; a list of entries (the oldest first, so an offset's index is derived from the
+top); and a sorted set of idempotency keys by offset. ``group_send`` runs one script that numbers,
+appends, trims and SPUBLISHes atomically, so the order on the shard channel is the order of offsets.
+
+The epoch changes whenever continuity may be lost: the hash is gone (expired, evicted, a node back
+empty), or another server process than the last writer runs the script (failover, restart, resharding).
+Un-replicated writes lost in a failover would otherwise hand their offsets out again under the same
+epoch. The previous epoch and the top it had here are kept, so a client that stopped at or below that
+top still resumes exactly.
+"""
+
+import fnmatch
+import re
+from typing import NamedTuple
+
+# Keys of one group. KEYS[1]: the hash, KEYS[2]: the entries, KEYS[3]: the idempotency keys.
+# Entries start with their time in milliseconds, 13 ASCII digits. Both scripts first bring the group
+# up to date: create or rotate the epoch, and drop entries older than the age bound.
+_PROLOGUE = """
+local meta, log, keys = KEYS[1], KEYS[2], KEYS[3]
+local writer, fresh, now, age = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local state = redis.call('HMGET', meta, 'top', 'epoch', 'writer')
+local top, epoch, rotated = tonumber(state[1]), state[2], 0
+if not top then
+  redis.call('DEL', log, keys)
+  top, epoch, rotated = 0, fresh, 1
+  redis.call('HSET', meta, 'top', 0, 'epoch', epoch, 'writer', writer)
+elseif state[3] ~= writer then
+  redis.call('HSET', meta, 'epoch', fresh, 'writer', writer, 'prev', epoch, 'fork', top)
+  epoch, rotated = fresh, 1
+end
+local cutoff = now - age
+while true do
+  local head = redis.call('LINDEX', log, 0)
+  if not head or tonumber(string.sub(head, 1, 13)) > cutoff then break end
+  redis.call('LPOP', log)
+end
+"""
+
+# ARGV[5] size, ARGV[6] ms the hash outlives its last write, ARGV[7] shard channel, ARGV[8] frame
+# prefix (sender, sequence number, kind), ARGV[9] body, ARGV[10] idempotency key or ''.
+# Returns {offset, epoch, rotated, duplicate}.
+SEND_SCRIPT = _PROLOGUE + """
+local size, keep, channel, prefix, body, key = tonumber(ARGV[5]), ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10]
+if key ~= '' then
+  local seen = redis.call('ZSCORE', keys, key)
+  if seen then
+    -- Published already: only the sender's sequence number goes out, so no receiver counts a gap.
+    redis.call('SPUBLISH', channel, string.sub(prefix, 1, -2) .. 's')
+    return {tonumber(seen), epoch, rotated, 1}
+  end
+end
+top = top + 1
+redis.call('HSET', meta, 'top', top)
+redis.call('RPUSH', log, string.format('%013d', now) .. body)
+local length = redis.call('LLEN', log)
+if length > size then
+  redis.call('LTRIM', log, length - size, -1)
+  length = size
+end
+if key ~= '' then
+  redis.call('ZADD', keys, top, key)
+end
+redis.call('ZREMRANGEBYSCORE', keys, '-inf', top - length)
+redis.call('PEXPIRE', log, age)
+redis.call('PEXPIRE', keys, age)
+redis.call('PEXPIRE', meta, keep)
+redis.call('SPUBLISH', channel, prefix .. epoch .. string.format('%016d', top) .. body)
+return {top, epoch, rotated, 0}
+"""
+
+# ARGV[5] ms the hash outlives its last write, ARGV[6] since ('' for a fresh join), ARGV[7] the epoch
+# of since, ARGV[8] how many of the latest entries a fresh join wants.
+# Returns {top, epoch, first offset returned, recovered, rotated, entries}.
+READ_SCRIPT = _PROLOGUE + """
+local since, since_epoch, last = tonumber(ARGV[6]), ARGV[7], tonumber(ARGV[8])
+if rotated == 1 then redis.call('PEXPIRE', meta, ARGV[5]) end
+local first = top - redis.call('LLEN', log) + 1
+local from, recovered
+if not since then
+  from, recovered = math.max(first, top - last + 1), 1
+else
+  local link, fork = redis.call('HMGET', meta, 'prev', 'fork'), nil
+  if link[1] and since_epoch == link[1] then fork = tonumber(link[2]) end
+  if since_epoch == epoch or (fork and since <= fork) then
+    if since > top then
+      from, recovered = top + 1, 0
+    else
+      from = math.max(first, since + 1)
+      recovered = (from == since + 1) and 1 or 0
+    end
+  elseif fork then
+    -- The client saw offsets past the fork that this server never got: they are lost.
+    from, recovered = math.max(first, fork + 1), 0
+  else
+    from, recovered = first, 0
+  end
+end
+return {top, epoch, from, recovered, rotated, redis.call('LRANGE', log, from - first, -1)}
+"""
+
+EPOCH_CHARS = 16
+OFFSET_CHARS = 16
+TIME_CHARS = 13
+# Keys the layer adds to every group message that has an offset; namespaced so no app field is touched.
+OFFSET = "__offset__"
+EPOCH = "__epoch__"
+
+
+class Bound(NamedTuple):
+    """How much history a group keeps: ``size`` messages (0: none), none older than ``age`` seconds."""
+
+    size: int
+    age: float
+
+
+class HistoryPolicy:
+    """The bound of each group: the first matching glob pattern of ``group_history``, else the default."""
+
+    CACHE_LIMIT = 10000
+
+    def __init__(self, size, age, group_history):
+        self.default = Bound(int(size), float(age))
+        self.patterns = []
+        for pattern, value in (group_history or {}).items():
+            if not hasattr(pattern, "match"):
+                pattern = re.compile(fnmatch.translate(pattern))
+            if isinstance(value, dict):
+                value = Bound(int(value.get("size", size)), float(value.get("age", age)))
+            else:
+                value = Bound(int(value), float(age))
+            self.patterns.append((pattern, value))
+        self._cache = {}
+
+    def bound(self, group):
+        """The ``Bound`` of ``group``."""
+        if not self.patterns:
+            return self.default
+        bound = self._cache.get(group)
+        if bound is None:
+            bound = next((value for pattern, value in self.patterns if pattern.match(group)), self.default)
+            if len(self._cache) >= self.CACHE_LIMIT:
+                self._cache.clear()
+            self._cache[group] = bound
+        return bound
+
+
+class GroupHistory(NamedTuple):
+    """What ``group_history`` found: the messages to replay, the group's top and epoch, and whether it is exact.
+
+    ``recovered`` is False when messages after ``since`` are missing (trimmed, expired, or lost with an
+    epoch); ``messages`` then holds what is still there that the caller may not have seen.
+    """
+
+    messages: list
+    offset: int
+    epoch: str
+    recovered: bool
