@@ -10,6 +10,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from channels.testing import WebsocketCommunicator
+from django.test import override_settings
 from testcontainers.compose import DockerCompose
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "chatsite.settings")
@@ -93,6 +95,38 @@ async def make_layer(cluster_hosts):
     for layer in layers:
         await layer.flush()
         await layer.close()
+
+
+ORIGIN = [(b"origin", b"http://127.0.0.1:8000")]
+
+
+@pytest.fixture
+async def application(cluster_hosts):
+    """The chat's ASGI app on the cluster layer, with room history and small limits."""
+    from channels.layers import channel_layers
+
+    config = {"hosts": cluster_hosts, "prefix": f"app{uuid.uuid4().hex[:6]}", "group_history": {"chat_*": {"size": 20, "age": 60}}}
+    layers = {"default": {"BACKEND": "channels_redis_cluster.RedisClusterChannelLayer", "CONFIG": config}}
+    with override_settings(CHANNEL_LAYERS=layers, CHAT_MAX_MESSAGE_CHARS=100, CHAT_MAX_FRAME_BYTES=1000):
+        from chatsite.asgi import application
+
+        yield application
+        await channel_layers["default"].flush()
+        await channel_layers["default"].close()
+
+
+async def join(application, room, v2=False, query=""):
+    """A connected communicator; a v2 one has read its ``joined`` frame into ``.joined``."""
+    communicator = WebsocketCommunicator(
+        application, f"/ws/chat/{room}/{query}", headers=ORIGIN, subprotocols=["chat.v2"] if v2 else None
+    )
+    connected, subprotocol = await communicator.connect(timeout=5)
+    assert connected
+    assert subprotocol == ("chat.v2" if v2 else None)
+    if v2:
+        communicator.joined = await communicator.receive_json_from(timeout=3)
+        assert communicator.joined["type"] == "joined", communicator.joined
+    return communicator
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -4,32 +4,8 @@ import json
 
 import pytest
 from channels.testing import WebsocketCommunicator
-from django.test import override_settings
 
-ORIGIN = [(b"origin", b"http://127.0.0.1:8000")]
-
-
-@pytest.fixture
-async def application(cluster_hosts):
-    from channels.layers import channel_layers
-
-    layers = {"default": {"BACKEND": "channels_redis_cluster.RedisClusterChannelLayer",
-                          "CONFIG": {"hosts": cluster_hosts, "prefix": "consumer"}}}
-    with override_settings(CHANNEL_LAYERS=layers, CHAT_MAX_MESSAGE_CHARS=100, CHAT_MAX_FRAME_BYTES=1000):
-        from chatsite.asgi import application
-
-        yield application
-        await channel_layers["default"].close()
-
-
-async def join(application, room, v2=False):
-    communicator = WebsocketCommunicator(
-        application, f"/ws/chat/{room}/", headers=ORIGIN, subprotocols=["chat.v2"] if v2 else None
-    )
-    connected, subprotocol = await communicator.connect(timeout=5)
-    assert connected
-    assert subprotocol == ("chat.v2" if v2 else None)
-    return communicator
+from conftest import ORIGIN, join
 
 
 async def test_v1_message_reaches_every_member_including_sender(application):
@@ -50,12 +26,14 @@ async def test_rooms_are_isolated(application):
     await carol.disconnect()
 
 
-async def test_v2_frames_carry_room_sender_and_nonce(application):
+async def test_v2_frames_carry_room_sender_nonce_offset_and_epoch(application):
     alice = await join(application, "v2room", v2=True)
+    assert alice.joined["room"] == "v2room" and alice.joined["offset"] == 0 and alice.joined["epoch"]
     await alice.send_to(text_data=json.dumps({"message": "hi", "nonce": "n-1"}))
     frame = await alice.receive_json_from(timeout=3)
     assert frame["type"] == "message" and frame["message"] == "hi" and frame["nonce"] == "n-1"
     assert frame["room"] == "v2room" and ":" in frame["sender"] and frame["sent_at"] > 0
+    assert frame["offset"] == 1 and frame["epoch"] == alice.joined["epoch"]
     await alice.disconnect()
 
 

@@ -68,8 +68,12 @@ class LayerPushMixin:
         elif len(backlog) < self.channel_layer.get_capacity(self.channel_name):
             backlog.append(message)
         else:
+            self.layer_backlog_full()
             return False
         return True
+
+    def layer_backlog_full(self):
+        """Called when a layer message is dropped because the backlog is full; the layer counts it as overflow."""
 
     def _dispatch_in_order(self, messages):
         """Dispatch ``messages`` one after another; one that suspends holds back the rest until it is done."""

@@ -1,5 +1,6 @@
-"""The tutorial's async chat consumer, hardened: validated input, clear errors, metrics."""
+"""The tutorial's async chat consumer, hardened: validated input, clear errors, metrics, and v2's resume."""
 
+import asyncio
 import json
 import logging
 import time
@@ -8,18 +9,23 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from channels.consumer import get_handler_name
 
 from channels_redis_cluster.consumer import LayerPushMixin
+from channels_redis_cluster.history import EPOCH, OFFSET
 from chatsite.identity import worker_id
 
 from . import metrics
 from .protocol import (
     CLOSE_NOT_FOUND,
+    CLOSE_TOO_SLOW,
     CLOSE_UNAVAILABLE,
     ROOM_NAME,
     ROOM_NAME_RULE,
     V2,
     BadFrame,
+    Resume,
     error_frame,
+    joined_frame,
     parse_client_frame,
+    recovered_frame,
 )
 
 logger = logging.getLogger(__name__)
@@ -28,24 +34,30 @@ logger = logging.getLogger(__name__)
 _last_frame = (None, None, None, None)
 
 
-def _frame(event, version, room):
+def _frame(event, version, room, live=True):
     """The text frame of a room message, encoded once per worker rather than once per recipient.
 
     The layer hands every local member a shallow copy of one event, so their ``message`` and
     ``sent_at`` are the same objects: the last encoding is reused while they are. Holding them in
-    the cache keeps their ids from being reused by other objects. The fan-out latency is observed
-    here too, once per message and worker.
+    the cache keeps their ids from being reused by other objects. The fan-out latency of live
+    messages is observed here too, once per message and worker.
     """
     global _last_frame
     message, sent_at = event["message"], event["sent_at"]
     cached_message, cached_sent_at, cached_key, text = _last_frame
     if cached_message is message and cached_sent_at is sent_at and cached_key == (version, room):
         return text
-    metrics.FANOUT_LATENCY.observe(max(0.0, time.time() - sent_at))
+    if live:
+        metrics.FANOUT_LATENCY.observe(max(0.0, time.time() - sent_at))
     if version == 1:
         text = json.dumps({"message": message})
     else:
-        text = json.dumps({"room": room, **event, "type": "message"})
+        frame = {"type": "message", "room": room, "message": message, "sender": event["sender"], "sent_at": sent_at}
+        if OFFSET in event:
+            frame["offset"], frame["epoch"] = event[OFFSET], event[EPOCH]
+        if "nonce" in event:
+            frame["nonce"] = event["nonce"]
+        text = json.dumps(frame)
     _last_frame = (message, sent_at, (version, room), text)
     return text
 
@@ -56,6 +68,9 @@ class ChatConsumer(LayerPushMixin, AsyncWebsocketConsumer):
     room_group_name = None
     closing = False
     groups = ()  # the room's group is joined in connect(); a tuple spares each connection an empty list
+    # v2 with room history: the offset and epoch of the last room message this client has (or joined at)
+    offset = None
+    epoch = None
 
     async def dispatch(self, message):
         """Channels' dispatch without its per-message close of old database connections.
@@ -75,6 +90,13 @@ class ChatConsumer(LayerPushMixin, AsyncWebsocketConsumer):
         if not ROOM_NAME.fullmatch(self.room_name):
             await self.accept(subprotocol)
             return await self.refuse(BadFrame(CLOSE_NOT_FOUND, "bad_room", f"invalid room name: {ROOM_NAME_RULE}"), True)
+        resume = None
+        if self.version == 2 and hasattr(self.channel_layer, "group_history"):
+            try:
+                resume = Resume(self.scope.get("query_string", b""))
+            except BadFrame as bad:
+                await self.accept(subprotocol)
+                return await self.refuse(bad, True)
         group = f"chat_{self.room_name}"
         try:
             # Join before the handshake completes, so a connected client misses nothing sent to the room.
@@ -87,6 +109,55 @@ class ChatConsumer(LayerPushMixin, AsyncWebsocketConsumer):
         self.room_group_name = group
         await self.accept(subprotocol)
         metrics.CONNECTIONS.inc()
+        if resume is not None:
+            await self.replay(resume)
+
+    async def replay(self, resume):
+        """v2: joined with the room's top, then the missed (or latest) messages, then how a resume went.
+
+        The group was joined first, so live messages wait behind this and those already replayed are
+        dropped by offset: no gap and no duplicate across the seam.
+        """
+        found = await self.read_history(resume.since, resume.epoch, resume.history)
+        if found is None:
+            return
+        await self.send(text_data=joined_frame(self.room_name, found.offset, found.epoch))
+        await self.send_history(found)
+        if resume.since is not None:
+            metrics.RESUMES.labels(str(found.recovered).lower()).inc()
+            await self.send(text_data=recovered_frame(found.recovered, found.offset, found.epoch))
+
+    async def catch_up(self):
+        """v2: a gap in the offsets or a new epoch; send what the room's history has since this client's offset.
+
+        A replay that cannot be exact is said with a ``recovered: false`` frame, so a client is never
+        silently short.
+        """
+        found = await self.read_history(self.offset, self.epoch)
+        if found is None:
+            return False
+        metrics.CATCH_UPS.labels(str(found.recovered).lower()).inc()
+        await self.send_history(found)
+        if not found.recovered:
+            await self.send(text_data=recovered_frame(False, found.offset, found.epoch))
+
+    async def read_history(self, since, epoch, last=0):
+        """The room's history after ``since``; None (and the socket closing with 4503) when it cannot be read."""
+        try:
+            return await self.channel_layer.group_history(self.room_group_name, since, epoch, last)
+        except Exception as exc:  # noqa: BLE001 - the client resumes later instead of being silently short
+            metrics.LAYER_ERRORS.labels("group_history").inc()
+            logger.warning("group_history failed for %s: %r", self.room_group_name, exc)
+            await self.refuse(BadFrame(CLOSE_UNAVAILABLE, "unavailable", "room history is unavailable, try again"), True)
+            return None
+
+    async def send_history(self, found):
+        """Send the messages of a history read; the client's offset becomes the room's top."""
+        for message in found.messages:
+            if self.closing:
+                return
+            await self.send(text_data=_frame(message, 2, self.room_name, live=False))
+        self.offset, self.epoch = found.offset, found.epoch
 
     async def disconnect(self, close_code):
         if self.room_group_name is None:
@@ -106,10 +177,14 @@ class ChatConsumer(LayerPushMixin, AsyncWebsocketConsumer):
         except BadFrame as bad:
             return await self.refuse(bad, self.version == 1)
         event = {"type": "chat.message", "message": frame["message"], "sent_at": time.time(), "sender": worker_id()}
+        options = {}
         if "nonce" in frame:
             event["nonce"] = frame["nonce"]
+            if "history" in getattr(self.channel_layer, "extensions", ()):
+                # A client that resends after a resume is published once within the history window.
+                options["idempotency_key"] = frame["nonce"]
         try:
-            await self.channel_layer.group_send(self.room_group_name, event)
+            await self.channel_layer.group_send(self.room_group_name, event, **options)
         except Exception as exc:  # noqa: BLE001 - the sender learns its message was not delivered
             metrics.LAYER_ERRORS.labels("group_send").inc()
             logger.warning("group_send failed for %s: %r", self.room_group_name, exc)
@@ -128,8 +203,25 @@ class ChatConsumer(LayerPushMixin, AsyncWebsocketConsumer):
         """A room message from the channel layer: v1 clients get the tutorial's frame, v2 clients more."""
         if self.closing:
             return
+        if self.epoch is not None and OFFSET in event:
+            offset = event[OFFSET]
+            if event[EPOCH] != self.epoch or offset > self.offset + 1:
+                # Published before this read, so the read covers it (or it was lost with its epoch).
+                await self.catch_up()
+                return
+            if offset <= self.offset:
+                return  # sent already, from the room's history
+            self.offset = offset
         await self.send(text_data=_frame(event, self.version, self.room_name))
         metrics.MESSAGES_OUT.inc()
+
+    def layer_backlog_full(self):
+        """The client reads slower than the room talks: close it with 4408 so it resumes instead of missing messages."""
+        if self.closing:
+            return
+        self.closing = True
+        metrics.CLOSED_TOO_SLOW.inc()
+        self._closer = asyncio.ensure_future(self.base_send({"type": "websocket.close", "code": CLOSE_TOO_SLOW}))
 
     async def refuse(self, bad, close):
         """Tell the client what was wrong: an error frame for v2, and a close code where asked."""

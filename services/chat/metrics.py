@@ -7,6 +7,11 @@ MESSAGES_IN = Counter("chat_messages_in_total", "Chat messages accepted from cli
 MESSAGES_OUT = Counter("chat_messages_out_total", "Chat messages written to clients")
 REJECTED = Counter("chat_rejected_total", "Client frames or connections refused", ["reason"])
 LAYER_ERRORS = Counter("chat_layer_errors_total", "Channel layer calls that failed", ["operation"])
+RESUMES = Counter("chat_resumes_total", "v2 reconnects with since/epoch, by whether the replay was exact", ["recovered"])
+CATCH_UPS = Counter(
+    "chat_catch_ups_total", "Gaps or epoch changes in a live v2 stream filled from room history, by whether exactly", ["recovered"]
+)
+CLOSED_TOO_SLOW = Counter("chat_closed_too_slow_total", "Sockets closed with 4408 because their backlog was full")
 FANOUT_LATENCY = Histogram(
     "chat_fanout_latency_seconds",
     "From the sender's worker to the first write of a room message on a receiving worker (once per message and worker)",

@@ -2,6 +2,7 @@
 
 import json
 import re
+from urllib.parse import parse_qs
 
 from django.conf import settings
 
@@ -11,10 +12,13 @@ V2 = "chat.v2"  # WebSocket subprotocol that opts in to error frames and extra f
 V1_FIELDS = frozenset({"message"})
 V2_FIELDS = frozenset({"message", "nonce"})
 MAX_NONCE_CHARS = 64
+EPOCH = re.compile(r"[0-9a-f]{1,32}")
+MAX_HISTORY = 500  # most messages a fresh join may ask for with ?history=
 
 # Close codes for v1 clients, which never receive a frame without "message".
 CLOSE_BAD_REQUEST = 4400
 CLOSE_NOT_FOUND = 4404
+CLOSE_TOO_SLOW = 4408  # the client read too slowly and messages were held back: reconnect and resume
 CLOSE_TOO_LARGE = 4413
 CLOSE_UNSUPPORTED = 4415
 CLOSE_UNAVAILABLE = 4503
@@ -54,6 +58,35 @@ def parse_client_frame(text, version):
     if nonce is not None and not (isinstance(nonce, str) and len(nonce) <= MAX_NONCE_CHARS):
         raise BadFrame(CLOSE_BAD_REQUEST, "bad_nonce", f'"nonce" must be a string of at most {MAX_NONCE_CHARS} characters')
     return frame
+
+
+class Resume:
+    """A v2 connection's query: resume after ``since`` of ``epoch``, or on a fresh join the ``history`` latest."""
+
+    __slots__ = ("since", "epoch", "history")
+
+    def __init__(self, query_string):
+        query = parse_qs(query_string.decode("latin1"), keep_blank_values=True)
+        since, epoch, history = (query.get(name, [None])[-1] for name in ("since", "epoch", "history"))
+        if (since is None) != (epoch is None):
+            raise BadFrame(CLOSE_BAD_REQUEST, "bad_resume", "since and epoch go together")
+        if since is not None and not (since.isdigit() and len(since) <= 18 and EPOCH.fullmatch(epoch)):
+            raise BadFrame(CLOSE_BAD_REQUEST, "bad_resume", "since must be an offset and epoch the epoch it came with")
+        if history is not None and not (history.isdigit() and int(history) <= MAX_HISTORY):
+            raise BadFrame(CLOSE_BAD_REQUEST, "bad_history", f"history must be a number from 0 to {MAX_HISTORY}")
+        self.since = None if since is None else int(since)
+        self.epoch = epoch
+        self.history = 0 if history is None else int(history)
+
+
+def joined_frame(room, offset, epoch):
+    """The v2 frame sent right after accept: the room's current top."""
+    return json.dumps({"type": "joined", "room": room, "offset": offset, "epoch": epoch})
+
+
+def recovered_frame(recovered, offset, epoch):
+    """The v2 frame that ends a replay: whether it was exact, and where the room stands."""
+    return json.dumps({"type": "recovered", "recovered": recovered, "offset": offset, "epoch": epoch})
 
 
 def error_frame(reason, detail):
