@@ -1,5 +1,7 @@
 """The gunicorn worker class: uvicorn, with draining on SIGTERM and limits from settings."""
 
+import asyncio
+import logging
 import os
 import sys
 
@@ -16,12 +18,33 @@ WS_DEFAULT = "wsproto"
 WS_MAX_SIZE = 4 * int(os.environ.get("CHAT_MAX_FRAME_BYTES", "16384"))
 
 
+logger = logging.getLogger(__name__)
+# Seconds over which a stopping worker closes its WebSockets (1012), so their clients do not all
+# reconnect in the same instant; below GRACEFUL_TIMEOUT, which ends the worker.
+DRAIN_SECONDS = float(os.environ.get("DRAIN_SECONDS", "10"))
+WS_PROTOCOLS = "uvicorn.protocols.websockets."
+
+
 class DrainingServer(Server):
-    """Marks the process as draining as soon as the stop signal arrives, so /readyz fails at once."""
+    """Fails /readyz as soon as the stop signal arrives, then closes WebSockets spread over DRAIN_SECONDS."""
 
     def handle_exit(self, sig, frame):
         health.start_draining()
         super().handle_exit(sig, frame)
+
+    async def shutdown(self, sockets=None):
+        for server in self.servers:
+            server.close()
+        for sock in sockets or []:
+            sock.close()
+        websockets = [c for c in self.server_state.connections if type(c).__module__.startswith(WS_PROTOCOLS)]
+        logger.info("draining %d WebSockets over %.1f s", len(websockets), DRAIN_SECONDS)
+        step = DRAIN_SECONDS / max(len(websockets), 1)
+        for connection in websockets:
+            if connection in self.server_state.connections:
+                connection.shutdown()  # close code 1012 (service restart): the client reconnects elsewhere
+                await asyncio.sleep(step)
+        await super().shutdown()
 
 
 class ChatUvicornWorker(UvicornWorker):

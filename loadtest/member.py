@@ -1,0 +1,121 @@
+"""A room member that stays in its room through restarts: reconnects with backoff and jitter, resumes
+(chat.v2) or rejoins (v1), resends what it typed that never came back, and records what it got.
+
+The lifecycle tests count with it what each member was owed and what it received.
+"""
+
+import asyncio
+import json
+import random
+
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
+
+V2 = "chat.v2"
+
+
+class Member:
+    """One member of ``room`` at ``base`` (ws://host:port); ``v2`` resumes, otherwise it rejoins as v1."""
+
+    def __init__(self, base, room, v2=True, origin=None, backoff=(0.05, 2.0)):
+        self.base, self.room, self.v2 = base, room, v2
+        self.origin = origin or base.replace("ws://", "http://", 1)
+        self.backoff = backoff
+        self.offset = self.epoch = None
+        self.joined_at = None  # v2: the room's top when this member first joined
+        self.messages = []  # v2: (offset, epoch, text) of every room message, in arrival order; v1: text
+        self.recoveries = []  # v2: the recovered flag of every recovered frame
+        self.close_codes = []
+        self.pending = {}  # nonce -> text typed but not seen back yet
+        self.connections = 0
+        self.socket = None
+        self.ready = asyncio.Event()
+        self.stopping = False
+        self.task = None
+
+    def url(self):
+        path = f"{self.base}/ws/chat/{self.room}/"
+        if self.v2 and self.epoch is not None:
+            path += f"?since={self.offset}&epoch={self.epoch}"
+        return path
+
+    async def start(self):
+        """Join the room; returns once the first connection is open (and, for v2, joined)."""
+        self.task = asyncio.ensure_future(self._run())
+        await asyncio.wait_for(self.ready.wait(), 30)
+        return self
+
+    async def _run(self):
+        delay = self.backoff[0]
+        while not self.stopping:
+            try:
+                async with connect(self.url(), origin=self.origin, subprotocols=[V2] if self.v2 else None,
+                                   open_timeout=10, close_timeout=2) as socket:
+                    self.socket = socket
+                    self.connections += 1
+                    delay = self.backoff[0]
+                    if not self.v2:
+                        self.ready.set()
+                    async for text in socket:
+                        self._handle(json.loads(text))
+                    self.close_codes.append(socket.close_code)
+            except ConnectionClosed as closed:
+                self.close_codes.append(closed.rcvd.code if closed.rcvd else None)
+            except (OSError, InvalidHandshake, asyncio.TimeoutError):
+                pass
+            finally:
+                self.socket = None
+            if self.close_codes and self.close_codes[-1] is not None and 4400 <= self.close_codes[-1] < 4500 and self.close_codes[-1] != 4408:
+                return  # refused for what it did: reconnecting would not help
+            # Exponential backoff with full jitter, so a drained worker's clients spread out.
+            await asyncio.sleep(random.uniform(0, delay))
+            delay = min(delay * 2, self.backoff[1])
+
+    def _handle(self, frame):
+        if not self.v2:
+            self.messages.append(frame["message"])
+            return
+        kind = frame.get("type")
+        if kind == "message":
+            self.messages.append((frame["offset"], frame["epoch"], frame["message"]))
+            self.offset, self.epoch = frame["offset"], frame["epoch"]
+            self.pending.pop(frame.get("nonce"), None)
+        elif kind == "joined":
+            if self.epoch is None:
+                self.joined_at = frame["offset"]
+                self.offset, self.epoch = frame["offset"], frame["epoch"]
+                self._resend()
+            self.ready.set()
+        elif kind == "recovered":
+            self.recoveries.append(frame["recovered"])
+            self.offset, self.epoch = frame["offset"], frame["epoch"]
+            self._resend()
+
+    def _resend(self):
+        for nonce, text in self.pending.items():
+            asyncio.ensure_future(self._send(nonce, text))
+
+    async def _send(self, nonce, text):
+        socket = self.socket
+        if socket is not None:
+            try:
+                await socket.send(json.dumps({"message": text, "nonce": nonce} if self.v2 else {"message": text}))
+            except ConnectionClosed:
+                pass  # resent after the resume
+
+    async def say(self, text, nonce):
+        """Type ``text``; a v2 member keeps it until it comes back, and resends it after a resume."""
+        if self.v2:
+            self.pending[nonce] = text
+        await self._send(nonce, text)
+
+    def offsets(self):
+        """v2: the offsets received, in order."""
+        return [offset for offset, _, _ in self.messages]
+
+    async def stop(self):
+        self.stopping = True
+        if self.socket is not None:
+            await self.socket.close()
+        if self.task is not None:
+            await asyncio.wait_for(self.task, 10)
