@@ -35,6 +35,7 @@ class Socket(asyncio.Protocol):
         self.closed = asyncio.get_running_loop().create_future()
         self.transport = None
         self.served_by = None
+        self.close_code = None
 
     def connection_made(self, transport):
         self.transport = transport
@@ -89,6 +90,7 @@ class Socket(asyncio.Protocol):
             elif opcode == OPCODE_PING:
                 self.transport.write(frame(payload, OPCODE_PONG))
             elif opcode == OPCODE_CLOSE:
+                self.close_code = struct.unpack_from("!H", payload)[0] if len(payload) >= 2 else None
                 self.transport.close()
         del buffer[:offset]
 
@@ -101,15 +103,16 @@ class Socket(asyncio.Protocol):
             self.transport.close()
 
 
-async def connect(host, port, path, on_text, origin=None):
+async def connect(host, port, path, on_text, origin=None, subprotocol=None):
     """An open Socket to ws://host:port/path; its `served_by` is the handshake's X-Served-By."""
     loop = asyncio.get_running_loop()
     _, socket = await loop.create_connection(lambda: Socket(on_text), host, port)
     key = base64.b64encode(os.urandom(16)).decode()
     origin = origin or f"http://{host}:{port}"
+    protocol = f"Sec-WebSocket-Protocol: {subprotocol}\r\n" if subprotocol else ""
     socket.transport.write(
         f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nOrigin: {origin}\r\n\r\n".encode()
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nOrigin: {origin}\r\n{protocol}\r\n".encode()
     )
     await asyncio.wait_for(socket.handshake, 30)
     return socket
