@@ -1,12 +1,16 @@
 """A person chatting: Debian's chromium, driven by Playwright, through the compose ingress."""
 
 import asyncio
+import os
 import shutil
+import signal
 
 import pytest
 from playwright.async_api import async_playwright, expect
 
-from conftest import ROOT
+from conftest import ROOT, local_stack
+from loadtest.member import Member
+from test_rolling_restart import until
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
@@ -14,7 +18,7 @@ SCREENSHOTS = ROOT / "artifacts" / "browser"
 
 
 async def open_room(context, url, room):
-    """A room page whose socket is connected; returns it with the X-Served-By of its WebSocket handshake."""
+    """A room page whose socket is connected; returns it with the X-Served-By (host:pid) of its WebSocket handshake."""
     page = await context.new_page()
     cdp = await context.new_cdp_session(page)
     await cdp.send("Network.enable")
@@ -31,7 +35,7 @@ async def open_room(context, url, room):
     await expect(page.locator("#chat-status")).to_have_text("connected", timeout=20_000)
     await asyncio.wait_for(handshaken.wait(), 10)
     served_by = {key.lower(): value for key, value in handshakes[-1].items()}["x-served-by"]
-    return page, served_by.partition(":")[0]
+    return page, served_by
 
 
 async def test_two_pages_on_different_containers_chat_and_another_room_hears_nothing(compose_stack):
@@ -41,12 +45,14 @@ async def test_two_pages_on_different_containers_chat_and_another_room_hears_not
     async with async_playwright() as playwright:
         browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
         context = await browser.new_context(viewport={"width": 720, "height": 480})
-        alice, alice_container = await open_room(context, compose_stack.url, "browser-room")
+        alice, alice_served_by = await open_room(context, compose_stack.url, "browser-room")
+        alice_container = alice_served_by.partition(":")[0]
         # Round-robin counts every request: a page costs three (index, room, socket), so with three replicas
         # each page's socket would land on the same one. One more request moves bob's along; retry (bounded).
         for _ in range(6):
             await context.request.get(f"{compose_stack.url}/healthz")
-            bob, bob_container = await open_room(context, compose_stack.url, "browser-room")
+            bob, bob_served_by = await open_room(context, compose_stack.url, "browser-room")
+            bob_container = bob_served_by.partition(":")[0]
             if bob_container != alice_container:
                 break
             await bob.close()
@@ -66,3 +72,32 @@ async def test_two_pages_on_different_containers_chat_and_another_room_hears_not
         for name, page in (("alice", alice), ("bob", bob), ("carol", carol)):
             await page.screenshot(path=SCREENSHOTS / f"{name}.png")
         await browser.close()
+
+
+async def test_page_resumes_after_its_worker_restarts_and_shows_what_was_said_meanwhile():
+    """The make run topology: the worker serving a page is stopped while the page cannot reconnect."""
+    if not shutil.which(CHROMIUM):
+        pytest.skip("Debian's chromium is not installed: run `sudo docker/host-setup.sh`")
+    with local_stack(DRAIN_SECONDS="1") as stack:
+        async with async_playwright() as playwright:
+            browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+            context = await browser.new_context(viewport={"width": 720, "height": 480})
+            talker = await Member(stack["ws"], "restart-room").start()
+            await talker.say("before", nonce="b")
+            await until(lambda: not talker.pending, 10, "the first message")
+            page, served_by = await open_room(context, stack["url"], "restart-room")
+            await expect(page.locator("#chat-log")).to_have_value("before\n", timeout=10_000)  # recent history on open
+            await context.set_offline(True)  # the page cannot reconnect until we say so
+            os.kill(int(served_by.rpartition(":")[2]), signal.SIGTERM)
+            await expect(page.locator("#chat-status")).to_have_text("reconnecting…", timeout=20_000)
+            await page.fill("#chat-message-input", "typed while away")
+            await page.click("#chat-message-submit")
+            await talker.say("during the gap", nonce="d")
+            await until(lambda: not talker.pending, 10, "the message sent during the gap")
+            await context.set_offline(False)
+            await expect(page.locator("#chat-status")).to_have_text("resumed", timeout=30_000)
+            await expect(page.locator("#chat-log")).to_have_value("before\nduring the gap\ntyped while away\n", timeout=10_000)
+            await until(lambda: [t for *_, t in talker.messages].count("typed while away") == 1, 10, "the typed message once")
+            await page.screenshot(path=SCREENSHOTS / "resumed.png")
+            await talker.stop()
+            await browser.close()
