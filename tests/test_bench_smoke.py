@@ -16,14 +16,18 @@ def test_benchmark_smoke_writes_the_report_with_every_part():
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     out = ROOT / "artifacts" / "bench"
     report = json.loads((out / "report.json").read_text())
-    assert set(report["backends"]) == {"redis-cluster", "redis", "redis-pubsub", "ceiling"}
+    assert set(report["backends"]) == {"redis-cluster", "redis-cluster-nohistory", "redis", "redis-pubsub", "ceiling"}
     ours = report["backends"]["redis-cluster"]
     assert ours["sustainable"]["delivered_ratio"] == 1.0 and ours["big_room"]["delivered_ratio"] == 1.0
     assert ours["overload"]["counted_drops"] == ours["overload"]["expected"] - ours["overload"]["delivered"]
-    # One SPUBLISH per group_send, whatever else the connections do.
-    assert all(r["by_command"].get("spublish") == 1.0 for r in report["commands"].values() if r["layer"] == "redis-cluster")
+    # One command per group_send, whatever else the connections do: the history script, or SPUBLISH without history.
+    commands = report["commands"]
+    assert all(r["by_command"] == {"evalsha": 1.0} for k, r in commands.items() if k.startswith("redis-cluster/"))
+    assert all(r["by_command"] == {"spublish": 1.0} for k, r in commands.items() if k.startswith("redis-cluster-nohistory/"))
     assert report["memory"]["chat/wsproto"]["kib_per_socket"] is not None
-    assert [row["met"] for row in report["targets"]][1:3] == [True, True]  # no silent drop, one command per send
+    met = {row["target"]: row["met"] for row in report["targets"]}
+    assert met["no silent drop at 2x overload"] and met["one Redis command per group_send, whatever the room size"]
+    assert "room history on costs at most 10% of the sustainable rate with it off" in met
     assert set(report["server_settings"]) == {"wsproto/uvloop"}
     assert (out / "latency_vs_load.png").stat().st_size > 0 and (out / "commands_per_send.png").stat().st_size > 0
     assert "| this layer (Redis Cluster) |" in (out / "report.md").read_text()
