@@ -151,9 +151,11 @@ class Load:
 
     def send(self, step):
         _, sockets = random.choice(self.rooms)
-        sender = random.choice(sockets)
+        # A socket the server closed (4408: too slow) is owed nothing more; what it was not sent is counted.
+        members = [s for s in sockets if not s.closed.done()]
+        sender = random.choice(members)
         self.seq += 1
-        expected = len(sockets) if not self.local_only else sum(s.served_by == sender.served_by for s in sockets)
+        expected = len(members) if not self.local_only else sum(s.served_by == sender.served_by for s in members)
         self.expected[self.seq] = expected
         self.step_of[self.seq] = step
         sender.send_text(json.dumps({"message": f"{self.seq} {time.perf_counter():.6f}"}).encode())
@@ -243,6 +245,31 @@ async def step_up(load, label, args, repeats):
     return steps, sustainable
 
 
+async def history_cost(cluster, redis_port, args, backends):
+    """Room history against none: does the layer with history sustain 90% of the rate it sustains without?
+
+    The steps are coarse (12,000 to 15,000 is 80%), so when the steps leave it open, that rate is run as a
+    step of its own (the median of ``repeats`` runs).
+    """
+    off = (backends["redis-cluster-nohistory"].get("sustainable") or {}).get("offered_per_s")
+    on = (backends["redis-cluster"].get("sustainable") or {}).get("offered_per_s")
+    if not off:
+        return None
+    rate = int(off * 0.9)
+    if on and on >= rate:
+        return {"offered_per_s": rate, "passed": True, "measured_in": "the steps"}
+    stack = Stack("redis-cluster", cluster, redis_port, ws=args.ws)
+    load = Load(stack)
+    try:
+        await add_rooms(load, args)
+        steps, sustainable = await step_up(load, "redis-cluster (history) at 90% of history off",
+                                           argparse.Namespace(**{**vars(args), "steps": [rate]}), args.repeats)
+    finally:
+        load.close()
+        stack.close()
+    return {"offered_per_s": rate, "passed": sustainable is not None, "measured_in": "a step of its own", "step": steps[0]}
+
+
 async def add_rooms(load, args):
     """The throughput rooms; sockets per worker."""
     for index in range(args.rooms):
@@ -267,13 +294,15 @@ async def bench_backend(backend, cluster, redis_port, args):
             await load.run_step("profile", sustainable["offered_per_s"], args.step_seconds)
             result["profile"] = await profiling
         if sustainable and args.overload:
-            counted = ("channels_layer_overflow_total", "channels_layer_sequence_gaps_total")
-            before = [stack.metric(name) for name in counted] if backend == "redis-cluster" else []
+            counted = ("channels_layer_overflow_total", "channels_layer_sequence_gaps_total", "chat_messages_dropped_closing_total")
+            before = [stack.metric(name) for name in counted] if backend.startswith("redis-cluster") else []
             overload = await load.run_step("overload", 2 * sustainable["offered_per_s"], args.step_seconds, drain=10)
-            if backend == "redis-cluster":
-                # Overflow counts lost deliveries; a sequence gap counts a lost message (all its local members).
-                overload["counted_drops"], overload["sequence_gaps"] = (
-                    int(stack.metric(name) - value) for name, value in zip(counted, before))
+            if backend.startswith("redis-cluster"):
+                # Overflow and messages a closing socket did not write count lost deliveries; a sequence gap
+                # counts a lost message (all its local members).
+                overflow, overload["sequence_gaps"], unsent = (int(stack.metric(name) - value) for name, value in zip(counted, before))
+                overload["counted_drops"] = overflow + unsent
+                overload["closed_too_slow"] = int(stack.metric("chat_closed_too_slow_total"))
             result["overload"] = overload
             print(f"  {backend} overload: {overload}", flush=True)
         load.close()
@@ -482,11 +511,13 @@ def targets(report):
                         f"{overload.get('sequence_gaps')} messages counted as sequence gaps",
             "met": missing == overload.get("counted_drops"),
         })
-    without = rate("redis-cluster-nohistory")
+    without, check = rate("redis-cluster-nohistory"), report.get("history_cost") or {}
     rows.append({
         "target": "room history on costs at most 10% of the sustainable rate with it off",
-        "measured": f"{ours}/s with history against {without}/s without: {ours / without:.0%}" if ours and without else f"{ours} against {without}",
-        "met": bool(ours and without and ours >= 0.9 * without),
+        "measured": f"{ours}/s with history against {without}/s without in the steps; at 90% of it "
+                    f"({check.get('offered_per_s')}/s, measured in {check.get('measured_in')}) it "
+                    f"{'passes' if check.get('passed') else 'fails'}" if without else f"{ours} against {without}",
+        "met": bool(check.get("passed")),
     })
     ours_commands = [r["commands_per_send"] for r in report["commands"].values() if r["layer"].startswith("redis-cluster")]
     rows.append({
@@ -572,6 +603,9 @@ async def main(args):
         for backend in args.backends:
             print(f"{BACKENDS[backend]}:", flush=True)
             report["backends"][backend] = await bench_backend(backend, cluster, redis_port, args)
+        if {"redis-cluster", "redis-cluster-nohistory"} <= set(args.backends):
+            print("history cost:", flush=True)
+            report["history_cost"] = await history_cost(cluster, redis_port, args, report["backends"])
         print("commands per group_send:", flush=True)
         report["commands"] = await commands_per_send(cluster, redis_port, args)
         if args.server_settings:

@@ -2,9 +2,11 @@
 
 Every Locust process keeps a Ledger. Workers hand their new records to the master with each stats
 report (`drain`/`merge`); the master (or a lone local runner) computes the verdict at the end.
-A member is expected to receive a message when its socket joined the room before the message was
-sent and stayed at least `leave_grace` seconds after: the server adds a socket to its group before
-it accepts the handshake, so a socket that is open when a message is sent must get it.
+A member is expected to receive a message when it joined the room before the message was sent and
+stayed at least `leave_grace` seconds after: the server adds a socket to its group before it accepts
+the handshake, so a socket that is open when a message is sent must get it. A member that resumes
+(chat.v2 `since`/`epoch`) stays the same member across its sockets, so it is owed every message sent
+while it was away too.
 """
 
 import csv
@@ -16,6 +18,9 @@ from collections import defaultdict
 from pathlib import Path
 
 
+RECORDS = ("joins", "leaves", "sends", "receipts", "recoveries")
+
+
 class Ledger:
     """Records of one process: joins, leaves, sends and receipts."""
 
@@ -24,6 +29,7 @@ class Ledger:
         self.leaves = []  # (member, left_at)
         self.sends = []  # (nonce, room, sent_at, member)
         self.receipts = []  # (nonce, member, received_at)
+        self.recoveries = []  # (member, recovered): how each resume of a member ended
 
     def join(self, member, room, served_by):
         self.joins.append((member, room, time.time(), served_by))
@@ -37,15 +43,19 @@ class Ledger:
     def receive(self, nonce, member, received_at):
         self.receipts.append((nonce, member, received_at))
 
+    def recovered(self, member, recovered):
+        self.recoveries.append((member, recovered))
+
     def drain(self):
         """The records gathered since the last drain, as plain lists (for the report to the master)."""
-        records = {"joins": self.joins, "leaves": self.leaves, "sends": self.sends, "receipts": self.receipts}
-        self.joins, self.leaves, self.sends, self.receipts = [], [], [], []
+        records = {name: getattr(self, name) for name in RECORDS}
+        for name in RECORDS:
+            setattr(self, name, [])
         return records
 
     def merge(self, records):
         """Add a worker's drained records."""
-        for name in ("joins", "leaves", "sends", "receipts"):
+        for name in RECORDS:
             getattr(self, name).extend(tuple(record) for record in records.get(name, ()))
 
 
@@ -110,6 +120,8 @@ def verdict(ledger, leave_grace, max_p99_ms, ended_at=None):
         "delivered": delivered,
         "missing": expected - delivered,
         "duplicates": duplicates,
+        "resumes": len(ledger.recoveries),
+        "resumes_not_recovered": sum(not recovered for _, recovered in ledger.recoveries),
         "same_worker_deliveries": same,
         "cross_worker_deliveries": cross,
         "cross_worker_share": round(cross / delivered, 4) if delivered else 0.0,
@@ -163,6 +175,7 @@ def describe(summary):
         f"{summary['workers_serving_sockets']} workers",
         f"  deliveries expected {summary['deliveries_expected']}, delivered {summary['delivered']}, "
         f"missing {summary['missing']}, duplicates {summary['duplicates']}",
+        f"  resumes {summary['resumes']}, not recovered {summary['resumes_not_recovered']}",
         f"  cross-worker {summary['cross_worker_deliveries']} ({summary['cross_worker_share']:.1%}), "
         f"same-worker {summary['same_worker_deliveries']}",
         f"  latency ms p50 {ms(summary['latency_ms_p50'])} p95 {ms(summary['latency_ms_p95'])} "

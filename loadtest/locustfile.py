@@ -98,6 +98,7 @@ class ChatUser(User):
         self.weights = [1 / (k + 1) for k in range(self.rooms)] if options.room_distribution == "zipf" else None
         self.interval = options.message_interval
         self.socket = self.receiver = self.member = None
+        self.offset = self.epoch = None  # the last room message this member has, for a resume
         self.join(self.pick_room())
 
     def on_stop(self):
@@ -108,21 +109,26 @@ class ChatUser(User):
         return f"load-{index}"
 
     def join(self, room, name="join"):
-        """Open a socket in `room`; reported as a WSCONNECT request."""
+        """Open a socket in `room`; reported as a WSCONNECT request. A "resume" goes on as the same member."""
         target = urlsplit(self.host)
         self.room, started = room, time.perf_counter()
+        resuming = name == "resume" and self.epoch is not None
+        query = f"?since={self.offset}&epoch={self.epoch}" if resuming else ""
+        if not resuming:
+            self.offset = self.epoch = None
         try:
             self.socket = websocket.create_connection(
-                f"{'wss' if target.scheme == 'https' else 'ws'}://{target.netloc}/ws/chat/{room}/",
+                f"{'wss' if target.scheme == 'https' else 'ws'}://{target.netloc}/ws/chat/{room}/{query}",
                 subprotocols=["chat.v2"], origin=f"{target.scheme}://{target.netloc}", timeout=15,
             )
         except (websocket.WebSocketException, OSError) as error:
             self.socket = None
             self.report("WSCONNECT", name, started, error)
             return
-        self.member = uuid.uuid4().hex[:16]
         self.served_by = self.socket.getheaders().get("x-served-by", "?")
-        ledger.join(self.member, room, self.served_by)
+        if not resuming:
+            self.member = uuid.uuid4().hex[:16]
+            ledger.join(self.member, room, self.served_by)
         self.report("WSCONNECT", name, started)
         self.receiver = gevent.spawn(self.receive, self.socket, self.member)
 
@@ -130,6 +136,12 @@ class ChatUser(User):
         if self.socket is None:
             return
         ledger.leave(self.member)
+        self.drop()
+
+    def drop(self):
+        """Close the socket; the member stays in the room for the ledger (it resumes)."""
+        if self.socket is None:
+            return
         socket, self.socket = self.socket, None
         # The receiver stops reading first, so the close handshake has the socket to itself.
         self.receiver.kill(block=True)
@@ -144,7 +156,16 @@ class ChatUser(User):
                 frame = json.loads(socket.recv())
             except (websocket.WebSocketException, OSError, ValueError):
                 return
-            if frame.get("type") != "message" or "nonce" not in frame:
+            kind = frame.get("type")
+            if kind == "joined" and self.epoch is None or kind == "recovered":
+                self.offset, self.epoch = frame["offset"], frame["epoch"]
+                if kind == "recovered":
+                    ledger.recovered(member, frame["recovered"])
+            if kind != "message":
+                continue
+            if "offset" in frame:
+                self.offset, self.epoch = frame["offset"], frame["epoch"]
+            if "nonce" not in frame:
                 continue
             received_at = time.time()
             sent_at = float(frame["message"].partition(" ")[0])
@@ -203,7 +224,8 @@ class ChurnUser(ChatUser):
 
 
 class ReconnectStormUser(ChatUser):
-    """Chats in one room; every --storm-interval seconds of wall time all users drop and reconnect at once."""
+    """Chats in one room; every --storm-interval seconds of wall time all users drop and reconnect at once,
+    resuming where they were (chat.v2 since/epoch): owed everything said meanwhile."""
 
     @task
     def chat_through_storms(self):
@@ -212,5 +234,5 @@ class ReconnectStormUser(ChatUser):
         while time.time() < next_storm:
             self.say()
             gevent.sleep(min(self.random.uniform(0.5, 1.5) * self.interval, max(0.0, next_storm - time.time())))
-        self.leave()
-        self.join(self.room, name="reconnect")
+        self.drop()
+        self.join(self.room, name="resume")

@@ -119,3 +119,93 @@ class Member:
             await self.socket.close()
         if self.task is not None:
             await asyncio.wait_for(self.task, 10)
+
+
+async def until(condition, timeout, what):
+    """Wait for ``condition()`` to hold, checking every 50 ms; AssertionError after ``timeout`` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        assert loop.time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+class Conversation:
+    """A room that talks steadily while something happens to the servers: resuming (v2) members, plain
+    v1 members and one typing member; ``report()`` counts what each was owed and what it got."""
+
+    def __init__(self, base, room, resuming=16, plain=8, interval=0.02, origin=None):
+        self.members = [Member(base, room, origin=origin) for _ in range(resuming)]
+        self.plain = [Member(base, room, v2=False, origin=origin) for _ in range(plain)]
+        self.sender = Member(base, room, origin=origin)
+        self.interval = interval
+        self.typed = 0
+        self.stop_talking = asyncio.Event()
+        self.talking = None
+
+    async def start(self):
+        for member in (*self.members, *self.plain, self.sender):
+            await member.start()
+        self.talking = asyncio.ensure_future(self._talk())
+        return self
+
+    async def _talk(self):
+        while not self.stop_talking.is_set():
+            await self.sender.say(f"m{self.typed}", nonce=f"n{self.typed}")
+            self.typed += 1
+            await asyncio.sleep(self.interval)
+
+    async def typed_more(self, count, timeout=30):
+        """Return once ``count`` more messages were typed."""
+        target = self.typed + count
+        await until(lambda: self.typed >= target, timeout, f"{count} more messages")
+
+    async def finish(self, timeout=60):
+        """Stop typing; wait until the typed messages came back and every resuming member has the room's top."""
+        self.stop_talking.set()
+        await self.talking
+        await until(lambda: not self.sender.pending, timeout, "the typed messages to come back")
+        top = (self.sender.offset, self.sender.epoch)
+        await until(lambda: all((m.offset, m.epoch) == top for m in self.members), timeout, "every resuming member to reach the top")
+        await asyncio.sleep(0.5)  # a window for duplicates or v1 stragglers to show; nothing is awaited here
+        for member in (*self.members, *self.plain, self.sender):
+            await member.stop()
+
+    def report(self):
+        """What each kind of member was owed and got.
+
+        Owed: every typed message (members joined before the first). A resuming member whose stream was
+        not exact must have been told ``recovered: false``; ``silently_short`` counts those that were not.
+        """
+        typed = {f"m{n}" for n in range(self.typed)}
+        room = [text for *_, text in self.sender.messages]
+        exact = told = silent = duplicates = 0
+        for member in self.members:
+            texts = [text for *_, text in member.messages]
+            duplicates += len(texts) - len(set(texts))
+            if not all(member.recoveries):
+                told += 1
+            elif typed - set(texts) or not self._gapless(member):
+                silent += 1
+            else:
+                exact += 1
+        return {
+            "messages_typed": self.typed,
+            "typed_messages_in_the_room_once": sorted(room) == sorted(typed),
+            "lost_for_everyone": len(typed - set(room)),
+            "resuming_members": len(self.members),
+            "resuming_recovered_exactly": exact,
+            "resuming_told_not_recovered": told,
+            "resuming_silently_short": silent,
+            "resuming_duplicates": duplicates,
+            "resuming_reconnects": sum(m.connections - 1 for m in self.members),
+            "v1_members": len(self.plain),
+            "v1_missed": sum(len(typed - set(m.messages)) for m in self.plain),
+            "v1_reconnects": sum(m.connections - 1 for m in self.plain),
+        }
+
+    @staticmethod
+    def _gapless(member):
+        """Within each epoch, offsets follow on by one from where the member joined or resumed."""
+        offsets = member.offsets()
+        return offsets == list(range(member.joined_at + 1, member.joined_at + 1 + len(offsets)))

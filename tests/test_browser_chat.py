@@ -9,8 +9,7 @@ import pytest
 from playwright.async_api import async_playwright, expect
 
 from conftest import ROOT, local_stack
-from loadtest.member import Member
-from test_rolling_restart import until
+from loadtest.member import Member, until
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]

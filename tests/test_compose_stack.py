@@ -9,6 +9,8 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from conftest import ROOT
+from loadtest.member import Conversation
+from test_rolling_restart import save
 
 ROOM_TIMEOUT_S = 15
 
@@ -91,6 +93,33 @@ async def test_clients_of_a_stopped_container_reconnect_elsewhere_and_the_room_g
     await everyone_gets_everything([client for client, _ in joined], "after")
     for client, _ in joined:
         await client.close()
+
+
+async def test_every_chat_replica_restarted_in_turn_resuming_members_miss_nothing(compose_stack):
+    """`docker restart` of each chat container in turn, through the ingress, while a room talks."""
+    room = await Conversation(compose_stack.ws, "compose-rolling", resuming=12, plain=6, origin=compose_stack.url).start()
+    await room.typed_more(25)
+    replicas = compose_stack.containers("chat")
+    for container in replicas:
+        await asyncio.to_thread(compose_stack.run_docker, "restart", "--time", "30", container)
+        deadline = time.monotonic() + 90
+        while await asyncio.to_thread(health, container) != "healthy":
+            assert time.monotonic() < deadline, f"{container} did not become healthy again"
+            await asyncio.sleep(0.2)
+    await room.typed_more(50)
+    await room.finish()
+    report = room.report()
+    save("compose_restart", {"replicas_restarted": len(replicas), **report})
+    assert report["typed_messages_in_the_room_once"]
+    assert all(member.connections >= 2 for member in room.members), "every replica was restarted"
+    assert report["resuming_recovered_exactly"] == len(room.members)
+    assert report["resuming_duplicates"] == 0
+
+
+def health(container):
+    """The health status docker reports for ``container``."""
+    return subprocess.run(["docker", "inspect", "--format", "{{.State.Health.Status}}", container],
+                          capture_output=True, text=True).stdout.strip()
 
 
 def test_helm_test_script_runs_in_the_chat_image_against_the_stack(compose_stack):

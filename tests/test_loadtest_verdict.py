@@ -63,8 +63,18 @@ def test_records_travel_from_worker_to_master_and_are_saved(tmp_path):
     worker = ledger_of(JOINS, SENDS, [("n1", "a", 10.001), ("n1", "b", 10.002)])
     master = Ledger()
     master.merge(worker.drain())
-    assert worker.drain() == {"joins": [], "leaves": [], "sends": [], "receipts": []}
+    assert worker.drain() == {"joins": [], "leaves": [], "sends": [], "receipts": [], "recoveries": []}
     summary = verdict(master, 1.0, 100, ended_at=20)
     save(summary, tmp_path)
     assert (tmp_path / "verdict.csv").read_text().splitlines()[-1] == "TOTAL,1,2,2,0"
     assert '"passed": true' in (tmp_path / "verdict.json").read_text()
+
+
+def test_a_resumed_member_is_owed_what_was_said_while_it_was_away():
+    """A member that resumes keeps its join time: a message sent between its sockets is still owed."""
+    joins = [("a", "room", 1.0, "w1:1"), ("b", "room", 1.0, "w2:1")]
+    sends = [("away", "room", 5.0, "a")]  # b's socket was down at 5.0 and b resumed after
+    ledger = ledger_of(joins, sends, [("away", "a", 5.01)])
+    ledger.recovered("b", True)
+    summary = verdict(ledger, 1.0, 100, ended_at=20)
+    assert summary["missing"] == 1 and summary["resumes"] == 1 and summary["resumes_not_recovered"] == 0

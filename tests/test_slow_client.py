@@ -6,8 +6,7 @@ from urllib.parse import urlsplit
 
 from conftest import local_stack
 from loadtest import wsclient
-from loadtest.member import Member
-from test_rolling_restart import until
+from loadtest.member import Member, until
 
 MESSAGES = 800  # of 15,000 characters: more than the kernel's socket buffers (4 MiB here) and the backlog of 100 hold
 

@@ -202,6 +202,7 @@ class ChatConsumer(LayerPushMixin, AsyncWebsocketConsumer):
     async def chat_message(self, event):
         """A room message from the channel layer: v1 clients get the tutorial's frame, v2 clients more."""
         if self.closing:
+            metrics.DROPPED_CLOSING.inc()
             return
         if self.epoch is not None and OFFSET in event:
             offset = event[OFFSET]
