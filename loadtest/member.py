@@ -65,8 +65,9 @@ class Member:
                 pass
             finally:
                 self.socket = None
-            if self.close_codes and self.close_codes[-1] is not None and 4400 <= self.close_codes[-1] < 4500 and self.close_codes[-1] != 4408:
-                return  # refused for what it did: reconnecting would not help
+            code = self.close_codes[-1] if self.close_codes else None
+            if code is not None and 4400 <= code < 4500 and code != 4408:
+                return  # refused for what it did (4408 only says "too slow": resume)
             # Exponential backoff with full jitter, so a drained worker's clients spread out.
             await asyncio.sleep(random.uniform(0, delay))
             delay = min(delay * 2, self.backoff[1])

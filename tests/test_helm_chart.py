@@ -172,6 +172,16 @@ def test_pdb_and_hpa_with_slow_scale_down(default_objects):
     assert with_connections["spec"]["metrics"][1]["pods"]["metric"]["name"] == "chat_connections"
 
 
+def test_drain_fits_in_the_graceful_timeout_and_the_grace_period(default_objects):
+    """Sockets close over drainSeconds, inside gunicorn's graceful timeout, inside the pod's grace period."""
+    config = one(default_objects, "ConfigMap", "channels-chat")["data"]
+    pod = one(default_objects, "Deployment", "channels-chat")["spec"]["template"]["spec"]
+    pre_stop = int(pod["containers"][0]["lifecycle"]["preStop"]["exec"]["command"][-1])
+    assert int(config["DRAIN_SECONDS"]) < int(config["GRACEFUL_TIMEOUT"])
+    assert pod["terminationGracePeriodSeconds"] > pre_stop + int(config["GRACEFUL_TIMEOUT"])
+    assert int(config["CHAT_HISTORY_SIZE"]) > 0, "room history is on in every deployment"
+
+
 def test_helm_test_pod_checks_fanout_through_the_service(default_objects):
     pod = one(default_objects, "Pod", "test-fanout")
     assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
@@ -190,6 +200,7 @@ REFUSED = [
     (["--set", "httpRoute.enabled=true"], "httpRoute.enabled needs httpRoute.parentRefs"),
     (["--set", "redis.builtIn=false"], "redis.externalNodes must list"),
     (["--set", "ingress.enabled=true"], "ingress.enabled needs ingress.hosts"),
+    (["--set", "chat.drainSeconds=25"], "chat.drainSeconds must be below chat.gracefulTimeoutSeconds"),
     (["--set", "ingress.enabled=true", "--set", "ingress.hosts[0]=chat.example.com",
       "--set-string", "ingress.annotations.nginx\\.ingress\\.kubernetes\\.io/affinity=cookie"], "no affinity"),
 ]

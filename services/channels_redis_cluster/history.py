@@ -8,8 +8,8 @@ appends, trims and SPUBLISHes atomically, so the order on the shard channel is t
 The epoch changes whenever continuity may be lost: the hash is gone (expired, evicted, a node back
 empty), or another server process than the last writer runs the script (failover, restart, resharding).
 Un-replicated writes lost in a failover would otherwise hand their offsets out again under the same
-epoch. The previous epoch and the top it had here are kept, so a client that stopped at or below that
-top still resumes exactly.
+epoch. Each earlier epoch (up to 16) keeps the highest offset that is the same message in the current
+one, so a client that stopped at or below it still resumes exactly.
 """
 
 import fnmatch
@@ -20,6 +20,7 @@ from typing import NamedTuple
 # Entries start with their time in milliseconds, 13 ASCII digits. Both scripts first bring the group
 # up to date: create or rotate the epoch, and drop entries older than the age bound.
 _PROLOGUE = """
+local MAX_LINKS = 16
 local meta, log, keys = KEYS[1], KEYS[2], KEYS[3]
 local writer, fresh, now, age = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local state = redis.call('HMGET', meta, 'top', 'epoch', 'writer')
@@ -29,7 +30,19 @@ if not top then
   top, epoch, rotated = 0, fresh, 1
   redis.call('HSET', meta, 'top', 0, 'epoch', epoch, 'writer', writer)
 elseif state[3] ~= writer then
-  redis.call('HSET', meta, 'epoch', fresh, 'writer', writer, 'prev', epoch, 'fork', top)
+  -- Each earlier epoch keeps the highest offset that is the same message in the new one.
+  local fields = redis.call('HGETALL', meta)
+  local links, oldest, oldest_fork = 0, nil, nil
+  for i = 1, #fields, 2 do
+    if string.sub(fields[i], 1, 5) == 'link:' then
+      local fork = math.min(tonumber(fields[i + 1]), top)
+      redis.call('HSET', meta, fields[i], fork)
+      links = links + 1
+      if not oldest_fork or fork < oldest_fork then oldest, oldest_fork = fields[i], fork end
+    end
+  end
+  if links >= MAX_LINKS then redis.call('HDEL', meta, oldest) end
+  redis.call('HSET', meta, 'epoch', fresh, 'writer', writer, 'link:' .. epoch, top)
   epoch, rotated = fresh, 1
 end
 local cutoff = now - age
@@ -83,8 +96,7 @@ local from, recovered
 if not since then
   from, recovered = math.max(first, top - last + 1), 1
 else
-  local link, fork = redis.call('HMGET', meta, 'prev', 'fork'), nil
-  if link[1] and since_epoch == link[1] then fork = tonumber(link[2]) end
+  local fork = tonumber(redis.call('HGET', meta, 'link:' .. since_epoch))
   if since_epoch == epoch or (fork and since <= fork) then
     if since > top then
       from, recovered = top + 1, 0

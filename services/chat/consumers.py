@@ -62,6 +62,11 @@ def _frame(event, version, room, live=True):
     return text
 
 
+def _ignore_result(task):
+    if not task.cancelled():
+        task.exception()
+
+
 class ChatConsumer(LayerPushMixin, AsyncWebsocketConsumer):
     """Joins the room's group, relays client messages to it and group messages to the client."""
 
@@ -135,7 +140,7 @@ class ChatConsumer(LayerPushMixin, AsyncWebsocketConsumer):
         """
         found = await self.read_history(self.offset, self.epoch)
         if found is None:
-            return False
+            return
         metrics.CATCH_UPS.labels(str(found.recovered).lower()).inc()
         await self.send_history(found)
         if not found.recovered:
@@ -222,7 +227,8 @@ class ChatConsumer(LayerPushMixin, AsyncWebsocketConsumer):
             return
         self.closing = True
         metrics.CLOSED_TOO_SLOW.inc()
-        self._closer = asyncio.ensure_future(self.base_send({"type": "websocket.close", "code": CLOSE_TOO_SLOW}))
+        closer = self._closer = asyncio.ensure_future(self.base_send({"type": "websocket.close", "code": CLOSE_TOO_SLOW}))
+        closer.add_done_callback(_ignore_result)  # a client already gone needs no close
 
     async def refuse(self, bad, close):
         """Tell the client what was wrong: an error frame for v2, and a close code where asked."""

@@ -1,0 +1,94 @@
+"""Room history in the layer: offsets, bounds, idempotency, and epochs across a change of writing server."""
+
+import asyncio
+
+from channels_redis_cluster.layer import NUMBERED, _send_numbered
+
+
+async def send_as(layer, group, writer, body):
+    """group_send's script as another server process ``writer`` would run it (a promoted replica, a restart)."""
+    state = await layer._state()
+    channel = layer.keys.group_channel(group)
+    _, fresh, now, age = layer._history_args(layer.history.bound(group))
+    return await _send_numbered(state.publisher, layer.keys.group_history(group), writer, fresh, now, age,
+                                500, 60000, channel, state.frame(channel, kind=NUMBERED), layer.serialize(body), "")
+
+
+async def test_offsets_are_gapless_and_messages_carry_them(make_layer):
+    layer = make_layer(history_size=10)
+    channel = await layer.new_channel()
+    await layer.group_add("numbered", channel)
+    offsets = [await layer.group_send("numbered", {"type": "m", "n": n}) for n in range(3)]
+    assert offsets == [1, 2, 3]
+    got = [await layer.receive(channel) for _ in range(3)]
+    assert [m["__offset__"] for m in got] == [1, 2, 3] and len({m["__epoch__"] for m in got}) == 1
+    assert [m["n"] for m in got] == [0, 1, 2]
+
+
+async def test_history_off_delivers_messages_exactly_as_sent(make_layer):
+    layer = make_layer()
+    channel = await layer.new_channel()
+    await layer.group_add("plain", channel)
+    assert await layer.group_send("plain", {"type": "m"}) is None
+    assert await layer.receive(channel) == {"type": "m"}
+
+
+async def test_bounds_by_size_and_age_and_per_pattern(make_layer):
+    layer = make_layer(history_size=5, history_age=0.3, group_history={"big-*": {"size": 50}})
+    for n in range(8):
+        await layer.group_send("small", {"type": "m", "n": n})
+        await layer.group_send("big-one", {"type": "m", "n": n})
+    small = await layer.group_history("small", since=0, epoch=(await layer.group_history("small")).epoch)
+    assert [m["n"] for m in small.messages] == [3, 4, 5, 6, 7] and not small.recovered
+    assert len((await layer.group_history("big-one", last=50)).messages) == 8
+    await asyncio.sleep(0.35)  # past the age bound
+    aged = await layer.group_history("small", since=8, epoch=small.epoch)
+    assert aged.messages == [] and aged.recovered and aged.offset == 8, "nothing missed: exact with nothing to replay"
+    assert not (await layer.group_history("small", since=7, epoch=small.epoch)).recovered
+
+
+async def test_a_new_writer_rotates_the_epoch_and_clients_up_to_its_top_resume_exactly(make_layer):
+    layer = make_layer(history_size=100)
+    for n in range(5):
+        await layer.group_send("moved", {"type": "m", "n": n})
+    before = await layer.group_history("moved")
+    offset, _, rotated, _ = await send_as(layer, "moved", "another-server-process", {"type": "m", "n": 5})
+    assert (offset, rotated) == (6, 1)
+    # This layer's own server process reads next: a second rotation, and the first epoch still links.
+    after = await layer.group_history("moved", since=5, epoch=before.epoch)
+    assert after.recovered and after.epoch != before.epoch and [m["n"] for m in after.messages] == [5]
+    assert layer.stats["epoch_rotations"] >= 1
+
+
+async def test_writes_lost_in_a_failover_are_never_reused_under_the_same_epoch(make_layer):
+    """The promoted replica never got offsets 4-5: new messages take 4-5 again, under a new epoch."""
+    layer = make_layer(history_size=100)
+    for n in range(5):
+        await layer.group_send("lossy", {"type": "m", "n": n})
+    old = await layer.group_history("lossy")
+    state = await layer._state()
+    meta, log, _ = layer.keys.group_history("lossy")
+    await state.publisher.execute(meta.encode(), "HSET", meta, "top", 3)  # the replica's state: offsets 1-3
+    await state.publisher.execute(log.encode(), "LTRIM", log, 0, 2)
+    offset, epoch, rotated, _ = await send_as(layer, "lossy", "promoted-replica", {"type": "m", "n": "new"})
+    assert offset == 4 and rotated == 1 and epoch.decode() != old.epoch
+    saw_lost = await layer.group_history("lossy", since=5, epoch=old.epoch)
+    assert not saw_lost.recovered and [m["n"] for m in saw_lost.messages] == ["new"]
+    before_fork = await layer.group_history("lossy", since=2, epoch=old.epoch)
+    assert before_fork.recovered and [m["n"] for m in before_fork.messages] == [2, "new"]
+    assert {m["__epoch__"] for m in before_fork.messages} == {before_fork.epoch} and before_fork.epoch != old.epoch
+
+
+async def test_an_idempotency_key_is_published_once_within_the_window(make_layer):
+    layer = make_layer(history_size=3)
+    channel = await layer.new_channel()
+    await layer.group_add("once", channel)
+    assert await layer.group_send("once", {"type": "m", "n": 0}, idempotency_key="k") == 1
+    assert await layer.group_send("once", {"type": "m", "n": 0}, idempotency_key="k") == 1
+    assert layer.stats["duplicates_suppressed"] == 1
+    for n in range(1, 4):  # "k" leaves the window of 3
+        await layer.group_send("once", {"type": "m", "n": n})
+    assert await layer.group_send("once", {"type": "m", "n": 0}, idempotency_key="k") == 5
+    got = [(await layer.receive(channel))["__offset__"] for _ in range(5)]
+    assert got == [1, 2, 3, 4, 5]
+    assert layer.stats["sequence_gaps"] == 0, "the suppressed send counted no gap at the receiver"
