@@ -57,7 +57,8 @@ class LayerPushMixin:
             pass
         finally:
             layer.detach(self.channel_name)
-            if self._backlog is not None:
+            if self._backlog:
+                self.layer_messages_dropped(len(self._backlog))
                 self._backlog.clear()
 
     def _push(self, message):
@@ -74,6 +75,9 @@ class LayerPushMixin:
 
     def layer_backlog_full(self):
         """Called when a layer message is dropped because the backlog is full; the layer counts it as overflow."""
+
+    def layer_messages_dropped(self, count):
+        """Called with the number of layer messages still held back when the connection ended."""
 
     def _dispatch_in_order(self, messages):
         """Dispatch ``messages`` one after another; one that suspends holds back the rest until it is done."""

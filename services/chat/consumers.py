@@ -221,6 +221,10 @@ class ChatConsumer(LayerPushMixin, AsyncWebsocketConsumer):
         await self.send(text_data=_frame(event, self.version, self.room_name))
         metrics.MESSAGES_OUT.inc()
 
+    def layer_messages_dropped(self, count):
+        """Room messages held back behind a suspended write when the socket ended: not written, counted."""
+        metrics.DROPPED_CLOSING.inc(count)
+
     def layer_backlog_full(self):
         """The client reads slower than the room talks: close it with 4408 so it resumes instead of missing messages."""
         if self.closing:

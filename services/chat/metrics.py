@@ -12,7 +12,7 @@ CATCH_UPS = Counter(
     "chat_catch_ups_total", "Gaps or epoch changes in a live v2 stream filled from room history, by whether exactly", ["recovered"]
 )
 DROPPED_CLOSING = Counter(
-    "chat_messages_dropped_closing_total", "Room messages not written because their socket was closing (4408 or any close)"
+    "chat_messages_dropped_closing_total", "Room messages not written because their socket was closing or ended (4408 or any close)"
 )
 CLOSED_TOO_SLOW = Counter("chat_closed_too_slow_total", "Sockets closed with 4408 because their backlog was full")
 FANOUT_LATENCY = Histogram(
