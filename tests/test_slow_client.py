@@ -40,7 +40,11 @@ async def test_slow_client_is_closed_with_4408_then_resumes_without_loss():
         assert resumed.recoveries == [True]
         assert resumed.offsets() == list(range(offsets[-1] + 1, sender.offset + 1))
         with urllib.request.urlopen(f"{stack['url']}/metrics", timeout=5) as response:
-            metrics = response.read().decode()
-        assert "chat_closed_too_slow_total 1.0" in metrics
+            metrics = dict(line.rsplit(" ", 1) for line in response.read().decode().splitlines() if line[:1] != "#")
+        assert float(metrics["chat_closed_too_slow_total"]) == 1
+        # Every message the slow client was not written is counted: overflow, or held back when it closed.
+        not_written = sender.offset - offsets[-1]
+        counted = float(metrics["channels_layer_overflow_total"]) + float(metrics["chat_messages_dropped_closing_total"])
+        assert counted == not_written
         await resumed.stop()
         await sender.stop()
