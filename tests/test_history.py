@@ -2,16 +2,18 @@
 
 import asyncio
 
-from channels_redis_cluster.layer import NUMBERED, _send_numbered
+from channels_redis_cluster.layer import NUMBERED, WRITER, _send_numbered
 
 
-async def send_as(layer, group, writer, body):
-    """group_send's script as another server process ``writer`` would run it (a promoted replica, a restart)."""
+async def send_numbered(layer, group, body, writer=WRITER, channel=None):
+    """group_send's script run by hand: as another server process ``writer`` would run it (a promoted
+    replica, a restart), or publishing on ``channel`` instead of the group's (a publish nobody got)."""
     state = await layer._state()
-    channel = layer.keys.group_channel(group)
-    _, fresh, now, age = layer._history_args(layer.history.bound(group))
-    return await _send_numbered(state.publisher, layer.keys.group_history(group), writer, fresh, now, age,
-                                500, 60000, channel, state.frame(channel, kind=NUMBERED), layer.serialize(body), "")
+    channel = channel or layer.keys.group_channel(group)
+    bound = layer.history.bound(group)
+    _, fresh, now, age, keep = layer._history_args(bound)
+    return await _send_numbered(state.publisher, layer.keys.group_history(group), writer, fresh, now, age, keep,
+                                bound.size, channel, state.frame(channel, kind=NUMBERED), layer.serialize(body), "")
 
 
 async def test_offsets_are_gapless_and_messages_carry_them(make_layer):
@@ -52,7 +54,7 @@ async def test_a_new_writer_rotates_the_epoch_and_clients_up_to_its_top_resume_e
     for n in range(5):
         await layer.group_send("moved", {"type": "m", "n": n})
     before = await layer.group_history("moved")
-    offset, _, rotated, _ = await send_as(layer, "moved", "another-server-process", {"type": "m", "n": 5})
+    offset, _, rotated, _ = await send_numbered(layer, "moved", {"type": "m", "n": 5}, writer="another-server-process")
     assert (offset, rotated) == (6, 1)
     # This layer's own server process reads next: a second rotation, and the first epoch still links.
     after = await layer.group_history("moved", since=5, epoch=before.epoch)
@@ -70,7 +72,7 @@ async def test_writes_lost_in_a_failover_are_never_reused_under_the_same_epoch(m
     meta, log, _ = layer.keys.group_history("lossy")
     await state.publisher.execute(meta.encode(), "HSET", meta, "top", 3)  # the replica's state: offsets 1-3
     await state.publisher.execute(log.encode(), "LTRIM", log, 0, 2)
-    offset, epoch, rotated, _ = await send_as(layer, "lossy", "promoted-replica", {"type": "m", "n": "new"})
+    offset, epoch, rotated, _ = await send_numbered(layer, "lossy", {"type": "m", "n": "new"}, writer="promoted-replica")
     assert offset == 4 and rotated == 1 and epoch.decode() != old.epoch
     saw_lost = await layer.group_history("lossy", since=5, epoch=old.epoch)
     assert not saw_lost.recovered and [m["n"] for m in saw_lost.messages] == ["new"]

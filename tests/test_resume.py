@@ -7,6 +7,7 @@ from channels.layers import get_channel_layer
 from channels.testing import WebsocketCommunicator
 
 from conftest import ORIGIN, join
+from test_history import send_numbered
 
 
 async def say(client, count, prefix="m", nonce=False):
@@ -110,18 +111,12 @@ async def test_a_resent_nonce_reaches_the_room_once(application):
 
 
 async def test_a_gap_in_live_offsets_is_filled_from_history(application):
-    from channels_redis_cluster.layer import NUMBERED, _send_numbered
-
     layer = get_channel_layer()
     client = await join(application, "gap", v2=True)
     # A message kept in the history whose publish never reached this worker, as in a failover window.
-    state = await layer._state()
     lost = layer.keys.group_channel("chat_gap") + b":unsubscribed"  # same slot, no subscriber
-    await _send_numbered(
-        state.publisher, layer.keys.group_history("chat_gap"), *layer._history_args(layer.history.bound("chat_gap")),
-        20, 60000, lost, state.frame(lost, kind=NUMBERED),
-        layer.serialize({"type": "chat.message", "message": "unseen", "sent_at": 1.0, "sender": "x:1"}), "",
-    )
+    await send_numbered(layer, "chat_gap", {"type": "chat.message", "message": "unseen", "sent_at": 1.0, "sender": "x:1"},
+                        channel=lost)
     await say(client, 1, "after")
     got = await frames(client, 2)
     assert [(f["offset"], f["message"]) for f in got] == [(1, "unseen"), (2, "after0")]

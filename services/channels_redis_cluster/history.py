@@ -16,13 +16,26 @@ import fnmatch
 import re
 from typing import NamedTuple
 
+# Lists whose entries start with their expiry time in milliseconds (13 ASCII digits), oldest first:
+# channel queues and group histories.
+DROP_EXPIRED = """
+local function drop_expired(list, now)
+  while true do
+    local head = redis.call('LINDEX', list, 0)
+    if not head or tonumber(string.sub(head, 1, 13)) > now then break end
+    redis.call('LPOP', list)
+  end
+end
+"""
+
 # Keys of one group. KEYS[1]: the hash, KEYS[2]: the entries, KEYS[3]: the idempotency keys.
-# Entries start with their time in milliseconds, 13 ASCII digits. Both scripts first bring the group
-# up to date: create or rotate the epoch, and drop entries older than the age bound.
-_PROLOGUE = """
+# ARGV[1] the writer's run id, ARGV[2] an epoch if a new one is needed, ARGV[3] now (ms), ARGV[4] the
+# age bound (ms), ARGV[5] how long the hash outlives its last write (ms). Both scripts first bring the
+# group up to date: create or rotate the epoch, and drop expired entries.
+_PROLOGUE = DROP_EXPIRED + """
 local MAX_LINKS = 16
 local meta, log, keys = KEYS[1], KEYS[2], KEYS[3]
-local writer, fresh, now, age = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local writer, fresh, now, age, keep = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
 local state = redis.call('HMGET', meta, 'top', 'epoch', 'writer')
 local top, epoch, rotated = tonumber(state[1]), state[2], 0
 if not top then
@@ -45,19 +58,13 @@ elseif state[3] ~= writer then
   redis.call('HSET', meta, 'epoch', fresh, 'writer', writer, 'link:' .. epoch, top)
   epoch, rotated = fresh, 1
 end
-local cutoff = now - age
-while true do
-  local head = redis.call('LINDEX', log, 0)
-  if not head or tonumber(string.sub(head, 1, 13)) > cutoff then break end
-  redis.call('LPOP', log)
-end
+drop_expired(log, now)
 """
 
-# ARGV[5] size, ARGV[6] ms the hash outlives its last write, ARGV[7] shard channel, ARGV[8] frame
-# prefix (sender, sequence number, kind), ARGV[9] body, ARGV[10] idempotency key or ''.
-# Returns {offset, epoch, rotated, duplicate}.
+# ARGV[6] size, ARGV[7] shard channel, ARGV[8] frame prefix (sender, sequence number, kind), ARGV[9]
+# body, ARGV[10] idempotency key or ''. Returns {offset, epoch, rotated, duplicate}.
 SEND_SCRIPT = _PROLOGUE + """
-local size, keep, channel, prefix, body, key = tonumber(ARGV[5]), ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10]
+local size, channel, prefix, body, key = tonumber(ARGV[6]), ARGV[7], ARGV[8], ARGV[9], ARGV[10]
 if key ~= '' then
   local seen = redis.call('ZSCORE', keys, key)
   if seen then
@@ -68,7 +75,7 @@ if key ~= '' then
 end
 top = top + 1
 redis.call('HSET', meta, 'top', top)
-redis.call('RPUSH', log, string.format('%013d', now) .. body)
+redis.call('RPUSH', log, string.format('%013d', now + age) .. body)
 local length = redis.call('LLEN', log)
 if length > size then
   redis.call('LTRIM', log, length - size, -1)
@@ -85,12 +92,11 @@ redis.call('SPUBLISH', channel, prefix .. epoch .. string.format('%016d', top) .
 return {top, epoch, rotated, 0}
 """
 
-# ARGV[5] ms the hash outlives its last write, ARGV[6] since ('' for a fresh join), ARGV[7] the epoch
-# of since, ARGV[8] how many of the latest entries a fresh join wants.
-# Returns {top, epoch, first offset returned, recovered, rotated, entries}.
+# ARGV[6] since ('' for a fresh join), ARGV[7] the epoch of since, ARGV[8] how many of the latest
+# entries a fresh join wants. Returns {top, epoch, first offset returned, recovered, rotated, entries}.
 READ_SCRIPT = _PROLOGUE + """
 local since, since_epoch, last = tonumber(ARGV[6]), ARGV[7], tonumber(ARGV[8])
-if rotated == 1 then redis.call('PEXPIRE', meta, ARGV[5]) end
+if rotated == 1 then redis.call('PEXPIRE', meta, keep) end
 local first = top - redis.call('LLEN', log) + 1
 local from, recovered
 if not since then

@@ -24,14 +24,10 @@ logger = logging.getLogger(__name__)
 
 # Normal-channel push: drop expired heads, refuse at capacity, append, refresh the key's TTL.
 # Each entry starts with its expiry time in milliseconds, 13 ASCII digits.
-PUSH_SCRIPT = """
+PUSH_SCRIPT = history.DROP_EXPIRED + """
 local key = KEYS[1]
 local now = tonumber(ARGV[1])
-while true do
-  local head = redis.call('LINDEX', key, 0)
-  if not head or tonumber(string.sub(head, 1, 13)) > now then break end
-  redis.call('LPOP', key)
-end
+drop_expired(key, now)
 if redis.call('LLEN', key) >= tonumber(ARGV[2]) then return 0 end
 redis.call('RPUSH', key, ARGV[4])
 redis.call('PEXPIRE', key, ARGV[3])
@@ -499,8 +495,7 @@ class RedisClusterChannelLayer(BaseChannelLayer):
                 await state.publish(channel, self.serialize(message))
                 return None
             offset, _, rotated, duplicate = await _send_numbered(
-                state.publisher, self.keys.group_history(group), *self._history_args(bound),
-                bound.size, int(max(bound.age, self.group_expiry) * 1000), channel,
+                state.publisher, self.keys.group_history(group), *self._history_args(bound), bound.size, channel,
                 state.frame(channel, kind=NUMBERED), self.serialize(message), idempotency_key or "",
             )
         except RETRYABLE:
@@ -524,7 +519,6 @@ class RedisClusterChannelLayer(BaseChannelLayer):
         try:
             top, current, first, recovered, rotated, entries = await _read_history(
                 state.publisher, self.keys.group_history(group), *self._history_args(bound),
-                int(max(bound.age, self.group_expiry) * 1000),
                 "" if since is None else int(since), epoch or "", int(last),
             )
         except RETRYABLE:
@@ -540,10 +534,13 @@ class RedisClusterChannelLayer(BaseChannelLayer):
             messages.append(message)
         return history.GroupHistory(messages, top, current, bool(recovered))
 
-    @staticmethod
-    def _history_args(bound):
-        """The arguments every history script starts with: writer, a new epoch if one is needed, now, age."""
-        return WRITER, secrets.token_hex(history.EPOCH_CHARS // 2), int(time.time() * 1000), int(bound.age * 1000)
+    def _history_args(self, bound):
+        """The arguments every history script starts with: writer, a new epoch if one is needed, now, the
+        age bound, and how long the top and epoch outlive the last write (so a client that missed
+        nothing resumes exactly after a quiet spell)."""
+        age = int(bound.age * 1000)
+        return (WRITER, secrets.token_hex(history.EPOCH_CHARS // 2), int(time.time() * 1000), age,
+                max(age, int(self.group_expiry * 1000)))
 
     # Extensions
 
