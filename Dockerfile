@@ -43,10 +43,12 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     DJANGO_SETTINGS_MODULE=chatsite.settings \
     BIND=0.0.0.0:8000 \
+    OPS_BIND=0.0.0.0:9000 \
     WEB_CONCURRENCY=2 \
     GRACEFUL_TIMEOUT=25
 WORKDIR /app
 USER 10001:10001
-EXPOSE 8000
+# 8000 is public; 9000 serves /healthz, /readyz and /metrics to probes and Prometheus only.
+EXPOSE 8000 9000
 HEALTHCHECK --interval=10s --timeout=4s --start-period=30s --retries=3 CMD ["python", "-m", "chatsite.probe", "/healthz"]
 ENTRYPOINT ["gunicorn", "--config", "python:chatsite.gunicorn_conf", "chatsite.asgi:application"]

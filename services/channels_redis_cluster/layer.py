@@ -553,12 +553,9 @@ class RedisClusterChannelLayer(BaseChannelLayer):
         members = await state.publisher.execute(key.encode(), "ZRANGEBYSCORE", key, cutoff, "+inf")
         return [member.decode() for member in members]
 
-    async def ping(self):
-        """Raise unless every primary answers and every subscription is in place."""
-        state = await self._state()
-        await state.cluster.execute_command("PING", target_nodes=RedisCluster.PRIMARIES)
-        if not state.subscriber.settled:
-            raise ConnectionError("shard subscriptions are being moved")
+    async def ready(self):
+        """Raise unless this process holds the cluster's slot map; other primaries' health is not asked."""
+        await self._state()
 
     async def flush(self):
         """Delete every key of this prefix in the cluster and forget local channels and groups."""

@@ -10,6 +10,9 @@ django_asgi_app = get_asgi_application()
 from channels.routing import ProtocolTypeRouter  # noqa: E402
 
 from chat.routing import WebsocketRouter  # noqa: E402
+from chatsite.health import OpsPortSplit, ops_port  # noqa: E402
 from chatsite.served_by import ServedByMiddleware  # noqa: E402
 
-application = ServedByMiddleware(ProtocolTypeRouter({"http": django_asgi_app, "websocket": WebsocketRouter()}))
+application = ServedByMiddleware(
+    OpsPortSplit(ProtocolTypeRouter({"http": django_asgi_app, "websocket": WebsocketRouter()}), ops_port())
+)

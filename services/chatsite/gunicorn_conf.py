@@ -11,7 +11,8 @@ metrics_dir = os.environ.setdefault(
     "PROMETHEUS_MULTIPROC_DIR", os.path.join(tempfile.gettempdir(), f"chat-metrics-{os.getpid()}")
 )
 
-bind = os.environ.get("BIND", "0.0.0.0:8000")
+# The public port, and the internal one of /healthz, /readyz and /metrics when OPS_BIND is set.
+bind = [os.environ.get("BIND", "0.0.0.0:8000"), *filter(None, [os.environ.get("OPS_BIND")])]
 workers = int(os.environ.get("WEB_CONCURRENCY", "3"))
 worker_class = "chatsite.worker.ChatUvicornWorker"
 # Time given to open WebSockets to close after SIGTERM before workers are killed.

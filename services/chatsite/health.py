@@ -1,4 +1,4 @@
-"""Liveness, readiness and Prometheus metrics."""
+"""Liveness, readiness and Prometheus metrics, and the internal port they are served on."""
 
 import asyncio
 import logging
@@ -11,7 +11,43 @@ from prometheus_client import REGISTRY, multiprocess
 
 logger = logging.getLogger(__name__)
 READY_TIMEOUT = 2.0
+OPS_PATHS = ("/healthz", "/readyz", "/metrics")
 draining = False
+
+
+def ops_port():
+    """The internal port of OPS_BIND (host:port), or None when these endpoints share the public port."""
+    bind = os.environ.get("OPS_BIND", "")
+    return int(bind.rpartition(":")[2]) if bind else None
+
+
+class OpsPortSplit:
+    """ASGI middleware: with OPS_BIND set, OPS_PATHS answer only on its port and nothing else does there.
+
+    Routes and ingresses reach only the public port, so probes and metrics stay inside the cluster.
+    """
+
+    def __init__(self, app, port):
+        self.app, self.port = app, port
+
+    async def __call__(self, scope, receive, send):
+        if self.port is None or scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        on_ops_port = (scope.get("server") or (None, None))[1] == self.port
+        if (scope["path"] in OPS_PATHS) == on_ops_port:
+            return await self.app(scope, receive, send)
+        if scope["type"] == "websocket":
+            return await send({"type": "websocket.close", "code": 1008, "reason": "not on this port"})
+        await send({"type": "http.response.start", "status": 404, "headers": [(b"content-type", b"text/plain")]})
+        await send({"type": "http.response.body", "body": b"not found on this port\n"})
+
+
+def connect_in_background():
+    """Start this worker's channel layer at boot, so readiness reflects a connection made then."""
+    ready = getattr(get_channel_layer(), "ready", None)
+    if ready is not None:
+        # A failure here is retried by the next readiness probe, which reports it.
+        asyncio.ensure_future(ready()).add_done_callback(lambda task: task.cancelled() or task.exception())
 
 
 def start_draining():
@@ -26,17 +62,20 @@ async def healthz(request):
 
 
 async def readyz(request):
-    """Ready unless draining or the channel layer is unreachable."""
+    """Ready unless draining or this process never reached the cluster.
+
+    Deliberately not a ping of every primary: one primary failing over would then empty the Service of
+    every pod at once. Redis trouble shows in the layer's metrics and alerts instead.
+    """
     if draining:
         return HttpResponse("draining\n", status=503, content_type="text/plain")
-    layer = get_channel_layer()
-    ping = getattr(layer, "ping", None)
-    if ping is not None:
+    ready = getattr(get_channel_layer(), "ready", None)
+    if ready is not None:
         try:
-            await asyncio.wait_for(ping(), READY_TIMEOUT)
+            await asyncio.wait_for(ready(), READY_TIMEOUT)
         except Exception as exc:  # noqa: BLE001 - any failure means not ready
-            logger.warning("not ready: channel layer unreachable: %r", exc)
-            return HttpResponse("channel layer unreachable\n", status=503, content_type="text/plain")
+            logger.warning("not ready: channel layer not connected: %r", exc)
+            return HttpResponse("channel layer not connected\n", status=503, content_type="text/plain")
     return HttpResponse("ready\n", content_type="text/plain")
 
 

@@ -7,7 +7,7 @@ import sys
 
 def main(path="/healthz"):
     """Ask this container's own server for `path`; the exit status is the verdict."""
-    port = os.environ.get("BIND", "0.0.0.0:8000").rpartition(":")[2]
+    port = (os.environ.get("OPS_BIND") or os.environ.get("BIND", "0.0.0.0:8000")).rpartition(":")[2]
     connection = http.client.HTTPConnection("127.0.0.1", int(port), timeout=3)
     try:
         connection.request("GET", path, headers={"Host": "localhost"})

@@ -87,7 +87,8 @@ def main():
         cluster.start()
         url = f"http://{args.host}:{args.port}"
         workers = start_workers(stack_env(cluster, f"{args.host}:{args.port}", args.workers))
-        wait_ready(url, workers)
+        # With OPS_BIND set (as in deployments) readiness answers on that internal port only.
+        wait_ready(f"http://{os.environ['OPS_BIND']}" if os.environ.get("OPS_BIND") else url, workers)
         print(f"\n  chat is ready: {url}/chat/  ({args.workers} workers; Ctrl-C stops everything)\n", flush=True)
         workers.wait()
         print(f"gunicorn exited with status {workers.returncode}", file=sys.stderr)

@@ -1,11 +1,17 @@
 #!/bin/sh
-# Starts one Redis Cluster node that announces its DNS name (REDIS_ANNOUNCE_HOSTNAME, default the host
-# name) to clients. Containers and pods get new IPs when they are recreated, so the peers' addresses in
-# nodes.conf are refreshed from DNS first; a peer not resolvable yet keeps its old address and is
-# corrected by gossip once it pings this node. Used by compose.yaml and the Helm chart alike.
+# Starts one Redis Cluster node and, beside it, redis-cluster.sh, which forms the cluster or brings this
+# node back into it. Used by compose.yaml and the Helm chart alike; no other job forms or repairs the cluster.
+#
+# Environment: REDIS_NODES (every node, host:port, the creator first), REDIS_ANNOUNCE_HOSTNAME (default
+# the host name), REDIS_PASSWORD, REDIS_APPENDONLY (yes keeps the data set on /data), REDIS_MAXMEMORY,
+# CLUSTER_NODE_TIMEOUT_MS, and for placement NODE_NAME and NODE_ZONE (see redis-cluster.sh).
 set -eu
+here="$(dirname "$0")"
 conf=/data/nodes.conf
+
 if [ -s "$conf" ]; then
+  # Containers and pods get new IPs when they are recreated: the peers' addresses are refreshed from DNS;
+  # a peer not resolvable yet keeps its old address and is corrected by gossip once it pings this node.
   awk '$1 != "vars" && NF > 2 {
     split($2, addr, ",")
     lookup = "getent hosts " addr[2]
@@ -16,18 +22,54 @@ if [ -s "$conf" ]; then
     close(lookup)
   } { print }' "$conf" >"$conf.new"
   mv "$conf.new" "$conf"
+
+  # A primary that restarts without its data set (no AOF, or the AOF lost) would come back serving its
+  # slots empty, and its replica would copy the empty set. It starts as a new node instead: its old id
+  # fails over to the replica, and redis-cluster.sh makes this node that replica's replica.
+  if [ "${REDIS_APPENDONLY:-yes}" != yes ] || [ ! -d /data/appendonlydir ]; then
+    if awk '$3 ~ /myself/ && $3 ~ /master/ && NF > 8 { found = 1 } END { exit !found }' "$conf"; then
+      echo "redis-node: this primary lost its data set; it rejoins as a new node so its replica keeps the data"
+      mv "$conf" "$conf.lost"
+      rm -f /data/cluster-ready
+    fi
+  fi
 fi
-exec redis-server \
+
+# The password reaches the server on its standard input, never on a command line.
+quoted() { printf '"%s"' "$(printf '%s' "$1" | sed 's/[\\"]/\\&/g')"; }
+if [ -n "${REDIS_PASSWORD:-}" ]; then
+  export REDISCLI_AUTH="$REDIS_PASSWORD"
+  secrets="requirepass $(quoted "$REDIS_PASSWORD")
+masterauth $(quoted "$REDIS_PASSWORD")"
+else
+  secrets=""
+fi
+
+printf '%s\n' "$secrets" | redis-server - \
   --port 6379 \
   --bind 0.0.0.0 \
   --protected-mode no \
+  --dir /data \
   --cluster-enabled yes \
   --cluster-config-file "$conf" \
   --cluster-node-timeout "${CLUSTER_NODE_TIMEOUT_MS:-5000}" \
   --cluster-announce-hostname "${REDIS_ANNOUNCE_HOSTNAME:-$(hostname)}" \
   --cluster-preferred-endpoint-type hostname \
-  --appendonly no \
+  --cluster-allow-replica-migration no \
+  --appendonly "${REDIS_APPENDONLY:-yes}" \
+  --appendfsync everysec \
   --save "" \
   --maxmemory "${REDIS_MAXMEMORY:-256mb}" \
-  --maxmemory-policy noeviction \
-  ${REDIS_PASSWORD:+--requirepass "$REDIS_PASSWORD" --masterauth "$REDIS_PASSWORD"}
+  --maxmemory-policy noeviction &
+server=$!
+# Replica placement and orphans are handled by redis-cluster.sh, which knows where each node runs.
+trap 'kill -TERM "$server" 2>/dev/null' TERM INT
+sh "$here/redis-cluster.sh" keep &
+keeper=$!
+status=0
+# `wait` returns early when a trapped signal arrives; the server's own exit status is the container's.
+while kill -0 "$server" 2>/dev/null; do
+  wait "$server" || status=$?
+done
+kill "$keeper" 2>/dev/null || true
+exit "$status"

@@ -1,0 +1,148 @@
+#!/bin/sh
+# Keeps one node in the Redis Cluster: `keep` runs beside the server (redis-node.sh starts it) and
+# `ready` is the node's readiness check. Every REPAIR_INTERVAL_S seconds `keep` applies these rules:
+# - A node alone joins the cluster its peers are in. When every peer answers and none is in a cluster,
+#   the first node of REDIS_NODES creates it, with the first half of the nodes as primaries.
+# - A member primary that serves no slots (it just joined, or lost its data) becomes the replica of the
+#   primary with the fewest replicas that runs elsewhere (another NODE_NAME and, where set, NODE_ZONE).
+# - A replica running where its primary runs moves to a primary that runs elsewhere; a primary left
+#   without a replica takes one from a primary that has two. A replica whose primary came back empty
+#   under a new id takes over its slots.
+# - The old id of a node that came back under a new id is forgotten by every node.
+# Placement travels in the cluster itself: one key per node, all in one slot, read with one MGET.
+set -u
+self="${REDIS_ANNOUNCE_HOSTNAME:-$(hostname)}"
+hosts="$(echo "${REDIS_NODES:?host:port of every node, the creator first}" | tr ',' ' ' | sed 's/:[0-9]*//g')"
+placement="$(echo "${NODE_NAME:-} ${NODE_ZONE:-}" | sed 's/^ *$//')"
+placement_prefix="{redis-cluster}:placement:"
+[ -n "${REDIS_PASSWORD:-}" ] && export REDISCLI_AUTH="$REDIS_PASSWORD"
+
+log() { echo "redis-cluster: $*"; }
+cli() { cli_host="$1"; shift; timeout 5 redis-cli -h "$cli_host" -p 6379 "$@" 2>/dev/null | tr -d '\r'; }
+info() { cli "$1" cluster info | sed -n "s/^$2://p"; }
+alone() { [ "$(info "$1" cluster_known_nodes)" = 1 ] && [ "$(info "$1" cluster_slots_assigned)" = 0 ]; }
+address() { getent hosts "$1" | awk '{ print $1; exit }'; }
+# True when this node holds a role: a primary serving slots or a replica.
+member() { cli 127.0.0.1 cluster nodes | awk '$3 ~ /myself/ && ($3 ~ /slave/ || NF > 8) { f = 1 } END { exit !f }'; }
+
+join_or_create() {
+  for host in $hosts; do
+    [ "$host" = "$self" ] && continue
+    if [ -n "$(info "$host" cluster_known_nodes)" ] && ! alone "$host"; then
+      cli 127.0.0.1 cluster meet "$(address "$host")" 6379 >/dev/null && log "met the cluster through $host"
+      return
+    fi
+  done
+  [ "$self" = "${hosts%% *}" ] || return
+  for host in $hosts; do
+    alone "$host" || return  # a peer that does not answer yet, or one already in a cluster: wait
+  done
+  count=$(echo $hosts | wc -w)
+  primaries=""
+  for host in $(echo $hosts | cut -d' ' -f1-$((count / 2))); do
+    primaries="$primaries $(address "$host"):6379"
+  done
+  log "creating the cluster with primaries$primaries; the other nodes join as replicas"
+  redis-cli --cluster create $primaries --cluster-replicas 0 --cluster-yes
+}
+
+# The node id this node should replicate, or nothing: MODE is adopt (a primary without slots) or
+# rebalance (a replica). Reads CLUSTER NODES on stdin; PLACES holds "host<TAB>placement" lines.
+choose() {
+  awk -v mode="$1" -v me="$placement" -v places="$2" '
+    function apart(a, b,  x, y) {
+      split(a, x, " "); split(b, y, " ")
+      return !((x[1] != "" && x[1] == y[1]) || (x[2] != "" && x[2] == y[2]))
+    }
+    BEGIN { n = split(places, lines, "\n"); for (i = 1; i <= n; i++) { split(lines[i], kv, "\t"); at[kv[1]] = kv[2] } }
+    {
+      split($2, addr, ","); healthy = $3 !~ /fail|noaddr|handshake/
+      if ($3 ~ /myself/) { myid = $1; mymaster = $4 }
+      if ($3 ~ /master/ && NF > 8 && healthy) { primary[$1] = 1; far[$1] = apart(me, at[addr[2]]); replicas[$1] += 0 }
+      if ($3 ~ /slave/ && healthy) { replicas[$4]++; if (!($4 in lowest) || $1 < lowest[$4]) lowest[$4] = $1 }
+    }
+    END {
+      best = ""
+      for (id in primary) {
+        if (id == mymaster) continue
+        if (best == "" || far[id] > far[best] || (far[id] == far[best] && replicas[id] < replicas[best])) best = id
+      }
+      # A replica stays with a primary in trouble: it is the one that takes over.
+      if (best == "" || (mode == "rebalance" && !(mymaster in primary))) exit
+      if (mode == "adopt") print best
+      else if (!far[mymaster] && far[best]) print best
+      else if (replicas[mymaster] >= 2 && lowest[mymaster] == myid && replicas[best] == 0 && far[best]) print best
+    }'
+}
+
+# Placement of every node as "host<TAB>placement" lines, after publishing this node's own.
+places() {
+  [ -n "$placement" ] || return 0
+  cli 127.0.0.1 -c set "$placement_prefix$self" "$placement" >/dev/null
+  keys=""
+  for host in $hosts; do keys="$keys $placement_prefix$host"; done
+  i=0
+  cli 127.0.0.1 -c mget $keys | while IFS= read -r value; do
+    i=$((i + 1))
+    printf '%s\t%s\n' "$(echo $hosts | cut -d' ' -f$i)" "$value"
+  done
+}
+
+forget_dead() {
+  echo "$1" | awk '
+    { split($2, addr, ","); host[$1] = addr[2] }
+    $3 ~ /fail[^?]|fail$|noaddr/ && NF <= 8 { dead[$1] = addr[2] }
+    $3 !~ /fail|noaddr|handshake/ { live[addr[2]] = $1 }
+    END { for (id in dead) if (dead[id] in live) print id }' | while read -r id; do
+    log "forgetting $id: its host name answers with another id now"
+    for host in $(echo "$1" | awk '$3 !~ /fail|noaddr|handshake/ { split($2, a, ","); print a[2] }'); do
+      [ "$host" = "$self" ] && host=127.0.0.1
+      cli "$host" cluster forget "$id" >/dev/null
+    done
+  done
+}
+
+step() {
+  if alone 127.0.0.1; then join_or_create; return; fi
+  table="$(cli 127.0.0.1 cluster nodes)"
+  [ -n "$table" ] || return
+  forget_dead "$table"
+  mode=""
+  echo "$table" | awk '$3 ~ /myself/ && $3 ~ /master/ && NF <= 8 { f = 1 } END { exit !f }' && mode=adopt
+  echo "$table" | grep -q 'myself,slave' && mode=rebalance
+  [ -n "$mode" ] || return 0
+  # Redis fails over a primary it cannot reach, but not one whose address now answers with another id
+  # (it restarted empty as a new node): nothing pings a node without an address, so it never fails.
+  if [ "$mode" = rebalance ] && echo "$table" | awk -v id="$(echo "$table" | awk '$3 ~ /myself/ { print $4 }')" \
+      '$1 == id && $3 ~ /noaddr/ && NF > 8 { f = 1 } END { exit !f }'; then
+    log "my primary lost its address to a new node: taking over its slots"
+    cli 127.0.0.1 cluster failover force
+    return
+  fi
+  target="$(echo "$table" | choose "$mode" "$(places)")"
+  if [ -n "$target" ]; then
+    log "replicating $target ($mode)"
+    cli 127.0.0.1 cluster replicate "$target"
+  fi
+}
+
+case "${1:-}" in
+  keep)
+    until [ "$(cli 127.0.0.1 ping)" = PONG ]; do sleep 1; done
+    while :; do
+      step
+      sleep "${REPAIR_INTERVAL_S:-5}"
+    done
+    ;;
+  ready)
+    # Ready once this node has been a member of a whole cluster: later trouble elsewhere in the cluster
+    # (a primary failing over) must not take every node out of its Service at once.
+    [ "$(cli 127.0.0.1 ping)" = PONG ] || exit 1
+    [ -e /data/cluster-ready ] && exit 0
+    [ "$(info 127.0.0.1 cluster_state)" = ok ] && member && touch /data/cluster-ready
+    ;;
+  *)
+    echo "usage: $0 keep|ready" >&2
+    exit 2
+    ;;
+esac

@@ -1,0 +1,77 @@
+"""Readiness of a chat worker: its own state on an internal port, not the health of every primary."""
+
+import asyncio
+import json
+import os
+import signal
+import time
+import urllib.error
+import urllib.request
+
+import redis
+from websockets.asyncio.client import connect
+
+from conftest import free_port, local_stack
+
+
+def status(url):
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def primaries(ports):
+    """Ports of the cluster's primaries that serve slots, as the first node sees them."""
+    nodes = redis.Redis(port=ports[0]).execute_command("CLUSTER NODES")
+    return [int(address.split("@")[0].rpartition(":")[2]) for address, node in nodes.items()
+            if "master" in node["flags"] and "fail" not in node["flags"] and node["slots"]]
+
+
+def pid_listening(port):
+    """The pid of the Redis server of `port` (its process title names the port)."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
+                    if f":{port} ".encode() in cmdline.read().replace(b"\0", b" ") + b" ":
+                        return int(entry)
+            except OSError:
+                continue
+    raise LookupError(port)
+
+
+def test_operational_endpoints_answer_only_on_the_internal_port():
+    ops_port = free_port()
+    with local_stack(OPS_BIND=f"127.0.0.1:{ops_port}") as stack:
+        ops = f"http://127.0.0.1:{ops_port}"
+        assert [status(f"{stack['url']}{path}") for path in ("/healthz", "/readyz", "/metrics")] == [404] * 3
+        assert status(f"{stack['url']}/chat/") == 200
+        assert [status(f"{ops}{path}") for path in ("/healthz", "/readyz", "/metrics")] == [200] * 3
+        assert status(f"{ops}/chat/") == 404
+
+
+async def test_a_primary_down_does_not_make_workers_unready(tmp_path):
+    ops_port = free_port()
+    with local_stack(OPS_BIND=f"127.0.0.1:{ops_port}") as stack:
+        ready = f"http://127.0.0.1:{ops_port}/readyz"
+        ports = stack["ports"][1:]
+        before = primaries(ports)
+        victim = before[0]
+        survivor = next(port for port in ports if port != victim)
+        os.kill(pid_listening(victim), signal.SIGKILL)
+        answers = []
+        # Every probe from the kill until a replica took over its slots: the window that emptied the Service.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            answers.append(await asyncio.to_thread(status, ready))
+            promoted = set(primaries([survivor])) - set(before)
+            if promoted:
+                break
+            await asyncio.sleep(0.1)
+        assert promoted, "no replica took over the killed primary's slots"
+        assert len(answers) >= 5 and set(answers) == {200}, answers
+        async with connect(f"{stack['ws']}/ws/chat/after-failover/", origin=stack["url"]) as client:
+            await client.send(json.dumps({"message": "still here"}))
+            assert json.loads(await asyncio.wait_for(client.recv(), 10))["message"] == "still here"
