@@ -1,6 +1,8 @@
 """The Helm chart with the real tools: helm lint and template, kubernetes-validate, kubectl kustomize, and policy."""
 
 import filecmp
+import json
+import re
 import subprocess
 import sys
 
@@ -15,10 +17,15 @@ KUBECTL = ROOT / ".tools" / "bin" / "kubectl"
 KUBERNETES_VERSION = "1.37.0"
 SCENARIOS = sorted(CHART.glob("ci/*-values.yaml"))
 # Custom resources whose schemas kubernetes-validate does not carry; their fields are asserted below.
-CUSTOM_KINDS = {"HTTPRoute", "ServiceMonitor"}
+CUSTOM_KINDS = {"HTTPRoute", "ServiceMonitor", "PrometheusRule"}
+# `helm template` reaches no cluster, so the chart refuses to generate secrets there: tests give them.
+SECRETS = ["--set", "secrets.djangoSecretKey=test-secret-key", "--set", "secrets.redisPassword=test-redis-password"]
 
 
-def helm(*args, check=True):
+def helm(*args, check=True, secrets=True):
+    """helm ARGS (with SECRETS for the commands that render); the completed process."""
+    if secrets and args[0] in ("template", "lint", "install"):
+        args = (args[0], *SECRETS, *args[1:])  # first, so a test's own --set wins
     result = subprocess.run([str(HELM), *args], capture_output=True, text=True)
     if check and result.returncode != 0:
         raise AssertionError(result.stderr)
@@ -138,32 +145,26 @@ def test_config_change_rolls_the_pods(default_objects):
 
 
 def test_redis_is_reachable_only_from_chat_pods(default_objects):
-    policy = one(default_objects, "NetworkPolicy")
-    redis_selector = policy["spec"]["podSelector"]["matchLabels"]
-    assert redis_selector["app.kubernetes.io/component"] == "redis" and policy["spec"]["policyTypes"] == ["Ingress"]
+    policy = one(default_objects, "NetworkPolicy", "redis")
+    assert policy["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "redis"
     peers = [peer for rule in policy["spec"]["ingress"] for peer in rule["from"]]
     assert all(set(peer) == {"podSelector"} for peer in peers), "no namespaceSelector or ipBlock may open Redis"
     components = {peer["podSelector"]["matchLabels"]["app.kubernetes.io/component"] for peer in peers}
-    assert components == {"chat", "redis-bootstrap", "redis"}
+    assert components == {"chat", "redis"}
     assert not [o for o in default_objects if o["kind"] == "Service" and o["spec"].get("type") in ("NodePort", "LoadBalancer")]
     headless = one(default_objects, "Service", "redis-headless")
     assert headless["spec"]["clusterIP"] == "None" and headless["spec"]["publishNotReadyAddresses"] is True
 
 
-def test_built_in_cluster_starts_in_parallel_and_is_ready_only_when_whole(default_objects):
-    statefulset = one(default_objects, "StatefulSet")
-    assert statefulset["spec"]["replicas"] == 6 and statefulset["spec"]["podManagementPolicy"] == "Parallel"
-    container = statefulset["spec"]["template"]["spec"]["containers"][0]
-    assert "cluster_state:ok" in container["readinessProbe"]["exec"]["command"][-1]
-    assert any(e["name"] == "REDIS_ANNOUNCE_HOSTNAME" for e in container["env"])
-    job = one(default_objects, "Job", "redis-bootstrap")
-    assert "post-install" in job["metadata"]["annotations"]["helm.sh/hook"]
-    nodes = next(e["value"] for e in job["spec"]["template"]["spec"]["containers"][0]["env"] if e["name"] == "REDIS_NODES")
-    assert len(nodes.split()) == 6
+def env_of(container):
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
 
 
-def test_pdb_and_hpa_with_slow_scale_down(default_objects):
-    assert one(default_objects, "PodDisruptionBudget", "channels-chat")["spec"]["maxUnavailable"] == 1
+def test_pdbs_evict_unhealthy_pods_and_the_hpa_scales_down_slowly(default_objects):
+    for pdb in (o for o in default_objects if o["kind"] == "PodDisruptionBudget"):
+        assert pdb["spec"]["maxUnavailable"] == 1
+        # A not-ready pod serves no one: a drain must be able to evict it.
+        assert pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
     hpa = one(default_objects, "HorizontalPodAutoscaler")
     assert hpa["spec"]["metrics"][0]["resource"]["name"] == "cpu"
     assert hpa["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] >= 300
@@ -201,9 +202,21 @@ REFUSED = [
     (["--set", "redis.builtIn=false"], "redis.externalNodes must list"),
     (["--set", "ingress.enabled=true"], "ingress.enabled needs ingress.hosts"),
     (["--set", "chat.drainSeconds=25"], "chat.drainSeconds must be below chat.gracefulTimeoutSeconds"),
+    (["--set", "chat.webConcurrency=2"], "at least 500m per worker"),
+    (["--set", "redis.maxmemory=512mb"], "at least twice redis.maxmemory"),
     (["--set", "ingress.enabled=true", "--set", "ingress.hosts[0]=chat.example.com",
       "--set-string", "ingress.annotations.nginx\\.ingress\\.kubernetes\\.io/affinity=cookie"], "no affinity"),
 ]
+
+
+def test_a_render_without_a_cluster_refuses_to_generate_secrets():
+    result = helm("template", "channels-chat", str(CHART), check=False, secrets=False)
+    assert result.returncode != 0 and "secrets.existingSecret" in result.stderr, result.stderr
+    existing = render("--set", "secrets.existingSecret=mine", "--set", "secrets.djangoSecretKey=", "--set", "secrets.redisPassword=")
+    assert not [o for o in existing if o["kind"] == "Secret"]
+    refs = {e["valueFrom"]["secretKeyRef"]["name"] for o in existing for c in containers(o)
+            for e in c.get("env", []) if "secretKeyRef" in e.get("valueFrom", {})}
+    assert refs == {"mine"}
 
 
 @pytest.mark.parametrize("args,message", REFUSED, ids=[m for _, m in REFUSED])
@@ -226,3 +239,168 @@ def test_install_notes_render_and_say_how_to_check(values):
     result = helm("install", "chat", str(CHART), "--dry-run=client", "--namespace", "chat", "-f", str(values))
     notes = result.stdout.partition("NOTES:")[2]
     assert "helm test chat -n chat" in notes and "rollout status deploy/chat-channels-chat" in notes
+
+
+def pod_spec(obj):
+    spec = obj.get("spec", {})
+    return spec.get("template", {}).get("spec") or spec.get("jobTemplate", {}).get("spec", {}).get("template", {}).get("spec") \
+        or (spec if obj["kind"] == "Pod" else None)
+
+
+def containers(obj):
+    spec = pod_spec(obj)
+    return (spec or {}).get("containers", [])
+
+
+@pytest.mark.parametrize("values", SCENARIOS, ids=lambda p: p.stem)
+def test_nothing_an_install_waits_for_is_a_hook(values):
+    """helm --wait, --rollback-on-failure, Argo CD and Flux wait for readiness before hooks run: only tests are hooks."""
+    objects = render("-f", str(values))
+    hooks = {o["metadata"]["name"]: o["metadata"]["annotations"]["helm.sh/hook"] for o in objects
+             if "helm.sh/hook" in o["metadata"].get("annotations", {})}
+    assert set(hooks.values()) == {"test"}, hooks
+    assert not [o for o in objects if o["kind"] == "Job" and o["metadata"]["name"] not in hooks
+                and "locust" not in o["metadata"]["name"]], "no Job forms or repairs anything"
+
+
+def test_the_redis_nodes_form_and_repair_the_cluster_themselves(default_objects):
+    statefulset = one(default_objects, "StatefulSet")
+    assert statefulset["spec"]["replicas"] == 6 and statefulset["spec"]["podManagementPolicy"] == "Parallel"
+    container = containers(statefulset)[0]
+    assert container["command"] == ["sh", "/scripts/redis-node.sh"]
+    assert container["readinessProbe"]["exec"]["command"] == ["sh", "/scripts/redis-cluster.sh", "ready"]
+    env = env_of(container)
+    assert len(env["REDIS_NODES"].split(",")) == 6 and env["REDIS_NODES"].startswith("channels-chat-redis-0.")
+    assert env["NODE_NAME"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
+    assert env["NODE_ZONE"] == {"fieldRef": {"fieldPath": "metadata.labels['topology.kubernetes.io/zone']"}}
+    scripts = one(default_objects, "ConfigMap", "redis-scripts")["data"]
+    # The scripts compose.yaml runs, byte for byte.
+    compose = yaml.safe_load((ROOT / "compose.yaml").read_text())["configs"]
+    for name in ("redis-node.sh", "redis-cluster.sh"):
+        assert scripts[name] == (CHART / "files" / name).read_text()
+        assert any(config["file"] == f"./deploy/helm/files/{name}" for config in compose.values())
+
+
+def test_redis_nodes_spread_over_hosts_and_zones(default_objects):
+    pod = pod_spec(one(default_objects, "StatefulSet"))
+    preferred = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0]
+    assert preferred["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert pod["topologySpreadConstraints"][0]["topologyKey"] == "topology.kubernetes.io/zone"
+    strict = pod_spec(one(render("--set", "redis.requireSeparateHosts=true"), "StatefulSet"))
+    required = strict["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][0]
+    assert required["topologyKey"] == "kubernetes.io/hostname"
+    assert required["labelSelector"]["matchLabels"]["app.kubernetes.io/component"] == "redis"
+
+
+@pytest.mark.parametrize("persistent", [True, False])
+def test_persistence_keeps_the_data_set_or_the_node_rejoins_empty(persistent):
+    statefulset = one(render("--set", f"redis.persistence.enabled={str(persistent).lower()}"), "StatefulSet")
+    assert env_of(containers(statefulset)[0])["REDIS_APPENDONLY"] == ("yes" if persistent else "no")
+    claims = statefulset["spec"].get("volumeClaimTemplates", [])
+    data = next(v for v in pod_spec(statefulset)["volumes"] + [{"name": c["metadata"]["name"]} for c in claims] if v["name"] == "data")
+    assert ("emptyDir" not in data) == persistent and bool(claims) == persistent
+
+
+def test_redis_memory_limit_leaves_room_for_a_fork_and_buffers(default_objects):
+    statefulset = one(default_objects, "StatefulSet")
+    limit = containers(statefulset)[0]["resources"]["limits"]["memory"]
+    maxmemory = env_of(containers(statefulset)[0])["REDIS_MAXMEMORY"]
+    assert limit.endswith("Mi") and maxmemory.endswith("mb")
+    assert int(limit[:-2]) >= 2 * int(maxmemory[:-2]) + 128
+
+
+def test_secrets_roll_the_pods_and_never_reach_a_command_line(default_objects):
+    def checksums(objects):
+        return [o["spec"]["template"]["metadata"]["annotations"]["checksum/secret"]
+                for o in objects if o["kind"] in ("Deployment", "StatefulSet") and "locust" not in o["metadata"]["name"]]
+
+    assert len(set(checksums(default_objects))) == 1 and len(checksums(default_objects)) == 2
+    assert checksums(render()) == checksums(default_objects), "the same values render the same checksum"
+    assert set(checksums(render("--set", "secrets.redisPassword=rotated"))).isdisjoint(checksums(default_objects))
+    for obj in default_objects:
+        for container in containers(obj):
+            words = " ".join(container.get("command", []) + container.get("args", []))
+            assert "test-redis-password" not in words and "requirepass" not in words, obj["metadata"]["name"]
+    node_script = (CHART / "files" / "redis-node.sh").read_text()
+    assert "requirepass" in node_script and "redis-server -" in node_script, "the password goes in on stdin"
+
+
+def test_chat_probes_and_metrics_use_the_internal_port_no_route_reaches(default_objects):
+    container = containers(chat_deployment(default_objects))[0]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    config = one(default_objects, "ConfigMap", "channels-chat")["data"]
+    assert config["OPS_BIND"] == f"0.0.0.0:{ports['ops']}" and ports["http"] == 8000 and ports["ops"] != 8000
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"]["port"] == "ops", probe
+    routed = render("--set", "httpRoute.enabled=true", "--set", "httpRoute.parentRefs[0].name=gw",
+                    "--set", "ingress.enabled=true", "--set", "ingress.hosts[0]=chat.example.com",
+                    "--set", "metrics.serviceMonitor.enabled=true")
+    service = next(o for o in routed if o["kind"] == "Service" and o["metadata"]["name"] == "channels-chat")
+    by_port = {p["port"]: p["targetPort"] for p in service["spec"]["ports"]}
+    route = one(routed, "HTTPRoute")
+    backends = [b["port"] for rule in route["spec"]["rules"] for b in rule["backendRefs"]]
+    ingress = one(routed, "Ingress")
+    ingress_ports = [p["backend"]["service"]["port"] for r in ingress["spec"]["rules"] for p in r["http"]["paths"]]
+    assert {by_port[p] for p in backends} == {"http"} and ingress_ports == [{"name": "http"}]
+    assert one(routed, "ServiceMonitor")["spec"]["endpoints"][0]["port"] == "ops"
+
+
+def policies_selecting(objects, labels):
+    return [o for o in objects if o["kind"] == "NetworkPolicy" and all(
+        labels.get(k) == v for k, v in o["spec"]["podSelector"].get("matchLabels", {}).items()) and all(
+        labels.get(e["key"]) in e["values"] for e in o["spec"]["podSelector"].get("matchExpressions", []))]
+
+
+@pytest.mark.parametrize("values", SCENARIOS, ids=lambda p: p.stem)
+def test_every_pod_works_in_a_default_deny_namespace(values):
+    """Each pod is selected by a policy with ingress and egress rules, and may resolve names."""
+    objects = render("-f", str(values))
+    for obj in objects:
+        spec = pod_spec(obj)
+        if spec is None:
+            continue
+        labels = (obj["spec"].get("template", {}).get("metadata") or obj["metadata"])["labels"]
+        policies = policies_selecting(objects, labels)
+        assert policies, f"{obj['kind']} {obj['metadata']['name']} has no NetworkPolicy"
+        assert all(set(p["spec"]["policyTypes"]) == {"Ingress", "Egress"} for p in policies)
+        egress_ports = {port["port"] for p in policies for rule in p["spec"]["egress"] for port in rule.get("ports", [])}
+        assert 53 in egress_ports, f"{obj['metadata']['name']} cannot resolve names"
+    chat = one(objects, "NetworkPolicy", "channels-chat")
+    egress_ports = {port["port"] for rule in chat["spec"]["egress"] for port in rule["ports"]}
+    values_doc = yaml.safe_load(values.read_text()) or {}
+    external = values_doc.get("redis", {}).get("externalNodes")
+    assert egress_ports == {53, *( {int(n.rpartition(":")[2]) for n in external} if external else {6379})}
+
+
+def prometheus_names():
+    """Every sample name the chat and the layer export."""
+    import prometheus_client
+
+    import chat.metrics  # noqa: F401 - registers the chat's metrics
+    import channels_redis_cluster.metrics  # noqa: F401 - registers the layer's
+
+    names = set()
+    for family in prometheus_client.REGISTRY.collect():
+        names.update(sample.name for sample in family.samples)
+        names.update({family.name, f"{family.name}_total", f"{family.name}_bucket"})
+    return names
+
+
+def test_alerts_and_dashboard_are_valid_promql_on_metrics_that_exist():
+    import promql_parser
+
+    objects = render("--set", "metrics.prometheusRule.enabled=true", "--set", "metrics.dashboard.enabled=true")
+    rules = [r for g in one(objects, "PrometheusRule")["spec"]["groups"] for r in g["rules"]]
+    dashboard = json.loads(one(objects, "ConfigMap", "dashboard")["data"]["channels-chat.json"])
+    assert one(objects, "ConfigMap", "dashboard")["metadata"]["labels"]["grafana_dashboard"] == "1"
+    exprs = [r["expr"] for r in rules] + [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    assert len(rules) >= 6 and len(exprs) > len(rules) + 10
+    known = prometheus_names() | {"up"}
+    for expr in exprs:
+        promql_parser.parse(expr.replace("$__rate_interval", "5m"))
+        used = set(re.findall(r"\b(chat_\w+|channels_layer_\w+|up)\b", expr))
+        assert used and used <= known, (expr, used - known)
+    for family in ("sequence_gaps", "overflow", "resubscribes", "errors"):
+        assert any(f"channels_layer_{family}_total" in r["expr"] for r in rules), family
+    assert any("chat_resumes_total" in r["expr"] for r in rules), "drains and failovers that lost history alert"
+    assert {r["labels"]["severity"] for r in rules} <= {"critical", "warning", "info"}

@@ -80,3 +80,56 @@ fsGroup: {{ .Values.security.runAsGroup }}
 seccompProfile:
   type: RuntimeDefault
 {{- end }}
+
+{{/* A memory quantity (Mi, Gi, mb, gb) in MiB, for the chart's own sizing checks. */}}
+{{- define "chat.mebibytes" -}}
+{{- $q := lower (toString .) }}
+{{- if hasSuffix "gi" $q }}{{ mul (trimSuffix "gi" $q | int) 1024 }}
+{{- else if hasSuffix "gb" $q }}{{ mul (trimSuffix "gb" $q | int) 1024 }}
+{{- else if hasSuffix "mi" $q }}{{ trimSuffix "mi" $q | int }}
+{{- else if hasSuffix "mb" $q }}{{ trimSuffix "mb" $q | int }}
+{{- else }}{{ fail (printf "memory quantity %q: use Mi, Gi, mb or gb" $q) }}{{ end }}
+{{- end }}
+
+{{/* A CPU quantity ("500m", "1", "1.5") in millicores. */}}
+{{- define "chat.millicores" -}}
+{{- $q := toString . }}
+{{- if hasSuffix "m" $q }}{{ trimSuffix "m" $q | int }}{{ else }}{{ mulf (float64 $q) 1000 | int }}{{ end }}
+{{- end }}
+
+{{/* DNS egress, for every pod of the chart in a default-deny namespace. */}}
+{{- define "chat.dnsEgress" -}}
+- to:
+    - namespaceSelector: {}
+      podSelector:
+        matchLabels: {{- toYaml .Values.networkPolicy.dnsPodLabels | nindent 10 }}
+  ports:
+    - {port: 53, protocol: UDP}
+    - {port: 53, protocol: TCP}
+{{- end }}
+
+{{/*
+The made Secret's data: given values, else the Secret of an earlier install (lookup), else generated.
+Computed once per render, so the pods' checksum/secret annotation hashes what the Secret holds.
+Without a cluster to look in (helm template, --dry-run, Argo CD) a generated value would change on every
+render: that fails with a pointer to existingSecret instead.
+*/}}
+{{- define "chat.secretData" -}}
+{{- if not (hasKey .Values.secrets "rendered") }}
+{{- $given := dict "DJANGO_SECRET_KEY" .Values.secrets.djangoSecretKey "REDIS_PASSWORD" .Values.secrets.redisPassword }}
+{{- $previous := (lookup "v1" "Secret" .Release.Namespace (include "chat.secretName" .)).data | default dict }}
+{{- if and (not (and $given.DJANGO_SECRET_KEY $given.REDIS_PASSWORD)) (not $previous) (not (lookup "v1" "Namespace" "" "kube-system")) }}
+{{- fail "secrets: this render cannot reach a cluster (helm template, --dry-run, Argo CD), so generated secrets would change on every render. Set secrets.existingSecret to a Secret you manage (the GitOps way), or give both secrets.djangoSecretKey and secrets.redisPassword" }}
+{{- end }}
+{{- $data := dict }}
+{{- $_ := set $data "DJANGO_SECRET_KEY" ($given.DJANGO_SECRET_KEY | b64enc | default (get $previous "DJANGO_SECRET_KEY") | default (randAlphaNum 50 | b64enc)) }}
+{{- $_ := set $data "REDIS_PASSWORD" ($given.REDIS_PASSWORD | b64enc | default (get $previous "REDIS_PASSWORD") | default (randAlphaNum 32 | b64enc)) }}
+{{- $_ := set .Values.secrets "rendered" $data }}
+{{- end }}
+{{- toYaml .Values.secrets.rendered }}
+{{- end }}
+
+{{/* Rolls pods when the Secret the chart makes changes; an existingSecret is yours to roll. */}}
+{{- define "chat.secretChecksum" -}}
+{{- if .Values.secrets.existingSecret }}{{ .Values.secrets.existingSecret | sha256sum }}{{ else }}{{ include "chat.secretData" . | sha256sum }}{{ end }}
+{{- end }}
