@@ -38,7 +38,7 @@ def test_redis_sits_on_an_internal_network_with_chat_only(services):
     config = compose_config()
     assert config["networks"]["redis"].get("internal") is True
     on_redis = {name for name, spec in services.items() if "redis" in spec["networks"]}
-    assert on_redis == {"chat", "redis-init", *(f"redis-{n}" for n in range(6))}
+    assert on_redis == {"chat", *(f"redis-{n}" for n in range(6))}
     assert all(list(services[f"redis-{n}"]["networks"]) == ["redis"] for n in range(6))
 
 
@@ -54,9 +54,27 @@ def test_chat_replicas_wait_for_the_cluster_and_stop_gracefully(services):
     chat = services["chat"]
     assert chat["deploy"]["replicas"] == 3 and "ports" not in chat
     assert chat["environment"]["CHANNEL_LAYER"] == "redis-cluster"
-    assert chat["depends_on"]["redis-init"]["condition"] == "service_completed_successfully"
+    # No one-shot job: the nodes form the cluster, and a node is healthy once it held a role in it.
+    assert {name: dep["condition"] for name, dep in chat["depends_on"].items()} == {f"redis-{n}": "service_healthy" for n in range(6)}
     assert int(chat["stop_grace_period"].rstrip("s")) >= 30 and chat["tmpfs"] == ["/tmp"]
-    assert all(services[f"redis-{n}"]["healthcheck"]["test"] for n in range(6))
+    for n in range(6):
+        node = services[f"redis-{n}"]
+        assert node["healthcheck"]["test"] == ["CMD", "sh", "/opt/chat/redis-cluster.sh", "ready"]
+        assert node["entrypoint"] == ["sh", "/opt/chat/redis-node.sh"]
+        assert node["environment"]["REDIS_NODES"].split()[0] == "redis-0:6379"
+
+
+def test_images_are_built_never_pulled_and_every_service_is_bounded(services):
+    for name in ("chat", "locust-master", "locust-worker"):
+        assert services[name]["pull_policy"] == "build", name
+    for name, spec in services.items():
+        limits = spec.get("deploy", {}).get("resources", {}).get("limits", {})
+        assert limits.get("memory") and limits.get("cpus"), name
+    for n in range(6):
+        # A fork (AOF rewrite, replica sync) may double the data set; buffers come on top.
+        node = services[f"redis-{n}"]
+        maxmemory = int(node["environment"]["REDIS_MAXMEMORY"].removesuffix("mb")) * 2**20
+        assert int(node["deploy"]["resources"]["limits"]["memory"]) >= 2 * maxmemory + 128 * 2**20
 
 
 def test_images_are_official_by_default_and_local_with_the_switch():
@@ -64,7 +82,7 @@ def test_images_are_official_by_default_and_local_with_the_switch():
     standins = dict(re.findall(r"^(\w+)=(\S+)$", LOCAL_IMAGES.read_text(), re.MULTILINE))
     assert default["redis-0"]["image"].startswith("redis:") and default["ingress"]["image"].startswith("haproxy:")
     assert "args" not in default["chat"]["build"]
-    assert local["redis-0"]["image"] == local["redis-init"]["image"] == standins["REDIS_IMAGE"]
+    assert local["redis-0"]["image"] == local["redis-5"]["image"] == standins["REDIS_IMAGE"]
     assert local["ingress"]["image"] == standins["HAPROXY_IMAGE"]
     assert local["chat"]["build"]["args"]["PYTHON_IMAGE"] == standins["PYTHON_IMAGE"]
 

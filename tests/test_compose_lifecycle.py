@@ -2,13 +2,16 @@
 
 import os
 import subprocess
+import urllib.error
 import urllib.request
+
+import pytest
 
 from conftest import ROOT, ComposeStack
 
 
 def make(target, stack):
-    # With a Redis password, as the Helm chart always runs it: nodes, init job and chat all use it.
+    # With a Redis password, as the Helm chart always runs it: the nodes and chat both use it.
     env = {**os.environ, "COMPOSE_PROJECT_NAME": stack.project, "INGRESS_PORT": str(stack.port),
            "REDIS_PASSWORD": "lifecycle-test-password"}
     return subprocess.run(["make", target], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -27,12 +30,18 @@ def test_second_up_is_harmless_and_down_leaves_nothing_behind(chat_images, tmp_p
         assert first.returncode == 0, first.stderr[-3000:]
         second = make("up", stack)
         assert second.returncode == 0, second.stderr[-3000:]
-        init_log = stack.run("logs", "redis-init").stdout
-        assert "cluster of 6 nodes already ok" in init_log
+        creator_log = stack.run("logs", "redis-0").stdout
+        assert creator_log.count("creating the cluster") == 1, "the second up must find the cluster formed"
         refused = stack.run("exec", "-T", "redis-0", "redis-cli", "ping", check=False)
         assert "NOAUTH" in refused.stdout + refused.stderr, "the nodes must refuse clients without the password"
-        with urllib.request.urlopen(f"{stack.url}/readyz", timeout=10) as response:
+        with urllib.request.urlopen(f"{stack.url}/chat/", timeout=10) as response:
             assert response.status == 200 and response.headers["X-Served-By"]
+        # Readiness and metrics answer on the internal port, which the ingress never forwards to.
+        for path in ("/readyz", "/metrics"):
+            with pytest.raises(urllib.error.HTTPError) as refused_through_ingress:
+                urllib.request.urlopen(f"{stack.url}{path}", timeout=10)
+            assert refused_through_ingress.value.code == 404
+        stack.run("exec", "-T", "chat", "python", "-m", "chatsite.probe", "/readyz")
     finally:
         down = make("down", stack)
     assert down.returncode == 0, down.stderr[-3000:]

@@ -49,36 +49,54 @@ join_or_create() {
 # The node id this node should replicate, or nothing: MODE is adopt (a primary without slots) or
 # rebalance (a replica). Reads CLUSTER NODES on stdin; PLACES holds "host<TAB>placement" lines.
 choose() {
-  awk -v mode="$1" -v me="$placement" -v places="$2" '
+  awk -v mode="$1" -v places="$2" -v self="$self" -v here="$placement" '
     function apart(a, b,  x, y) {
-      split(a, x, " "); split(b, y, " ")
+      split(at[a], x, " "); split(at[b], y, " ")
       return !((x[1] != "" && x[1] == y[1]) || (x[2] != "" && x[2] == y[2]))
     }
-    BEGIN { n = split(places, lines, "\n"); for (i = 1; i <= n; i++) { split(lines[i], kv, "\t"); at[kv[1]] = kv[2] } }
+    BEGIN { n = split(places, lines, "\n"); for (i = 1; i <= n; i++) { split(lines[i], kv, "\t"); at[kv[1]] = kv[2] }; at[self] = here }
     {
-      split($2, addr, ","); healthy = $3 !~ /fail|noaddr|handshake/
-      if ($3 ~ /myself/) { myid = $1; mymaster = $4 }
-      if ($3 ~ /master/ && NF > 8 && healthy) { primary[$1] = 1; far[$1] = apart(me, at[addr[2]]); replicas[$1] += 0 }
-      if ($3 ~ /slave/ && healthy) { replicas[$4]++; if (!($4 in lowest) || $1 < lowest[$4]) lowest[$4] = $1 }
+      split($2, addr, ","); host[$1] = addr[2]; healthy = $3 !~ /fail|noaddr|handshake/
+      if ($3 ~ /myself/) { me = $1; mine = $4 }
+      if ($3 ~ /master/ && NF > 8 && healthy) { primary[$1] = 1; replicas[$1] += 0 }
+      if ($3 ~ /slave/ && healthy) { replicas[$4]++; of[$1] = $4 }
+    }
+    # The primary that runs apart from this node and has the fewest replicas, else the one with fewest.
+    function best(skip,  id, pick) {
+      pick = ""
+      for (id in primary) {
+        if (id == skip) continue
+        if (pick == "" || apart(host[me], host[id]) > apart(host[me], host[pick]) ||
+            (apart(host[me], host[id]) == apart(host[me], host[pick]) && replicas[id] < replicas[pick])) pick = id
+      }
+      return pick
     }
     END {
-      best = ""
-      for (id in primary) {
-        if (id == mymaster) continue
-        if (best == "" || far[id] > far[best] || (far[id] == far[best] && replicas[id] < replicas[best])) best = id
-      }
+      if (mode == "adopt") { print best(""); exit }
       # A replica stays with a primary in trouble: it is the one that takes over.
-      if (best == "" || (mode == "rebalance" && !(mymaster in primary))) exit
-      if (mode == "adopt") print best
-      else if (!far[mymaster] && far[best]) print best
-      else if (replicas[mymaster] >= 2 && lowest[mymaster] == myid && replicas[best] == 0 && far[best]) print best
+      if (!(mine in primary)) exit
+      if (!apart(host[me], host[mine])) {
+        target = best(mine)
+        if (target != "" && apart(host[me], host[target])) print target
+        exit
+      }
+      # A primary without replica takes the lowest-id replica, apart from it, of a primary with two.
+      if (replicas[mine] < 2) exit
+      for (id in primary) if (replicas[id] == 0 && (orphan == "" || id < orphan)) orphan = id
+      if (orphan == "") exit
+      for (id in of) if (of[id] == mine && apart(host[id], host[orphan]) && (mover == "" || id < mover)) mover = id
+      if (mover == me) print orphan
     }'
 }
 
-# Placement of every node as "host<TAB>placement" lines, after publishing this node's own.
-places() {
+# Publishes where this node runs, in the cluster itself.
+publish_placement() {
+  [ -z "$placement" ] || cli 127.0.0.1 -c set "$placement_prefix$self" "$placement" >/dev/null
+}
+
+# Where every node runs, as "host<TAB>placement" lines (one MGET: the keys share a slot).
+placements() {
   [ -n "$placement" ] || return 0
-  cli 127.0.0.1 -c set "$placement_prefix$self" "$placement" >/dev/null
   keys=""
   for host in $hosts; do keys="$keys $placement_prefix$host"; done
   i=0
@@ -107,6 +125,7 @@ step() {
   table="$(cli 127.0.0.1 cluster nodes)"
   [ -n "$table" ] || return
   forget_dead "$table"
+  publish_placement
   mode=""
   echo "$table" | awk '$3 ~ /myself/ && $3 ~ /master/ && NF <= 8 { f = 1 } END { exit !f }' && mode=adopt
   echo "$table" | grep -q 'myself,slave' && mode=rebalance
@@ -119,7 +138,7 @@ step() {
     cli 127.0.0.1 cluster failover force
     return
   fi
-  target="$(echo "$table" | choose "$mode" "$(places)")"
+  target="$(echo "$table" | choose "$mode" "$(placements)")"
   if [ -n "$target" ]; then
     log "replicating $target ($mode)"
     cli 127.0.0.1 cluster replicate "$target"
