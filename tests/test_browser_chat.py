@@ -49,7 +49,7 @@ async def test_two_pages_on_different_containers_chat_and_another_room_hears_not
         # Round-robin counts every request: a page costs three (index, room, socket), so with three replicas
         # each page's socket would land on the same one. One more request moves bob's along; retry (bounded).
         for _ in range(6):
-            await context.request.get(f"{compose_stack.url}/healthz")
+            await context.request.get(f"{compose_stack.url}/chat/")
             bob, bob_served_by = await open_room(context, compose_stack.url, "browser-room")
             bob_container = bob_served_by.partition(":")[0]
             if bob_container != alice_container:

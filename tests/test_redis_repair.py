@@ -11,9 +11,17 @@ import pytest
 
 from conftest import ComposeStack
 from test_compose_stack import everyone_gets_everything, join_until
+from test_rolling_restart import save
 
 NODES = [f"redis-{n}" for n in range(6)]
 REPAIR_TIMEOUT_S = 90
+# Seconds from each event until the cluster was whole again, and what survived: artifacts/redis_repair.json.
+REPORT = {}
+
+
+def record(event, started, **facts):
+    REPORT[event] = {"seconds_to_whole": round(time.monotonic() - started, 1), **facts}
+    save("redis_repair", REPORT)
 
 
 def cluster_nodes(stack, via):
@@ -87,9 +95,11 @@ async def room_works(stack, tag):
 async def test_a_node_recreated_with_an_empty_volume_rejoins_and_its_old_id_is_forgotten(compose_stack):
     before = until_whole(compose_stack)
     replica = role(before, "slave")[0]
+    started = time.monotonic()
     compose_stack.run("up", "--detach", "--no-deps", "--force-recreate", "--renew-anon-volumes", replica)
     # An empty volume means a new node id.
     until_whole(compose_stack, settled=lambda nodes: nodes[replica]["id"] != before[replica]["id"])
+    record("node recreated with an empty volume", started, node=replica)
     for node in NODES:
         ids = {n["id"] for n in cluster_nodes(compose_stack, node)}
         assert before[replica]["id"] not in ids, f"{node} still knows the dead id"
@@ -107,11 +117,15 @@ async def test_a_primary_restarted_without_its_data_does_not_wipe_its_replica(co
     assert held > 0, "some keys live on the primary about to lose its data"
     # Its data set is gone; it comes back within the node timeout, before any failover could start.
     compose_stack.run("exec", "-T", primary, "sh", "-c", "rm -rf /data/appendonlydir")
+    started = time.monotonic()
     compose_stack.run("restart", "--timeout", "0", primary)
     # A node without its data must not come back as a primary.
     until_whole(compose_stack, via=survivor, settled=lambda nodes: "slave" in nodes[primary]["flags"])
     assert "lost its data set" in compose_stack.run("logs", primary).stdout
-    assert read_keys(compose_stack, keys, via=survivor) == keys, "the replica kept every key"
+    kept = read_keys(compose_stack, keys, via=survivor)
+    record("primary restarted without its data", started, node=primary, keys_written=keys,
+           keys_on_that_primary=held, keys_read_back=kept)
+    assert kept == keys, "the replica kept every key"
     await room_works(compose_stack, "lost-data")
 
 
@@ -120,6 +134,7 @@ async def test_a_stopped_primary_fails_over_and_comes_back_as_a_replica(compose_
     primary = role(before, "master")[0]
     survivor = next(node for node in NODES if node != primary)
     write_keys(compose_stack, 100, via=survivor)
+    started = time.monotonic()
     compose_stack.run("stop", "--timeout", "0", primary)
     deadline = time.monotonic() + REPAIR_TIMEOUT_S
     while time.monotonic() < deadline:
@@ -133,12 +148,15 @@ async def test_a_stopped_primary_fails_over_and_comes_back_as_a_replica(compose_
     compose_stack.run("start", primary)
     after = until_whole(compose_stack, via=survivor, settled=lambda nodes: "slave" in nodes[primary]["flags"])
     assert after[primary]["id"] == before[primary]["id"], "with its data kept, the node keeps its id"
-    assert read_keys(compose_stack, 100, via=primary) == 100
+    kept = read_keys(compose_stack, 100, via=primary)
+    record("primary stopped, failed over, started again", started, node=primary, keys_written=100, keys_read_back=kept)
+    assert kept == 100
 
 
 async def test_a_stopped_replica_leaves_the_cluster_serving_and_rejoins(compose_stack):
     before = until_whole(compose_stack)
     replica = role(before, "slave")[0]
+    started = time.monotonic()
     compose_stack.run("stop", "--timeout", "0", replica)
     survivor = next(node for node in NODES if node != replica)
     deadline = time.monotonic() + REPAIR_TIMEOUT_S
@@ -149,6 +167,7 @@ async def test_a_stopped_replica_leaves_the_cluster_serving_and_rejoins(compose_
     await room_works(compose_stack, "replica-down")
     compose_stack.run("start", replica)
     assert until_whole(compose_stack, via=survivor)[replica]["id"] == before[replica]["id"]
+    record("replica stopped and started again", started, node=replica)
 
 
 @pytest.fixture
@@ -175,8 +194,12 @@ def test_no_replica_runs_where_its_primary_runs(placed_cluster):
         by_id = {node["id"]: host for host, node in nodes.items()}
         return all(hosts[host] != hosts[by_id[node["master"]]] for host, node in nodes.items() if "slave" in node["flags"])
 
+    started = time.monotonic()
     nodes = until_whole(stack, settled=apart)
+    record("placement: formed with every replica apart from its primary", started)
     # Checked after creation, not assumed: recreate a replica empty and the pairing holds again.
     replica = role(nodes, "slave")[0]
+    started = time.monotonic()
     stack.run("up", "--detach", "--no-deps", "--force-recreate", "--renew-anon-volumes", replica)
     until_whole(stack, settled=lambda after: after[replica]["id"] != nodes[replica]["id"] and apart(after))
+    record("placement: replica recreated empty, paired apart again", started, node=replica)
