@@ -4,10 +4,11 @@
 # - A node alone joins the cluster its peers are in. When every peer answers and none is in a cluster,
 #   the first node of REDIS_NODES creates it, with the first half of the nodes as primaries.
 # - A member primary that serves no slots (it just joined, or lost its data) becomes the replica of the
-#   primary with the fewest replicas that runs elsewhere (another NODE_NAME and, where set, NODE_ZONE).
-# - A replica running where its primary runs moves to a primary that runs elsewhere; a primary left
-#   without a replica takes one from a primary that has two. A replica whose primary came back empty
-#   under a new id takes over its slots.
+#   primary that runs farthest from it (another NODE_NAME, and another NODE_ZONE where set), and of
+#   those the one with the fewest replicas.
+# - A replica moves when a primary runs farther from it than its own; a primary left without a replica
+#   takes one from a primary that has two. A replica whose primary came back empty under a new id
+#   takes over its slots.
 # - The old id of a node that came back under a new id is forgotten by every node.
 # Placement travels in the cluster itself: one key per node, all in one slot, read with one MGET.
 set -u
@@ -50,9 +51,10 @@ join_or_create() {
 # rebalance (a replica). Reads CLUSTER NODES on stdin; PLACES holds "host<TAB>placement" lines.
 choose() {
   awk -v mode="$1" -v places="$2" -v self="$self" -v here="$placement" '
-    function apart(a, b,  x, y) {
-      split(at[a], x, " "); split(at[b], y, " ")
-      return !((x[1] != "" && x[1] == y[1]) || (x[2] != "" && x[2] == y[2]))
+    # 2 when two nodes share neither host nor zone, 1 when they share one of them, 0 when both.
+    function score(a, b,  x, y) {
+      split(at[host[a]], x, " "); split(at[host[b]], y, " ")
+      return !(x[1] != "" && x[1] == y[1]) + !(x[2] != "" && x[2] == y[2])
     }
     BEGIN { n = split(places, lines, "\n"); for (i = 1; i <= n; i++) { split(lines[i], kv, "\t"); at[kv[1]] = kv[2] }; at[self] = here }
     {
@@ -61,13 +63,12 @@ choose() {
       if ($3 ~ /master/ && NF > 8 && healthy) { primary[$1] = 1; replicas[$1] += 0 }
       if ($3 ~ /slave/ && healthy) { replicas[$4]++; of[$1] = $4 }
     }
-    # The primary that runs apart from this node and has the fewest replicas, else the one with fewest.
+    # The primary that runs farthest from this node, and of those the one with the fewest replicas.
     function best(skip,  id, pick) {
       pick = ""
       for (id in primary) {
         if (id == skip) continue
-        if (pick == "" || apart(host[me], host[id]) > apart(host[me], host[pick]) ||
-            (apart(host[me], host[id]) == apart(host[me], host[pick]) && replicas[id] < replicas[pick])) pick = id
+        if (pick == "" || score(me, id) > score(me, pick) || (score(me, id) == score(me, pick) && replicas[id] < replicas[pick])) pick = id
       }
       return pick
     }
@@ -75,16 +76,14 @@ choose() {
       if (mode == "adopt") { print best(""); exit }
       # A replica stays with a primary in trouble: it is the one that takes over.
       if (!(mine in primary)) exit
-      if (!apart(host[me], host[mine])) {
-        target = best(mine)
-        if (target != "" && apart(host[me], host[target])) print target
-        exit
-      }
-      # A primary without replica takes the lowest-id replica, apart from it, of a primary with two.
+      target = best(mine)
+      if (target != "" && score(me, target) > score(me, mine)) { print target; exit }
+      # A primary without replica takes the lowest-id replica of a primary with two that runs no
+      # closer to it than to its present primary.
       if (replicas[mine] < 2) exit
       for (id in primary) if (replicas[id] == 0 && (orphan == "" || id < orphan)) orphan = id
       if (orphan == "") exit
-      for (id in of) if (of[id] == mine && apart(host[id], host[orphan]) && (mover == "" || id < mover)) mover = id
+      for (id in of) if (of[id] == mine && score(id, orphan) >= score(id, mine) && (mover == "" || id < mover)) mover = id
       if (mover == me) print orphan
     }'
 }
