@@ -137,9 +137,11 @@ def test_helm_test_script_runs_in_the_chat_image_against_the_stack(compose_stack
 def test_loadtest_profile_reports_cross_worker_deliveries_with_nothing_missing(compose_stack):
     """Locust master and two workers (the `loadtest` profile) through the ingress; the master's exit is the verdict."""
     try:
-        result = compose_stack.run("--profile", "loadtest", "up", "--exit-code-from", "locust-master",
-                                   "locust-master", "locust-worker", USERS="24", SPAWN_RATE="12", DURATION="15")
-        log = result.stdout + result.stderr
+        compose_stack.run("--profile", "loadtest", "up", "--detach", "locust-worker",
+                          USERS="24", SPAWN_RATE="12", DURATION="15")
+        waited = compose_stack.run("--profile", "loadtest", "wait", "locust-master", check=False)
+        log = compose_stack.run("--profile", "loadtest", "logs", "locust-master").stdout
+        assert waited.returncode == 0, log[-4000:]
         assert "fan-out verdict: PASS" in log and "missing 0" in log, log[-4000:]
         cross = int(log.split("cross-worker ", 1)[1].split(" ", 1)[0])
         assert cross > 0

@@ -52,10 +52,26 @@ def test_operational_endpoints_answer_only_on_the_internal_port():
         assert status(f"{ops}/chat/") == 404
 
 
+def ready_workers(url, workers, timeout=30):
+    """Probe until `workers` distinct processes (X-Served-By) answered 200: each one reached the cluster."""
+    seen, deadline = set(), time.monotonic() + timeout
+    while len(seen) < workers:
+        assert time.monotonic() < deadline, f"only {seen} became ready"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                seen.add(response.headers["X-Served-By"])
+        except urllib.error.HTTPError:
+            time.sleep(0.1)
+    return seen
+
+
 async def test_a_primary_down_does_not_make_workers_unready(tmp_path):
     ops_port = free_port()
     with local_stack(OPS_BIND=f"127.0.0.1:{ops_port}") as stack:
         ready = f"http://127.0.0.1:{ops_port}/readyz"
+        # Workers that reached the cluster stay ready; one that never did is rightly not (a pod starting
+        # while a primary fails over), so every worker connects before the kill.
+        ready_workers(ready, workers=3)
         ports = stack["ports"][1:]
         before = primaries(ports)
         victim = before[0]

@@ -5,6 +5,7 @@ import logging
 import os
 
 from channels.layers import get_channel_layer
+from django.conf import settings
 from django.http import HttpResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client import REGISTRY, multiprocess
@@ -44,6 +45,8 @@ class OpsPortSplit:
 
 def connect_in_background():
     """Start this worker's channel layer at boot, so readiness reflects a connection made then."""
+    if not settings.configured:  # an ASGI app without Django (the benchmark's ceiling) has no layer
+        return
     ready = getattr(get_channel_layer(), "ready", None)
     if ready is not None:
         # A failure here is retried by the next readiness probe, which reports it.
