@@ -41,6 +41,35 @@ async def test_fresh_join_gets_top_and_the_latest_history(application):
     await late.disconnect()
 
 
+async def test_a_message_sent_right_after_a_fresh_join_is_live_even_when_the_history_read_is_slow(application, monkeypatch):
+    """The room's top is the seam; it is read before the handshake completes, never after a message the client is owed."""
+    layer = get_channel_layer()
+    talker = await join(application, "seam", v2=True)
+    published = asyncio.Event()
+    read = layer.group_history
+
+    async def slow_read(*args, **kwargs):
+        # A read that lags: it waits for the next room message (or half a second) before it reads.
+        try:
+            await asyncio.wait_for(published.wait(), 0.5)
+        except TimeoutError:
+            pass
+        return await read(*args, **kwargs)
+
+    monkeypatch.setattr(layer, "group_history", slow_read)
+    fresh = WebsocketCommunicator(application, "/ws/chat/seam/", headers=ORIGIN, subprotocols=["chat.v2"])
+    assert (await fresh.connect(timeout=5))[0]
+    # Owed: sent after the handshake completed, before this client read a single frame.
+    await say(talker, 1, "after-join")
+    await frames(talker, 1)  # its echo: the message is published
+    published.set()
+    joined, message = await frames(fresh, 2)
+    assert joined["type"] == "joined"
+    assert message["message"] == "after-join0" and message["offset"] == joined["offset"] + 1
+    await talker.disconnect()
+    await fresh.disconnect()
+
+
 async def test_resume_replays_what_was_missed_then_recovered_then_live(application):
     talker = await join(application, "resume", v2=True)
     listener = await join(application, "resume", v2=True)

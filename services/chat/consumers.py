@@ -112,20 +112,28 @@ class ChatConsumer(LayerPushMixin, AsyncWebsocketConsumer):
             await self.accept(subprotocol)
             return await self.refuse(BadFrame(CLOSE_UNAVAILABLE, "unavailable", "chat is unavailable, try again"), True)
         self.room_group_name = group
+        found = None
+        if resume is not None:
+            # The seam is read after joining and before accepting: a message numbered above it arrives
+            # live, and one at or below it was sent before this client joined (or is in the replay).
+            try:
+                found = await self.channel_layer.group_history(group, resume.since, resume.epoch, resume.history)
+            except Exception as exc:  # noqa: BLE001 - the client resumes later instead of being silently short
+                metrics.LAYER_ERRORS.labels("group_history").inc()
+                logger.warning("group_history failed for %s: %r", group, exc)
+                await self.accept(subprotocol)
+                return await self.refuse(BadFrame(CLOSE_UNAVAILABLE, "unavailable", "room history is unavailable, try again"), True)
         await self.accept(subprotocol)
         metrics.CONNECTIONS.inc()
-        if resume is not None:
-            await self.replay(resume)
+        if found is not None:
+            await self.replay(resume, found)
 
-    async def replay(self, resume):
+    async def replay(self, resume, found):
         """v2: joined with the room's top, then the missed (or latest) messages, then how a resume went.
 
-        The group was joined first, so live messages wait behind this and those already replayed are
-        dropped by offset: no gap and no duplicate across the seam.
+        The group was joined before ``found`` was read, so live messages wait behind this and those
+        already replayed are dropped by offset: no gap and no duplicate across the seam.
         """
-        found = await self.read_history(resume.since, resume.epoch, resume.history)
-        if found is None:
-            return
         await self.send(text_data=joined_frame(self.room_name, found.offset, found.epoch))
         await self.send_history(found)
         if resume.since is not None:
