@@ -6,6 +6,7 @@ import logging
 import re
 from urllib.parse import unquote, urlsplit
 
+from redis._parsers import AsyncCommandsParser
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.backoff import NoBackoff
 from redis.exceptions import (
@@ -75,12 +76,89 @@ def dedicated_connection(node):
     return node.connection_class(**kwargs)
 
 
+class SharedCommandTable(AsyncCommandsParser):
+    """The server's COMMAND table, asked for once and reused by the cluster client of every later loop.
+
+    Fetching and parsing it is most of what a new client's start costs (about 90 ms here), which a
+    fresh event loop per call (``async_to_sync`` in a view or a task) would otherwise pay every time.
+    """
+
+    def __init__(self, holder: dict):
+        super().__init__()
+        self.holder = holder
+
+    async def initialize(self, node=None):
+        if node:
+            self.node = node
+        table = self.holder.get("table")
+        if table is None:
+            await super().initialize()
+            self.holder["table"] = self.commands
+        else:
+            self.commands = table
+
+
+class SharedSlotMap:
+    """The cluster's slot map as plain data, kept by the layer and shared by every loop's cluster client.
+
+    A client that starts from it skips CLUSTER SLOTS and, above all, building redis-py's table of
+    16,384 slots in Python (about 20 ms here), which a fresh loop per call would pay every time. Any
+    loop's refresh (after MOVED or a failover) updates it for all. Slots map to node lists by range.
+    """
+
+    SLOTS = 16384
+
+    def __init__(self):
+        self.ranges = None  # [(first, last, [(host, port, server_type), ...])]
+
+    def take(self, nodes_manager):
+        """Remember the slot map a client just loaded."""
+        ranges, slots = [], nodes_manager.slots_cache
+        first, current = 0, slots.get(0)
+        for slot in range(1, self.SLOTS + 1):
+            nodes = slots.get(slot) if slot < self.SLOTS else None
+            if nodes is not current or slot == self.SLOTS:
+                if current:
+                    ranges.append((first, slot - 1, [(n.host, n.port, n.server_type) for n in current]))
+                first, current = slot, nodes
+        self.ranges = ranges
+
+    def give(self, nodes_manager):
+        """Load the remembered slot map into a new client; False when there is none yet."""
+        if not self.ranges:
+            return False
+        nodes, slots = {}, {}
+        for first, last, members in self.ranges:
+            listed = []
+            for host, port, server_type in members:
+                name = f"{host}:{port}"
+                if name not in nodes:
+                    nodes[name] = ClusterNode(host, port, server_type, **nodes_manager.connection_kwargs)
+                listed.append(nodes[name])
+            slots.update(dict.fromkeys(range(first, last + 1), listed))
+        nodes_manager.set_nodes(nodes_manager.nodes_cache, nodes, remove_old=True)
+        nodes_manager.slots_cache = slots
+        nodes_manager.default_node = slots[0][0]
+        return True
+
+
 class Topology:
     """The cluster client plus coalesced slot-map refreshes after MOVED, failover or errors."""
 
-    def __init__(self, cluster: RedisCluster):
+    def __init__(self, cluster: RedisCluster, slot_map: SharedSlotMap):
         self.cluster = cluster
+        self.slot_map = slot_map
         self._refreshing = None
+
+    async def start(self):
+        """Load the slot map: the layer's shared copy when it has one, else from the cluster."""
+        nodes_manager = self.cluster.nodes_manager
+        if self.slot_map.give(nodes_manager):
+            await self.cluster.commands_parser.initialize(nodes_manager.default_node)
+            self.cluster._initialize = False  # redis-py's own flag: this client holds a slot map now
+            return
+        await self.cluster.initialize()
+        self.slot_map.take(nodes_manager)
 
     def primary_for(self, name: bytes) -> ClusterNode:
         """The primary that owns the slot of ``name`` in the current slot map."""
@@ -99,6 +177,7 @@ class Topology:
     async def _reload(self):
         try:
             await self.cluster.nodes_manager.initialize()
+            self.slot_map.take(self.cluster.nodes_manager)
         finally:
             self._refreshing = None
 

@@ -3,6 +3,7 @@
 import asyncio
 import hashlib
 import logging
+import os
 import secrets
 import time
 import weakref
@@ -14,7 +15,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError
 
 from . import history
-from .cluster import RETRYABLE, Publisher, Topology, parse_hosts
+from .cluster import RETRYABLE, Publisher, SharedCommandTable, SharedSlotMap, Topology, parse_hosts
 from .keys import KeyScheme
 from .local import LocalChannels
 from .metrics import LayerStats
@@ -121,7 +122,8 @@ class _LoopState:
             max_connections=layer.max_connections,
             **options,
         )
-        self.topology = Topology(self.cluster)
+        self.cluster.commands_parser = SharedCommandTable(layer.command_table)
+        self.topology = Topology(self.cluster, layer.slot_map)
         self.publisher = Publisher(self.topology, layer.retry_timeout)
         self.subscriber = ShardedSubscriber(
             self.topology,
@@ -139,19 +141,24 @@ class _LoopState:
         self.acks = {}  # id -> future of a membership change sent to another process
         self.sweeper = None
         self.started = asyncio.ensure_future(self._start())
+        self.listening = None
 
     async def _start(self):
-        await self.cluster.initialize()
-        await self.subscriber.subscribe(self.inbox)
+        await self.topology.start()
         self.sweeper = asyncio.ensure_future(self._sweep())
 
     async def ready(self):
-        """Wait until the inbox is subscribed; a failed start is tried again on the next call."""
-        if not self.started.done():
-            await asyncio.shield(self.started)
-        elif self.started.exception() is not None:
-            self.started = asyncio.ensure_future(self._start())
-            await self.started
+        """Wait until the slot map is loaded; a failed start is tried again on the next call."""
+        self.started = _alive(self.started, self._start)
+        await asyncio.shield(self.started)
+
+    async def listen(self):
+        """Wait until this loop's inbox is subscribed: only a loop that receives needs it.
+
+        A loop that only sends (a view or a task calling ``async_to_sync(group_send)``) never opens it.
+        """
+        self.listening = _alive(self.listening, lambda: self.subscriber.subscribe(self.inbox))
+        await asyncio.shield(self.listening)
 
     async def _sweep(self):
         while True:
@@ -228,6 +235,7 @@ class _LoopState:
 
     async def ask_owner(self, owner, envelope):
         """Have the owning process apply a membership change; returns once it has (or is gone)."""
+        await self.listen()  # the acknowledgement comes to this loop's inbox
         envelope.update(id=secrets.token_hex(8), r=self.client_prefix)
         future = self.acks[envelope["id"]] = asyncio.get_running_loop().create_future()
         try:
@@ -301,9 +309,18 @@ class _LoopState:
         for popper in list(self.poppers.values()):
             popper.cancel()
         self.started.cancel()
+        if self.listening is not None:
+            self.listening.cancel()
         await self.subscriber.close()
         await self.publisher.close()
         await self.cluster.aclose()
+
+
+def _alive(task, start):
+    """``task``, or a new one from ``start()`` when there is none yet or it failed."""
+    if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
+        task = asyncio.ensure_future(start())
+    return task
 
 
 def _log_failure(task):
@@ -352,6 +369,9 @@ class RedisClusterChannelLayer(BaseChannelLayer):
             expiry=expiry,
         )
         self._states = weakref.WeakKeyDictionary()
+        self._pid = os.getpid()
+        self.command_table = {}  # the server's COMMAND reply, shared by every loop's cluster client
+        self.slot_map = SharedSlotMap()
 
     def serialize(self, message):
         """Message to bytes (msgpack, optionally encrypted), as channels_redis does."""
@@ -362,12 +382,38 @@ class RedisClusterChannelLayer(BaseChannelLayer):
         return self._serializer.deserialize(data)
 
     async def _state(self):
+        if self._pid != os.getpid():
+            # A forked child: the parent's connections are not its own to use or to close.
+            self._states, self._pid = weakref.WeakKeyDictionary(), os.getpid()
         loop = asyncio.get_running_loop()
         state = self._states.get(loop)
         if state is None:
             state = self._states[loop] = _LoopState(self)
+            self._close_with(loop)
         await state.ready()
         return state
+
+    def _close_with(self, loop):
+        """Release a loop's connections and tasks when the loop closes, as channels_redis does.
+
+        ``async_to_sync`` runs each call in a fresh loop that it closes afterwards; without this every
+        call would leave its sockets open and its tasks pending.
+        """
+        original = loop.close
+
+        def close():
+            state = self._states.pop(loop, None)
+            if state is not None and not loop.is_closed() and not loop.is_running():
+                try:
+                    loop.run_until_complete(state.close())
+                except Exception as exc:  # noqa: BLE001 - the loop closes either way
+                    logger.debug("closing the layer with its loop failed: %r", exc)
+            original()
+
+        try:
+            loop.close = close
+        except AttributeError:  # a loop type without instance attributes (uvloop) lives as long as its server
+            pass
 
     @staticmethod
     def owner_of(channel):
@@ -427,6 +473,7 @@ class RedisClusterChannelLayer(BaseChannelLayer):
     async def new_channel(self, prefix="specific"):
         """A new process-specific channel name that this process receives on."""
         state = await self._state()
+        await state.listen()
         return f"{prefix}.{state.client_prefix}!{secrets.token_hex(12)}"
 
     async def attach(self, channel, deliver):

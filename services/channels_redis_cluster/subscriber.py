@@ -24,6 +24,8 @@ class _NodeReader:
         self.closed = False
         self.last_seen = 0.0
         self.tasks = []
+        # Set when the connection went silent: the reader is cancelled then, and its channels must move.
+        self.silent = False
 
     async def start(self):
         await self.connection.connect()
@@ -66,6 +68,9 @@ class _NodeReader:
                         self.channels.discard(reply[1])
                         self.owner.relocate([reply[1]])
         except asyncio.CancelledError:
+            if not self.silent:
+                # Closed by its owner (the layer closing, or its event loop ending): nothing moved.
+                self.channels.clear()
             raise
         except Exception as exc:  # noqa: BLE001 - any failure ends this connection; the owner moves on
             error = exc
@@ -97,6 +102,7 @@ class _NodeReader:
             await asyncio.sleep(interval)
             if loop.time() - self.last_seen > 3 * interval:
                 logger.warning("shard subscriber for %s silent, reconnecting", self.node.name)
+                self.silent = True
                 self.tasks[0].cancel()
                 return
             try:
