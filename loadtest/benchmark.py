@@ -416,6 +416,54 @@ async def commands_per_send(cluster, redis_port, args):
     return results
 
 
+def sync_calls(layer, calls, warm):
+    """``calls`` group_sends from plain synchronous code (``async_to_sync``: a fresh loop per call), as a
+    view, management command or task sends: median and p99 ms per call, and descriptors and RSS after
+    ``warm`` calls and at the end."""
+    from asgiref.sync import async_to_sync
+
+    def resources():
+        rss = next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmRSS:"))
+        return len(os.listdir("/proc/self/fd")), rss
+
+    times, marks = [], {}
+    for n in range(calls):
+        if n == warm:
+            marks["warm"] = resources()
+        started = time.perf_counter()
+        async_to_sync(layer.group_send)("sync-room", {"type": "chat.message", "n": n})
+        times.append((time.perf_counter() - started) * 1000)
+    marks["end"] = resources()
+    return {
+        "calls": calls, "median_ms": percentile(times, 0.5), "p99_ms": percentile(times, 0.99),
+        "descriptors_growth": marks["end"][0] - marks["warm"][0], "rss_growth_kib": marks["end"][1] - marks["warm"][1],
+    }
+
+
+async def sync_callers(cluster, redis_port, args):
+    """This layer and channels_redis core called from synchronous code, alternating, in this process."""
+    from channels_redis.core import RedisChannelLayer
+
+    from channels_redis_cluster import RedisClusterChannelLayer
+
+    layers = {
+        "redis-cluster": RedisClusterChannelLayer(hosts=[f"redis://{n}" for n in cluster.startup_nodes], prefix="sync"),
+        "redis": RedisChannelLayer(hosts=[f"redis://127.0.0.1:{redis_port}"], prefix="sync"),
+    }
+    runs = {name: [] for name in layers}
+    for _ in range(args.sync_repeats):
+        for name, layer in layers.items():
+            runs[name].append(await asyncio.to_thread(sync_calls, layer, args.sync_calls, args.sync_calls // 10))
+    results = {}
+    for name, measured in runs.items():
+        median_run = sorted(measured, key=lambda r: r["median_ms"])[len(measured) // 2]
+        results[name] = {**median_run, "median_ms_per_run": [r["median_ms"] for r in measured],
+                         "descriptors_growth_max": max(r["descriptors_growth"] for r in measured),
+                         "rss_growth_kib_max": max(r["rss_growth_kib"] for r in measured)}
+        print(f"  sync group_send {name}: {results[name]}", flush=True)
+    return results
+
+
 async def server_settings(cluster, redis_port, args):
     """This layer's sustainable rate for each uvicorn WebSocket implementation and event loop (one run per step)."""
     results = {}
@@ -533,6 +581,20 @@ def targets(report):
         "measured": f"{min(ours_commands)} to {max(ours_commands)} commands per group_send",
         "met": max(ours_commands) == 1.0,
     })
+    sync = report["sync"]
+    ours, core = sync["redis-cluster"], sync["redis"]
+    rows.append({
+        "target": "group_send from synchronous code (async_to_sync) at most 2x channels_redis core's time per call",
+        "measured": f"median {ours['median_ms']} ms against {core['median_ms']} ms per call: {ours['median_ms'] / core['median_ms']:.2f}x",
+        "met": ours["median_ms"] <= 2 * core["median_ms"],
+    })
+    rows.append({
+        "target": f"{ours['calls']:,} synchronous calls leave descriptors and memory flat",
+        "measured": f"after the first {ours['calls'] // 10:,} calls: {ours['descriptors_growth_max']} more descriptors, "
+                    f"{ours['rss_growth_kib_max']} KiB more RSS at most (channels_redis core: {core['descriptors_growth_max']}, "
+                    f"{core['rss_growth_kib_max']} KiB)",
+        "met": ours["descriptors_growth_max"] == 0 and ours["rss_growth_kib_max"] <= 2048,
+    })
     memory = report["memory"]
     bare, chat = memory[f"bare/{args['ws']}"]["kib_per_socket"], memory[f"chat/{args['ws']}"]["kib_per_socket"]
     rows.append({
@@ -581,6 +643,11 @@ def markdown(report):
     for layer in ("redis-cluster", "redis-cluster-nohistory", "redis", "redis-pubsub"):
         row = [report["commands"][f"{layer}/{size}/{w}"]["commands_per_send"] for size in args["command_room_sizes"] for w in args["command_workers"]]
         lines.append(f"| {BACKENDS[layer]} | " + " | ".join(str(v) for v in row) + " |")
+    lines += ["", f"## group_send from synchronous code ({args['sync_calls']:,} async_to_sync calls per run, {args['sync_repeats']} runs, the median run shown)", "",
+              "| layer | median ms per call | p99 ms | descriptors after the first tenth | RSS KiB after the first tenth |",
+              "| --- | --- | --- | --- | --- |"]
+    for layer, r in report["sync"].items():
+        lines.append(f"| {BACKENDS[layer]} | {r['median_ms']} | {r['p99_ms']} | {r['descriptors_growth']:+d} | {r['rss_growth_kib']:+d} |")
     lines += ["", "## Idle memory per socket (RSS growth of the workers / sockets)", "",
               "| WebSocket implementation | bare ASGI app KiB | chat KiB | chat vs bare |", "| --- | --- | --- | --- |"]
     for ws in args["ws_implementations"]:
@@ -616,6 +683,8 @@ async def main(args):
             report["history_cost"] = await history_cost(cluster, redis_port, args, report["backends"])
         print("commands per group_send:", flush=True)
         report["commands"] = await commands_per_send(cluster, redis_port, args)
+        print("group_send from synchronous code:", flush=True)
+        report["sync"] = await sync_callers(cluster, redis_port, args)
         if args.server_settings:
             print("server settings:", flush=True)
             report["server_settings"] = await server_settings(cluster, redis_port, args)
@@ -645,6 +714,8 @@ def parse(argv=None):
     parser.add_argument("--big-room-messages-per-s", type=float, default=4.0)
     parser.add_argument("--command-room-sizes", type=int, nargs="+", default=[10, 100, 1000])
     parser.add_argument("--command-workers", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--sync-calls", type=int, default=10000, help="async_to_sync group_sends per layer and run")
+    parser.add_argument("--sync-repeats", type=int, default=3, help="runs per layer, alternating; the median run is reported")
     parser.add_argument("--idle-sockets", type=int, default=2000)
     parser.add_argument("--idle-repeats", type=int, default=3, help="measurements per app; the median is reported")
     parser.add_argument("--ws", default=WS_DEFAULT, help="uvicorn WebSocket implementation for the fan-out steps")
@@ -660,6 +731,7 @@ def parse(argv=None):
     if args.smoke:
         args.rooms, args.room_size, args.steps, args.step_seconds, args.repeats = 1, 6, [300], 1.0, 1
         args.big_room, args.command_room_sizes, args.command_workers = 12, [10], [1, 2]
+        args.sync_calls, args.sync_repeats = 100, 1
         args.idle_sockets, args.idle_repeats, args.ws_implementations, args.profile = 60, 1, [WS_DEFAULT], False
         args.loops = ["uvloop"]
     return args

@@ -29,5 +29,8 @@ def test_benchmark_smoke_writes_the_report_with_every_part():
     assert met["no silent drop at 2x overload"] and met["one Redis command per group_send, whatever the room size"]
     assert "room history on costs at most 10% of the sustainable rate with it off" in met
     assert set(report["server_settings"]) == {"wsproto/uvloop"}
+    # Synchronous callers: each call's loop takes its connections with it.
+    assert report["sync"]["redis-cluster"]["descriptors_growth"] == 0 and report["sync"]["redis-cluster"]["median_ms"] > 0
+    assert "group_send from synchronous code (async_to_sync) at most 2x channels_redis core's time per call" in met
     assert (out / "latency_vs_load.png").stat().st_size > 0 and (out / "commands_per_send.png").stat().st_size > 0
     assert "| this layer (Redis Cluster) |" in (out / "report.md").read_text()

@@ -56,3 +56,26 @@ def test_group_send_from_sync_code_reaches_the_group_and_leaves_nothing_open(clu
     assert layer.stats["resubscribes"] == 0, "a closed loop is not a failover"
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], [r.getMessage() for r in caplog.records]
     assert not layer._states, "no loop state outlives its loop"
+
+
+def test_a_forked_child_and_its_parent_both_send(cluster_hosts):
+    """A process that forks after using the layer (a prefork server, a Celery pool): both go on sending."""
+    prefix, group = f"fork{uuid.uuid4().hex[:6]}", "fork-room"
+    listener = Listener(cluster_hosts, prefix, group)
+    layer = RedisClusterChannelLayer(hosts=cluster_hosts, prefix=prefix)
+    async_to_sync(layer.group_send)(group, {"type": "chat.message", "n": -1})
+    child = os.fork()
+    if child == 0:
+        status = 1
+        try:
+            for n in range(CALLS // 2):
+                async_to_sync(layer.group_send)(group, {"type": "chat.message", "n": 1000 + n})
+            status = 0
+        finally:
+            os._exit(status)
+    assert os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]) == 0
+    for n in range(CALLS // 2 - 1):
+        async_to_sync(layer.group_send)(group, {"type": "chat.message", "n": n})
+    assert listener.done.wait(20), f"{len(listener.received)} of {CALLS} arrived"
+    numbers = [m["n"] for m in listener.received]
+    assert sorted(numbers) == sorted([-1, *range(1000, 1000 + CALLS // 2), *range(CALLS // 2 - 1)])
