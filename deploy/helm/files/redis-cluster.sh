@@ -119,6 +119,47 @@ forget_dead() {
   done
 }
 
+# Run by redis-node.sh before a primary that lost its data starts again as a new node: its replica
+# takes over OLD_ID's slots while nothing answers at this address yet. A server answering there would
+# be the replica's old master address coming back empty, and the replica would resynchronise from it
+# and lose the data. Gives up after HANDOVER_TIMEOUT_S (the cluster unreachable): the data is lost then.
+hand_over() {
+  old="$1"
+  deadline=$(( $(date +%s) + ${HANDOVER_TIMEOUT_S:-60} ))
+  replica=""
+  while [ -z "$replica" ]; do
+    [ "$(date +%s)" -lt "$deadline" ] || { log "no peer answered: $old is not handed over"; return 0; }
+    for host in $hosts; do
+      [ "$host" = "$self" ] && continue
+      table="$(cli "$host" cluster nodes)"
+      [ -n "$table" ] || continue
+      if ! echo "$table" | awk -v id="$old" '$1 == id && NF > 8 { f = 1 } END { exit !f }'; then
+        log "$old serves no slots any more"
+        return 0
+      fi
+      replica="$(echo "$table" | awk -v id="$old" '$4 == id && $3 ~ /slave/ && $3 !~ /fail|noaddr/ { split($2, a, ","); print a[2]; exit }')"
+      [ -n "$replica" ] || { log "$old has no replica: its slots come back empty"; return 0; }
+      break
+    done
+    [ -n "$replica" ] || sleep 1
+  done
+  # FORCE needs the other primaries' votes; TAKEOVER, tried after 10 s, needs none.
+  mode=force
+  asked=$(date +%s)
+  log "asking $replica to take over the slots of $old ($mode)"
+  cli "$replica" cluster failover "$mode" >/dev/null
+  while [ "$(cli "$replica" role | head -n 1)" != master ]; do
+    [ "$(date +%s)" -lt "$deadline" ] || { log "$replica did not take over: $old is not handed over"; return 0; }
+    if [ "$mode" = force ] && [ $(( $(date +%s) - asked )) -ge 10 ]; then
+      mode=takeover
+      log "asking $replica to take over the slots of $old ($mode)"
+      cli "$replica" cluster failover "$mode" >/dev/null
+    fi
+    sleep 0.5
+  done
+  log "$replica serves the slots of $old now"
+}
+
 step() {
   if alone 127.0.0.1; then join_or_create; return; fi
   table="$(cli 127.0.0.1 cluster nodes)"
@@ -152,6 +193,9 @@ case "${1:-}" in
       sleep "${REPAIR_INTERVAL_S:-5}"
     done
     ;;
+  hand-over)
+    hand_over "${2:?the node id that lost its data}"
+    ;;
   ready)
     # Ready once this node has been a member of a whole cluster: later trouble elsewhere in the cluster
     # (a primary failing over) must not take every node out of its Service at once.
@@ -160,7 +204,7 @@ case "${1:-}" in
     [ "$(info 127.0.0.1 cluster_state)" = ok ] && member && touch /data/cluster-ready
     ;;
   *)
-    echo "usage: $0 keep|ready" >&2
+    echo "usage: $0 keep|ready|hand-over ID" >&2
     exit 2
     ;;
 esac

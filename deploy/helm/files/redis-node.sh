@@ -24,11 +24,13 @@ if [ -s "$conf" ]; then
   mv "$conf.new" "$conf"
 
   # A primary that restarts without its data set (no AOF, or the AOF lost) would come back serving its
-  # slots empty, and its replica would copy the empty set. It starts as a new node instead: its old id
-  # fails over to the replica, and redis-cluster.sh makes this node that replica's replica.
+  # slots empty, and its replica would copy the empty set. It starts as a new node instead, once its
+  # replica has taken over its slots; redis-cluster.sh then makes it that replica's replica.
   if [ "${REDIS_APPENDONLY:-yes}" != yes ] || [ ! -d /data/appendonlydir ]; then
-    if awk '$3 ~ /myself/ && $3 ~ /master/ && NF > 8 { found = 1 } END { exit !found }' "$conf"; then
+    lost="$(awk '$3 ~ /myself/ && $3 ~ /master/ && NF > 8 { print $1 }' "$conf")"
+    if [ -n "$lost" ]; then
       echo "redis-node: this primary lost its data set; it rejoins as a new node so its replica keeps the data"
+      sh "$here/redis-cluster.sh" hand-over "$lost"
       mv "$conf" "$conf.lost"
       rm -f /data/cluster-ready
     fi
