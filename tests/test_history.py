@@ -12,8 +12,9 @@ async def send_numbered(layer, group, body, writer=WRITER, channel=None):
     channel = channel or layer.keys.group_channel(group)
     bound = layer.history.bound(group)
     _, fresh, now, age, keep = layer._history_args(bound)
-    return await _send_numbered(state.publisher, layer.keys.group_history(group), writer, fresh, now, age, keep,
-                                bound.size, channel, state.frame(channel, kind=NUMBERED), layer.serialize(body), "")
+    keys = [*layer.keys.group_history(group), layer.keys.group_queues(group)]
+    return await _send_numbered(state.publisher, keys, writer, fresh, now, age, keep, bound.size, channel,
+                                state.frame(channel, kind=NUMBERED), layer.serialize(body), "", 0)
 
 
 async def test_offsets_are_gapless_and_messages_carry_them(make_layer):
@@ -54,7 +55,7 @@ async def test_a_new_writer_rotates_the_epoch_and_clients_up_to_its_top_resume_e
     for n in range(5):
         await layer.group_send("moved", {"type": "m", "n": n})
     before = await layer.group_history("moved")
-    offset, _, rotated, _ = await send_numbered(layer, "moved", {"type": "m", "n": 5}, writer="another-server-process")
+    offset, _, rotated, _, _ = await send_numbered(layer, "moved", {"type": "m", "n": 5}, writer="another-server-process")
     assert (offset, rotated) == (6, 1)
     # This layer's own server process reads next: a second rotation, and the first epoch still links.
     after = await layer.group_history("moved", since=5, epoch=before.epoch)
@@ -72,7 +73,7 @@ async def test_writes_lost_in_a_failover_are_never_reused_under_the_same_epoch(m
     meta, log, _ = layer.keys.group_history("lossy")
     await state.publisher.execute(meta.encode(), "HSET", meta, "top", 3)  # the replica's state: offsets 1-3
     await state.publisher.execute(log.encode(), "LTRIM", log, 0, 2)
-    offset, epoch, rotated, _ = await send_numbered(layer, "lossy", {"type": "m", "n": "new"}, writer="promoted-replica")
+    offset, epoch, rotated, _, _ = await send_numbered(layer, "lossy", {"type": "m", "n": "new"}, writer="promoted-replica")
     assert offset == 4 and rotated == 1 and epoch.decode() != old.epoch
     saw_lost = await layer.group_history("lossy", since=5, epoch=old.epoch)
     assert not saw_lost.recovered and [m["n"] for m in saw_lost.messages] == ["new"]

@@ -28,6 +28,15 @@ local function drop_expired(list, now)
 end
 """
 
+# A group's normal channels (KEYS[n]) that joined after ``cutoff``: every group_send pushes to their
+# queues, since normal channels live in Redis, not in any one process; older ones are dropped.
+NORMAL_MEMBERS = """
+local function normal_members(queues, cutoff)
+  redis.call('ZREMRANGEBYSCORE', queues, '-inf', '(' .. cutoff)
+  return redis.call('ZRANGE', queues, 0, -1)
+end
+"""
+
 # Keys of one group. KEYS[1]: the hash, KEYS[2]: the entries, KEYS[3]: the idempotency keys.
 # ARGV[1] the writer's run id, ARGV[2] an epoch if a new one is needed, ARGV[3] now (ms), ARGV[4] the
 # age bound (ms), ARGV[5] how long the hash outlives its last write (ms). Both scripts first bring the
@@ -61,16 +70,17 @@ end
 drop_expired(log, now)
 """
 
-# ARGV[6] size, ARGV[7] shard channel, ARGV[8] frame prefix (sender, sequence number, kind), ARGV[9]
-# body, ARGV[10] idempotency key or ''. Returns {offset, epoch, rotated, duplicate}.
-SEND_SCRIPT = _PROLOGUE + """
+# KEYS[4] the group's normal channels. ARGV[6] size, ARGV[7] shard channel, ARGV[8] frame prefix (sender,
+# sequence number, kind), ARGV[9] body, ARGV[10] idempotency key or '', ARGV[11] the membership cutoff.
+# Returns {offset, epoch, rotated, duplicate, normal channels to push to}.
+SEND_SCRIPT = _PROLOGUE + NORMAL_MEMBERS + """
 local size, channel, prefix, body, key = tonumber(ARGV[6]), ARGV[7], ARGV[8], ARGV[9], ARGV[10]
 if key ~= '' then
   local seen = redis.call('ZSCORE', keys, key)
   if seen then
     -- Published already: only the sender's sequence number goes out, so no receiver counts a gap.
     redis.call('SPUBLISH', channel, string.sub(prefix, 1, -2) .. 's')
-    return {tonumber(seen), epoch, rotated, 1}
+    return {tonumber(seen), epoch, rotated, 1, {}}
   end
 end
 top = top + 1
@@ -89,7 +99,7 @@ redis.call('PEXPIRE', log, age)
 redis.call('PEXPIRE', keys, age)
 redis.call('PEXPIRE', meta, keep)
 redis.call('SPUBLISH', channel, prefix .. epoch .. string.format('%016d', top) .. body)
-return {top, epoch, rotated, 0}
+return {top, epoch, rotated, 0, normal_members(KEYS[4], ARGV[11])}
 """
 
 # ARGV[6] since ('' for a fresh join), ARGV[7] the epoch of since, ARGV[8] how many of the latest

@@ -15,6 +15,10 @@ class KeyScheme:
         """Sorted set of a group's members (channel -> join time), in the group's slot."""
         return f"{{{self.prefix}:g:{group}}}:members"
 
+    def group_queues(self, group: str) -> str:
+        """Sorted set of a group's normal channels (channel -> join time): group_send pushes to their queues."""
+        return f"{{{self.prefix}:g:{group}}}:queues"
+
     def group_history(self, group: str) -> list:
         """The keys of a group's history, in the group's slot: top/epoch hash, entries, idempotency keys."""
         tag = f"{{{self.prefix}:g:{group}}}"

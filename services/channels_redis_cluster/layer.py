@@ -1,6 +1,7 @@
 """RedisClusterChannelLayer: the Channels layer API on a Redis Cluster."""
 
 import asyncio
+import collections
 import hashlib
 import logging
 import os
@@ -35,11 +36,27 @@ redis.call('PEXPIRE', key, ARGV[3])
 return 1
 """
 
-# Membership: a sorted set of channel -> join time that expires with group_expiry.
+# Membership: sorted sets of channel -> join time that expire with group_expiry; KEYS[1] has every member,
+# KEYS[2] the normal ones (ARGV[4] is 1 for a normal channel).
 ADD_MEMBER_SCRIPT = """
-redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2])
-redis.call('EXPIRE', KEYS[1], ARGV[3])
+for i = 1, 1 + tonumber(ARGV[4]) do
+  redis.call('ZADD', KEYS[i], ARGV[1], ARGV[2])
+  redis.call('EXPIRE', KEYS[i], ARGV[3])
+end
 return 1
+"""
+
+DISCARD_MEMBER_SCRIPT = """
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+return 1
+"""
+
+# A group message without history: one SPUBLISH reaches the processes that hold members; the group's
+# normal channels come back, for the sender to push to. KEYS[1] the normal channels, ARGV[3] the cutoff.
+PUBLISH_SCRIPT = history.NORMAL_MEMBERS + """
+redis.call('SPUBLISH', ARGV[1], ARGV[2])
+return normal_members(KEYS[1], ARGV[3])
 """
 
 SENDER_BYTES = 12  # hex client prefix of the sending process, then an 8-byte sequence number, then a kind
@@ -78,6 +95,8 @@ class _Script:
 
 _push = _Script(PUSH_SCRIPT)
 _add_member = _Script(ADD_MEMBER_SCRIPT)
+_discard_member = _Script(DISCARD_MEMBER_SCRIPT)
+_publish_group = _Script(PUBLISH_SCRIPT)
 _send_numbered = _Script(history.SEND_SCRIPT)
 _read_history = _Script(history.READ_SCRIPT)
 
@@ -110,6 +129,7 @@ class _LoopState:
 
     def __init__(self, layer):
         self.layer = layer
+        self.loop = asyncio.get_running_loop()
         self.client_prefix = secrets.token_hex(SENDER_BYTES // 2)
         # Names new_channel() makes by default start with this; receive trusts them without a regex.
         self.channel_prefix = f"specific.{self.client_prefix}!"
@@ -211,8 +231,7 @@ class _LoopState:
             return
         group = self.group_of.get(shard_channel)
         if group is not None:
-            for channel in self.local.fan_out(group, message):
-                self.forward(channel, message)
+            self.local.fan_out(group, message)
 
     def on_inbox(self, envelope):
         """Direct messages, remote membership changes and their acknowledgements."""
@@ -245,10 +264,6 @@ class _LoopState:
                 self.layer.stats.inc("undeliverable")
         finally:
             self.acks.pop(envelope["id"], None)
-
-    def forward(self, channel, message):
-        """Push a group message into a normal channel's queue (normal channels live in Redis)."""
-        self.background(self.layer.send(channel, dict(message)))
 
     def background(self, coroutine):
         task = asyncio.ensure_future(coroutine)
@@ -303,7 +318,24 @@ class _LoopState:
             if self.poppers.get(channel) is asyncio.current_task():
                 del self.poppers[channel]
 
+    async def park(self):
+        """Move what this loop's own channels still hold into Redis, where another loop of the process receives it."""
+        now = time.monotonic()
+        for channel, buffer in list(self.local.buffers.items()):
+            if channel.startswith(self.channel_prefix):
+                for expires_at, message in buffer.items:
+                    if expires_at > now:
+                        await self.layer.push(self, channel, message, expires_at - now)
+                buffer.items.clear()
+
     async def close(self):
+        if self.listening is not None:
+            # Its channels outlive it: a later receive in another loop of this process reads their queues.
+            self.layer.remember_closed(self.client_prefix)
+            try:
+                await self.park()
+            except RETRYABLE as exc:
+                logger.warning("messages of a closing event loop's channels are lost: %r", exc)
         if self.sweeper is not None:
             self.sweeper.cancel()
         for popper in list(self.poppers.values()):
@@ -314,6 +346,9 @@ class _LoopState:
         await self.subscriber.close()
         await self.publisher.close()
         await self.cluster.aclose()
+        # aclose() closes nothing while redis-py waits to re-initialise after a failure: close the nodes anyway.
+        await self.cluster.nodes_manager.aclose()
+        await self.cluster.nodes_manager.aclose("startup_nodes")
 
 
 def _alive(task, start):
@@ -369,6 +404,8 @@ class RedisClusterChannelLayer(BaseChannelLayer):
             expiry=expiry,
         )
         self._states = weakref.WeakKeyDictionary()
+        self._listeners = weakref.WeakValueDictionary()  # client prefix -> the live loop state that receives
+        self._closed = collections.OrderedDict()  # client prefixes of this process's closed loops, newest last
         self._pid = os.getpid()
         self.command_table = {}  # the server's COMMAND reply, shared by every loop's cluster client
         self.slot_map = SharedSlotMap()
@@ -385,6 +422,7 @@ class RedisClusterChannelLayer(BaseChannelLayer):
         if self._pid != os.getpid():
             # A forked child: the parent's connections are not its own to use or to close.
             self._states, self._pid = weakref.WeakKeyDictionary(), os.getpid()
+            self._listeners, self._closed = weakref.WeakValueDictionary(), collections.OrderedDict()
         loop = asyncio.get_running_loop()
         state = self._states.get(loop)
         if state is None:
@@ -415,6 +453,23 @@ class RedisClusterChannelLayer(BaseChannelLayer):
         except AttributeError:  # a loop type without instance attributes (uvloop) lives as long as its server
             pass
 
+    CLOSED_LIMIT = 10000
+
+    def remember_closed(self, client_prefix):
+        """Record a closed loop's prefix: its channels are received from their queues from now on."""
+        self._closed[client_prefix] = None
+        if len(self._closed) > self.CLOSED_LIMIT:
+            self._closed.popitem(last=False)
+
+    async def push(self, state, channel, message, expiry=None):
+        """Append to ``channel``'s queue in Redis; False when it is at capacity."""
+        expires_ms = int((time.time() + (expiry or self.expiry)) * 1000)
+        entry = b"%013d" % expires_ms + self.serialize(message)
+        return await _push(
+            state.publisher, self.keys.queue(channel), int(time.time() * 1000), self.get_capacity(channel),
+            int(self.expiry * 1000), entry,
+        )
+
     @staticmethod
     def owner_of(channel):
         """The client prefix of the process that owns a process-specific channel, else None."""
@@ -439,17 +494,11 @@ class RedisClusterChannelLayer(BaseChannelLayer):
         try:
             if owner is not None:
                 body = self.serialize({"c": channel, "m": message})
-                if not await state.publish(self.keys.inbox(owner), body):
-                    self.stats.inc("undeliverable")
-                return
-            key = self.keys.queue(channel)
-            expires_ms = int((time.time() + self.expiry) * 1000)
-            entry = b"%013d" % expires_ms + self.serialize(message)
-            now_ms = int(time.time() * 1000)
-            capacity = self.get_capacity(channel)
-            pushed = await _push(
-                state.publisher, key, now_ms, capacity, int(self.expiry * 1000), entry
-            )
+                if await state.publish(self.keys.inbox(owner), body):
+                    return
+                # No loop listens for it now: its queue keeps it for a later receive in the owning process.
+                self.stats.inc("parked")
+            pushed = await self.push(state, channel, message)
         except RETRYABLE:
             self.stats.inc("errors")
             raise
@@ -464,16 +513,21 @@ class RedisClusterChannelLayer(BaseChannelLayer):
             return await state.local.get(channel)
         self.require_valid_channel_name(channel)
         owner = self.owner_of(channel)
-        if owner is None:
+        if owner is None or owner in self._closed:
             return await state.receive_normal(channel)
-        if owner != state.client_prefix:
-            raise ValueError(f"{channel!r} belongs to another process or event loop")
-        return await state.local.get(channel)
+        if owner == state.client_prefix:
+            return await state.local.get(channel)
+        other = self._listeners.get(owner)
+        if other is None or not other.loop.is_running():
+            raise ValueError(f"{channel!r} belongs to another process")
+        # Made by a loop that runs in another thread of this process: that loop's buffer holds its messages.
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(other.local.get(channel), other.loop))
 
     async def new_channel(self, prefix="specific"):
         """A new process-specific channel name that this process receives on."""
         state = await self._state()
         await state.listen()
+        self._listeners[state.client_prefix] = state
         return f"{prefix}.{state.client_prefix}!{secrets.token_hex(12)}"
 
     async def attach(self, channel, deliver):
@@ -502,13 +556,14 @@ class RedisClusterChannelLayer(BaseChannelLayer):
         self.require_valid_group_name(group)
         self.require_valid_channel_name(channel)
         state = await self._state()
-        await _add_member(
-            state.publisher, self.keys.group_members(group), time.time(), channel, self.group_expiry
-        )
         owner = self.owner_of(channel)
-        if owner is None or owner == state.client_prefix:
+        await _add_member(
+            state.publisher, (self.keys.group_members(group), self.keys.group_queues(group)), time.time(),
+            channel, self.group_expiry, int(owner is None),
+        )
+        if owner == state.client_prefix:
             await state.join(group, channel)
-        else:
+        elif owner is not None:
             await state.ask_owner(owner, {"a": group, "c": channel})
 
     async def group_discard(self, group, channel):
@@ -516,12 +571,11 @@ class RedisClusterChannelLayer(BaseChannelLayer):
         self.require_valid_group_name(group)
         self.require_valid_channel_name(channel)
         state = await self._state()
-        key = self.keys.group_members(group)
-        await state.publisher.execute(key.encode(), "ZREM", key, channel)
+        await _discard_member(state.publisher, (self.keys.group_members(group), self.keys.group_queues(group)), channel)
         owner = self.owner_of(channel)
-        if owner is None or owner == state.client_prefix:
+        if owner == state.client_prefix:
             await state.leave(group, channel)
-        else:
+        elif owner is not None:
             await state.ask_owner(owner, {"d": group, "c": channel})
 
     async def group_send(self, group, message, *, idempotency_key=None):
@@ -537,22 +591,38 @@ class RedisClusterChannelLayer(BaseChannelLayer):
         state = await self._state()
         channel = self.keys.group_channel(group)
         bound = self.history.bound(group)
+        cutoff = time.time() - self.group_expiry
         try:
             if not bound.size:
-                await state.publish(channel, self.serialize(message))
-                return None
-            offset, _, rotated, duplicate = await _send_numbered(
-                state.publisher, self.keys.group_history(group), *self._history_args(bound), bound.size, channel,
-                state.frame(channel, kind=NUMBERED), self.serialize(message), idempotency_key or "",
-            )
+                offset = None
+                queued = await _publish_group(
+                    state.publisher, self.keys.group_queues(group), channel,
+                    state.frame(channel, self.serialize(message)), cutoff,
+                )
+            else:
+                offset, epoch, rotated, duplicate, queued = await _send_numbered(
+                    state.publisher, [*self.keys.group_history(group), self.keys.group_queues(group)],
+                    *self._history_args(bound), bound.size, channel, state.frame(channel, kind=NUMBERED),
+                    self.serialize(message), idempotency_key or "", cutoff,
+                )
+                if rotated:
+                    self.stats.inc("epoch_rotations")
+                if duplicate:
+                    self.stats.inc("duplicates_suppressed")
+                message = {**message, history.OFFSET: offset, history.EPOCH: epoch.decode()}
+            if queued:
+                await self._push_members(state, queued, message)
         except RETRYABLE:
             self.stats.inc("errors")
             raise
-        if rotated:
-            self.stats.inc("epoch_rotations")
-        if duplicate:
-            self.stats.inc("duplicates_suppressed")
         return offset
+
+    async def _push_members(self, state, channels, message):
+        """Push a group message to the group's normal channels; a full one misses it, as in channels_redis."""
+        pushed = await asyncio.gather(*(self.push(state, channel.decode(), message) for channel in channels))
+        full = pushed.count(0)
+        if full:
+            self.stats.inc("overflow", full)
 
     async def group_history(self, group, since=None, epoch=None, last=0):
         """The messages of ``group`` after offset ``since`` of ``epoch`` (or its ``last`` ones), as ``GroupHistory``.

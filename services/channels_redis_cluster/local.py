@@ -152,7 +152,6 @@ class LocalChannels:
         cutoff = time.time() - self.group_expiry
         expires_at = time.monotonic() + self.expiry
         buffers, sinks = self.buffers, self.sinks
-        forward = []
         expired = []
         attached = []
         delivered = dropped = 0
@@ -161,8 +160,6 @@ class LocalChannels:
                 expired.append(channel)
             elif (sink := sinks.get(channel)) is not None:
                 attached.append(sink)
-            elif "!" not in channel:
-                forward.append(channel)
             elif (buffers.get(channel) or self.buffer(channel)).put(dict(message), expires_at):
                 delivered += 1
             else:
@@ -178,7 +175,6 @@ class LocalChannels:
         self.stats.inc("delivered", delivered)
         if dropped:
             self.stats.inc("overflow", dropped)
-        return forward
 
     def sweep(self):
         """Drop buffers nobody has read for longer than the expiry: their messages are dead anyway."""

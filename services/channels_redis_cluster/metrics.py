@@ -9,8 +9,9 @@ except ImportError:  # the layer works without it; only the export is lost
 
 EVENTS = {
     "delivered": "Group messages handed to local channels (buffers or attached receivers)",
-    "overflow": "Messages dropped because a local channel buffer or attached receiver was full",
-    "undeliverable": "Direct sends to a process-specific channel whose process is gone",
+    "overflow": "Messages dropped because their channel was full: a local buffer, an attached receiver, or a queue a group_send pushed to",
+    "undeliverable": "Membership changes for a process-specific channel whose process is gone",
+    "parked": "Direct sends to a process-specific channel whose loop was not listening, queued in Redis for its process",
     "sequence_gaps": "Pub/sub messages numbered by a sender that never arrived here",
     "out_of_order": "Pub/sub messages that arrived after a later one from the same sender",
     "resubscribes": "Subscriber connections lost and moved to the slot's current primary",

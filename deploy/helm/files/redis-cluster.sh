@@ -22,7 +22,7 @@ log() { echo "redis-cluster: $*"; }
 cli() { cli_host="$1"; shift; timeout 5 redis-cli -h "$cli_host" -p 6379 "$@" 2>/dev/null | tr -d '\r'; }
 info() { cli "$1" cluster info | sed -n "s/^$2://p"; }
 alone() { [ "$(info "$1" cluster_known_nodes)" = 1 ] && [ "$(info "$1" cluster_slots_assigned)" = 0 ]; }
-address() { getent hosts "$1" | awk '{ print $1; exit }'; }
+address() { getent ahostsv4 "$1" | awk '{ print $1; exit }'; }
 # True when this node holds a role: a primary serving slots or a replica.
 member() { cli 127.0.0.1 cluster nodes | awk '$3 ~ /myself/ && ($3 ~ /slave/ || NF > 8) { f = 1 } END { exit !f }'; }
 
@@ -44,7 +44,7 @@ join_or_create() {
     primaries="$primaries $(address "$host"):6379"
   done
   log "creating the cluster with primaries$primaries; the other nodes join as replicas"
-  redis-cli --cluster create $primaries --cluster-replicas 0 --cluster-yes
+  timeout 60 redis-cli --cluster create $primaries --cluster-replicas 0 --cluster-yes
 }
 
 # The node id this node should replicate, or nothing: MODE is adopt (a primary without slots) or
@@ -68,6 +68,8 @@ choose() {
       pick = ""
       for (id in primary) {
         if (id == skip) continue
+        # A node whose placement is not published yet is not known to be far: a replica does not move to it.
+        if (mode == "rebalance" && here != "" && at[host[id]] == "") continue
         if (pick == "" || score(me, id) > score(me, pick) || (score(me, id) == score(me, pick) && replicas[id] < replicas[pick])) pick = id
       }
       return pick
@@ -76,6 +78,7 @@ choose() {
       if (mode == "adopt") { print best(""); exit }
       # A replica stays with a primary in trouble: it is the one that takes over.
       if (!(mine in primary)) exit
+      if (here != "" && at[host[mine]] == "") exit
       target = best(mine)
       if (target != "" && score(me, target) > score(me, mine)) { print target; exit }
       # A primary without replica takes the lowest-id replica of a primary with two that runs no
@@ -122,13 +125,14 @@ forget_dead() {
 # Run by redis-node.sh before a primary that lost its data starts again as a new node: its replica
 # takes over OLD_ID's slots while nothing answers at this address yet. A server answering there would
 # be the replica's old master address coming back empty, and the replica would resynchronise from it
-# and lose the data. Gives up after HANDOVER_TIMEOUT_S (the cluster unreachable): the data is lost then.
+# and lose the data. Fails when OLD_ID has no replica or none took over within HANDOVER_TIMEOUT_S: the node
+# then starts under OLD_ID and serves its slots empty, rather than leave them served by nobody.
 hand_over() {
   old="$1"
   deadline=$(( $(date +%s) + ${HANDOVER_TIMEOUT_S:-60} ))
   replica=""
   while [ -z "$replica" ]; do
-    [ "$(date +%s)" -lt "$deadline" ] || { log "no peer answered: $old is not handed over"; return 0; }
+    [ "$(date +%s)" -lt "$deadline" ] || { log "no peer answered: $old is not handed over"; return 1; }
     for host in $hosts; do
       [ "$host" = "$self" ] && continue
       table="$(cli "$host" cluster nodes)"
@@ -138,7 +142,7 @@ hand_over() {
         return 0
       fi
       replica="$(echo "$table" | awk -v id="$old" '$4 == id && $3 ~ /slave/ && $3 !~ /fail|noaddr/ { split($2, a, ","); print a[2]; exit }')"
-      [ -n "$replica" ] || { log "$old has no replica: its slots come back empty"; return 0; }
+      [ -n "$replica" ] || { log "$old has no replica: its slots come back empty"; return 1; }
       break
     done
     [ -n "$replica" ] || sleep 1
@@ -149,7 +153,7 @@ hand_over() {
   log "asking $replica to take over the slots of $old ($mode)"
   cli "$replica" cluster failover "$mode" >/dev/null
   while [ "$(cli "$replica" role | head -n 1)" != master ]; do
-    [ "$(date +%s)" -lt "$deadline" ] || { log "$replica did not take over: $old is not handed over"; return 0; }
+    [ "$(date +%s)" -lt "$deadline" ] || { log "$replica did not take over: $old is not handed over"; return 1; }
     if [ "$mode" = force ] && [ $(( $(date +%s) - asked )) -ge 10 ]; then
       mode=takeover
       log "asking $replica to take over the slots of $old ($mode)"
@@ -172,8 +176,11 @@ step() {
   [ -n "$mode" ] || return 0
   # Redis fails over a primary it cannot reach, but not one whose address now answers with another id
   # (it restarted empty as a new node): nothing pings a node without an address, so it never fails.
-  if [ "$mode" = rebalance ] && echo "$table" | awk -v id="$(echo "$table" | awk '$3 ~ /myself/ { print $4 }')" \
-      '$1 == id && $3 ~ /noaddr/ && NF > 8 { f = 1 } END { exit !f }'; then
+  if [ "$mode" = rebalance ] && echo "$table" | awk -v id="$(echo "$table" | awk '$3 ~ /myself/ { print $4 }')" '
+      { split($2, addr, ","); host[$1] = addr[2] }
+      $1 == id && $3 ~ /noaddr/ && NF > 8 { lost = 1 }
+      $1 != id && $3 !~ /fail|noaddr|handshake/ { live[addr[2]] = 1 }
+      END { exit !(lost && host[id] in live) }'; then
     log "my primary lost its address to a new node: taking over its slots"
     cli 127.0.0.1 cluster failover force
     return

@@ -8,13 +8,17 @@
 set -eu
 here="$(dirname "$0")"
 conf=/data/nodes.conf
+# Until the server runs, a stop request ends the script; then it is forwarded to the server.
+trap 'exit 143' TERM INT
+# Readiness is earned again on every start: the node must rejoin before its Service sends it clients.
+rm -f /data/cluster-ready
 
 if [ -s "$conf" ]; then
   # Containers and pods get new IPs when they are recreated: the peers' addresses are refreshed from DNS;
   # a peer not resolvable yet keeps its old address and is corrected by gossip once it pings this node.
   awk '$1 != "vars" && NF > 2 {
     split($2, addr, ",")
-    lookup = "getent hosts " addr[2]
+    lookup = "getent ahostsv4 " addr[2]
     if (addr[2] != "" && (lookup | getline found) > 0) {
       split(found, ip, " ")
       sub(/^[^:]*/, ip[1], $2)
@@ -26,13 +30,14 @@ if [ -s "$conf" ]; then
   # A primary that restarts without its data set (no AOF, or the AOF lost) would come back serving its
   # slots empty, and its replica would copy the empty set. It starts as a new node instead, once its
   # replica has taken over its slots; redis-cluster.sh then makes it that replica's replica.
-  if [ "${REDIS_APPENDONLY:-yes}" != yes ] || [ ! -d /data/appendonlydir ]; then
+  if [ "${REDIS_APPENDONLY:-yes}" != yes ] || ! ls /data/appendonlydir/*.manifest >/dev/null 2>&1; then
     lost="$(awk '$3 ~ /myself/ && $3 ~ /master/ && NF > 8 { print $1 }' "$conf")"
     if [ -n "$lost" ]; then
       echo "redis-node: this primary lost its data set; it rejoins as a new node so its replica keeps the data"
-      sh "$here/redis-cluster.sh" hand-over "$lost"
-      mv "$conf" "$conf.lost"
-      rm -f /data/cluster-ready
+      # When no replica took the slots over, it starts under its old id and serves them empty.
+      if sh "$here/redis-cluster.sh" hand-over "$lost"; then
+        mv "$conf" "$conf.lost"
+      fi
     fi
   fi
 fi
@@ -71,6 +76,7 @@ keeper=$!
 status=0
 # `wait` returns early when a trapped signal arrives; the server's own exit status is the container's.
 while kill -0 "$server" 2>/dev/null; do
+  status=0
   wait "$server" || status=$?
 done
 kill "$keeper" 2>/dev/null || true
