@@ -15,7 +15,9 @@ ENV UV_NATIVE_TLS=1 \
 RUN python3 -m venv /opt/uv && /opt/uv/bin/pip install --quiet "uv==${UV_VERSION}"
 WORKDIR /src
 COPY pyproject.toml uv.lock ./
-RUN /opt/uv/bin/uv sync --frozen --no-dev --no-install-project --no-cache --python python3
+# The layer is installed as the package it is published as (layer/pyproject.toml), not from a path.
+COPY layer/ ./layer/
+RUN /opt/uv/bin/uv sync --frozen --no-dev --no-install-project --no-editable --no-cache --python python3
 COPY services/ /app/services/
 RUN python3 -m compileall -q /app/services
 

@@ -17,7 +17,7 @@ $(UV):
 	$(PYTHON) -m venv $(TOOLS)
 	$(TOOLS)/bin/pip install --quiet uv==$(UV_VERSION)
 
-$(VENV)/.synced: pyproject.toml uv.lock | $(UV)
+$(VENV)/.synced: pyproject.toml uv.lock layer/pyproject.toml | $(UV)
 	$(UV) sync --frozen --quiet
 	touch $@
 

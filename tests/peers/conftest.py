@@ -7,7 +7,7 @@ channels_redis's known failures, which this layer must not share.
 
 import pytest
 
-import peer_layers
+from peers import peer_layers
 
 NOT_APPLICABLE = {
     "test_channels_redis_core.py::test_reject_bad_client_prefix":

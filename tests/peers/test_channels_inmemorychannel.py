@@ -6,7 +6,7 @@ import async_timeout
 import pytest
 
 from channels.exceptions import ChannelFull
-from peer_layers import InMemoryChannelLayer  # adapted: the one change, this layer on the local cluster
+from peers.peer_layers import InMemoryChannelLayer  # adapted: the one change, this layer on the local cluster
 
 
 @pytest.fixture()

@@ -7,7 +7,7 @@ import async_timeout
 import pytest
 
 from asgiref.sync import async_to_sync
-from peer_layers import ChannelFull, RedisChannelLayer  # adapted: the one change, this layer on the local cluster
+from peers.peer_layers import ChannelFull, RedisChannelLayer  # adapted: the one change, this layer on the local cluster
 
 TEST_HOSTS = ["redis://localhost:6379"]
 

@@ -9,7 +9,7 @@ import async_timeout
 import pytest
 
 from asgiref.sync import async_to_sync
-from peer_layers import RedisPubSubChannelLayer  # adapted: the one change, this layer on the local cluster
+from peers.peer_layers import RedisPubSubChannelLayer  # adapted: the one change, this layer on the local cluster
 from channels_redis.utils import _close_redis
 
 TEST_HOSTS = ["redis://localhost:6379"]
