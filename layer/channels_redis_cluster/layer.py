@@ -406,6 +406,7 @@ class RedisClusterChannelLayer(BaseChannelLayer):
         self._states = weakref.WeakKeyDictionary()
         self._listeners = weakref.WeakValueDictionary()  # client prefix -> the live loop state that receives
         self._closed = collections.OrderedDict()  # client prefixes of this process's closed loops, newest last
+        self._wrapped = weakref.WeakSet()  # loops whose close() already closes this layer's state
         self._pid = os.getpid()
         self.command_table = {}  # the server's COMMAND reply, shared by every loop's cluster client
         self.slot_map = SharedSlotMap()
@@ -423,6 +424,7 @@ class RedisClusterChannelLayer(BaseChannelLayer):
             # A forked child: the parent's connections are not its own to use or to close.
             self._states, self._pid = weakref.WeakKeyDictionary(), os.getpid()
             self._listeners, self._closed = weakref.WeakValueDictionary(), collections.OrderedDict()
+            self._wrapped = weakref.WeakSet()
         loop = asyncio.get_running_loop()
         state = self._states.get(loop)
         if state is None:
@@ -437,6 +439,8 @@ class RedisClusterChannelLayer(BaseChannelLayer):
         ``async_to_sync`` runs each call in a fresh loop that it closes afterwards; without this every
         call would leave its sockets open and its tasks pending.
         """
+        if loop in self._wrapped:  # a state made again after close() in the same loop
+            return
         original = loop.close
 
         def close():
@@ -450,6 +454,7 @@ class RedisClusterChannelLayer(BaseChannelLayer):
 
         try:
             loop.close = close
+            self._wrapped.add(loop)
         except AttributeError:  # a loop type without instance attributes (uvloop) lives as long as its server
             pass
 
