@@ -4,6 +4,7 @@ and Channels, and running the Channels tutorial's consumer across two processes 
 import importlib.metadata
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -15,7 +16,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 UV = ROOT / ".tools/bin/uv"
-TUTORIAL = ROOT.parent / "shared/reference/channels-tutorial-part-3.rst"
+# The async ChatConsumer of the Channels tutorial, part 3, as the tutorial prints it.
+TUTORIAL_CONSUMER = ROOT / "tests/tutorial/consumers.py"
 
 SETTINGS = """
 SECRET_KEY = "package-test"
@@ -52,13 +54,6 @@ async def main():
 
 asyncio.run(main())
 """
-
-
-def tutorial_consumer():
-    """The async ChatConsumer of the Channels tutorial, part 3, exactly as the tutorial prints it."""
-    text = TUTORIAL.read_text()
-    block = re.search(r"\.\. code-block:: python\n\n((?:    .*\n|\n)*?    # chat/consumers\.py\n(?:    .*\n|\n)*)", text)
-    return "\n".join(line[4:] for line in block.group(1).splitlines())
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +104,7 @@ def test_the_tutorial_consumer_runs_on_the_wheel_in_a_clean_environment(dist, tm
     project = tmp_path / "project"
     (project / "chat").mkdir(parents=True)
     (project / "chat/__init__.py").write_text("")
-    (project / "chat/consumers.py").write_text(tutorial_consumer())
+    shutil.copy(TUTORIAL_CONSUMER, project / "chat/consumers.py")
     (project / "settings.py").write_text(SETTINGS.format(hosts=cluster_hosts))
     (project / "member.py").write_text(MEMBER)
     run = {"cwd": project, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
