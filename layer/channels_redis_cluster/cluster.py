@@ -1,6 +1,7 @@
 """Cluster topology and per-primary pipelines that keep commands to one node in order."""
 
 import asyncio
+import bisect
 import collections
 import logging
 import re
@@ -98,6 +99,39 @@ class SharedCommandTable(AsyncCommandsParser):
             self.commands = table
 
 
+class SlotRanges:
+    """redis-py's ``slots_cache`` kept as the cluster's few slot ranges.
+
+    redis-py keeps a dict of 16,384 int keys, about 1 MiB per client, and a process that calls the
+    layer through ``async_to_sync`` builds a client per call. Looking a slot up in a handful of ranges
+    costs a bisect; a slot redirected by ``MOVED`` is kept apart until the next refresh.
+    """
+
+    def __init__(self, ranges):
+        self.firsts = [first for first, _, _ in ranges]
+        self.ranges = ranges  # [(first, last, nodes)], ascending
+        self.moved = {}
+
+    def __getitem__(self, slot):
+        nodes = self.moved.get(slot)
+        if nodes is not None:
+            return nodes
+        index = bisect.bisect_right(self.firsts, slot) - 1
+        if index < 0 or slot > self.ranges[index][1]:
+            raise IndexError(slot)  # what redis-py's lookup turns into SlotNotCoveredError
+        return self.ranges[index][2]
+
+    def __setitem__(self, slot, nodes):
+        self.moved[slot] = nodes
+
+    def get(self, slot, default=None):
+        """The nodes of ``slot``, as ``dict.get`` gives them."""
+        try:
+            return self[slot]
+        except IndexError:
+            return default
+
+
 class SharedSlotMap:
     """The cluster's slot map as plain data, kept by the layer and shared by every loop's cluster client.
 
@@ -127,15 +161,21 @@ class SharedSlotMap:
         """Load the remembered slot map into a new client; False when there is none yet."""
         if not self.ranges:
             return False
-        nodes, slots = {}, {}
+        nodes, ranges = {}, []
         for first, last, members in self.ranges:
             listed = []
             for host, port, server_type in members:
                 name = f"{host}:{port}"
                 if name not in nodes:
-                    nodes[name] = ClusterNode(host, port, server_type, **nodes_manager.connection_kwargs)
+                    # The client made a node for each startup node already: the same node, not a second one.
+                    node = nodes_manager.startup_nodes.get(name)
+                    if node is None:
+                        node = ClusterNode(host, port, **nodes_manager.connection_kwargs)
+                    node.server_type = server_type
+                    nodes[name] = node
                 listed.append(nodes[name])
-            slots.update(dict.fromkeys(range(first, last + 1), listed))
+            ranges.append((first, last, listed))
+        slots = SlotRanges(ranges)
         nodes_manager.set_nodes(nodes_manager.nodes_cache, nodes, remove_old=True)
         nodes_manager.slots_cache = slots
         nodes_manager.default_node = slots[0][0]
