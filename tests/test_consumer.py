@@ -46,6 +46,8 @@ BAD_FRAMES = [
     (json.dumps({"message": "x", "admin": True}), "unknown_field", 4400),
     (json.dumps({"message": "x" * 101}), "message_too_long", 4413),
     (json.dumps({"message": "é" * 90, "pad": "y" * 900}), "frame_too_large", 4413),
+    ('{"message": "\\ud800"}', "bad_message", 4400),
+    ('{"message": "x", "nonce": "\\udfff"}', "bad_nonce", 4400),
 ]
 
 
@@ -72,6 +74,26 @@ async def test_v2_bad_input_gets_an_error_frame_and_stays_open(application, text
     await client.send_to(text_data=json.dumps({"message": "ok"}))
     assert (await client.receive_json_from(timeout=3))["message"] == "ok"
     await client.disconnect()
+
+
+def test_json_nested_deeper_than_the_parser_is_bad_json_not_a_crash():
+    from django.test import override_settings
+
+    from chat.protocol import BadFrame, parse_client_frame
+
+    with override_settings(CHAT_MAX_FRAME_BYTES=1_000_000):
+        with pytest.raises(BadFrame) as refused:
+            parse_client_frame("[" * 100_000 + "]" * 100_000, 2)
+    assert refused.value.reason == "bad_json"
+
+
+async def test_a_v1_client_that_sends_on_after_a_bad_frame_gets_one_close(application):
+    client = await join(application, "bad-twice")
+    await client.send_to(text_data="not json")
+    await client.send_to(text_data="not json either")
+    closed = await client.receive_output(timeout=3)
+    assert closed["type"] == "websocket.close" and closed["code"] == 4400
+    assert await client.receive_nothing(timeout=0.3), "a second close was sent"
 
 
 async def test_binary_frames_are_refused(application):

@@ -183,7 +183,8 @@ class ChatConsumer(LayerPushMixin, AsyncWebsocketConsumer):
             logger.warning("group_discard failed for %s: %r", self.room_group_name, exc)
 
     async def receive(self, text_data=None, bytes_data=None):
-        if self.room_group_name is None:
+        # Frames the client sent before it read our close are not answered: one close per socket.
+        if self.room_group_name is None or self.closing:
             return
         try:
             frame = parse_client_frame(text_data, self.version)

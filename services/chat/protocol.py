@@ -44,6 +44,8 @@ def parse_client_frame(text, version):
         frame = json.loads(text)
     except ValueError:
         raise BadFrame(CLOSE_BAD_REQUEST, "bad_json", "frame is not valid JSON") from None
+    except RecursionError:  # [[[[... nested deeper than the parser's stack
+        raise BadFrame(CLOSE_BAD_REQUEST, "bad_json", "frame nests too deeply") from None
     if not isinstance(frame, dict):
         raise BadFrame(CLOSE_BAD_REQUEST, "bad_frame", 'frame must be a JSON object like {"message": "..."}')
     unknown = sorted(set(frame) - (V2_FIELDS if version == 2 else V1_FIELDS))
@@ -52,12 +54,23 @@ def parse_client_frame(text, version):
     message = frame.get("message")
     if not isinstance(message, str):
         raise BadFrame(CLOSE_BAD_REQUEST, "bad_message", '"message" is required and must be a string')
+    if not _is_text(message):
+        raise BadFrame(CLOSE_BAD_REQUEST, "bad_message", '"message" must be Unicode text (it holds a lone surrogate)')
     if len(message) > settings.CHAT_MAX_MESSAGE_CHARS:
         raise BadFrame(CLOSE_TOO_LARGE, "message_too_long", f"messages are limited to {settings.CHAT_MAX_MESSAGE_CHARS} characters")
     nonce = frame.get("nonce")
-    if nonce is not None and not (isinstance(nonce, str) and len(nonce) <= MAX_NONCE_CHARS):
+    if nonce is not None and not (isinstance(nonce, str) and len(nonce) <= MAX_NONCE_CHARS and _is_text(nonce)):
         raise BadFrame(CLOSE_BAD_REQUEST, "bad_nonce", f'"nonce" must be a string of at most {MAX_NONCE_CHARS} characters')
     return frame
+
+
+def _is_text(value):
+    """False for a string that holds a lone surrogate ("\\ud800" is valid JSON but no UTF-8 text)."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class Resume:
