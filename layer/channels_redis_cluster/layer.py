@@ -403,13 +403,18 @@ class RedisClusterChannelLayer(BaseChannelLayer):
             random_prefix_length=0,
             expiry=expiry,
         )
+        self._forget_loops()
+        self.command_table = {}  # the server's COMMAND reply, shared by every loop's cluster client
+        self.slot_map = SharedSlotMap()
+
+    def _forget_loops(self):
+        """Start with no event loop's state: at construction, and in a forked child, whose parent's
+        connections are not its own to use or to close."""
         self._states = weakref.WeakKeyDictionary()
         self._listeners = weakref.WeakValueDictionary()  # client prefix -> the live loop state that receives
         self._closed = collections.OrderedDict()  # client prefixes of this process's closed loops, newest last
         self._wrapped = weakref.WeakSet()  # loops whose close() already closes this layer's state
         self._pid = os.getpid()
-        self.command_table = {}  # the server's COMMAND reply, shared by every loop's cluster client
-        self.slot_map = SharedSlotMap()
 
     def serialize(self, message):
         """Message to bytes (msgpack, optionally encrypted), as channels_redis does."""
@@ -421,10 +426,7 @@ class RedisClusterChannelLayer(BaseChannelLayer):
 
     async def _state(self):
         if self._pid != os.getpid():
-            # A forked child: the parent's connections are not its own to use or to close.
-            self._states, self._pid = weakref.WeakKeyDictionary(), os.getpid()
-            self._listeners, self._closed = weakref.WeakValueDictionary(), collections.OrderedDict()
-            self._wrapped = weakref.WeakSet()
+            self._forget_loops()
         loop = asyncio.get_running_loop()
         state = self._states.get(loop)
         if state is None:
@@ -614,7 +616,8 @@ class RedisClusterChannelLayer(BaseChannelLayer):
                     self.stats.inc("epoch_rotations")
                 if duplicate:
                     self.stats.inc("duplicates_suppressed")
-                message = {**message, history.OFFSET: offset, history.EPOCH: epoch.decode()}
+                if queued:  # normal channels get the offset and epoch that live members get
+                    message = {**message, history.OFFSET: offset, history.EPOCH: epoch.decode()}
             if queued:
                 await self._push_members(state, queued, message)
         except RETRYABLE:
