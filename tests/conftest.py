@@ -29,18 +29,20 @@ ROOT = Path(__file__).resolve().parent.parent
 @contextmanager
 def local_stack(**env):
     """The `make run` topology (python -m localstack.run: a 6-node cluster and 3 workers) on free ports."""
-    port, redis_port = free_port(), free_base_port(6, 31000, 39000)
+    port, redis_port = free_port(), free_base_port(6, 16000, 22000)
     process = subprocess.Popen(
         [sys.executable, "-m", "localstack.run", "--port", str(port), "--redis-port", str(redis_port)],
         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT / "services"), "WEB_CONCURRENCY": "3", **env},
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )
     try:
+        said = []
         for line in process.stdout:
             if "chat is ready" in line:
                 break
+            said.append(line)
         else:
-            pytest.fail(f"make run topology did not start (status {process.wait()})")
+            pytest.fail(f"make run topology did not start (status {process.wait()}):\n{''.join(said[-40:])}")
         # Keep reading so the stack never blocks on a full pipe.
         threading.Thread(target=process.stdout.read, daemon=True).start()
         yield {"url": f"http://127.0.0.1:{port}", "ws": f"ws://127.0.0.1:{port}", "process": process,

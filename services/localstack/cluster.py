@@ -87,8 +87,11 @@ def free_port():
         return sock.getsockname()[1]
 
 
-def free_base_port(count, low=20000, high=29000):
+def free_base_port(count, low=10000, high=16000):
     """A base port whose ``count`` ports and their cluster-bus ports (+10000) are all free."""
+    # Both below the kernel's ephemeral range (32768-60999 by default): there, an outgoing connection
+    # could take a port between this check and the node's bind.
+    assert high + 10000 <= 32768, "cluster-bus ports would fall in the ephemeral range"
     bases = range(low, high - count + 1, count)
     # Start at a per-process offset, so parallel runs rarely race, and wrap around the whole range.
     start = (os.getpid() * 7) % len(bases)
