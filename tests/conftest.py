@@ -104,12 +104,12 @@ ORIGIN = [(b"origin", b"http://127.0.0.1:8000")]
 
 @pytest.fixture
 async def application(cluster_hosts):
-    """The chat's ASGI app on the cluster layer, with room history and small limits."""
+    """The chat's ASGI app on the cluster layer, with room history, small frames and no message rate limit."""
     from channels.layers import channel_layers
 
     config = {"hosts": cluster_hosts, "prefix": f"app{uuid.uuid4().hex[:6]}", "group_history": {"chat_*": {"size": 20, "age": 60}}}
     layers = {"default": {"BACKEND": "channels_redis_cluster.RedisClusterChannelLayer", "CONFIG": config}}
-    with override_settings(CHANNEL_LAYERS=layers, CHAT_MAX_MESSAGE_CHARS=100, CHAT_MAX_FRAME_BYTES=1000):
+    with override_settings(CHANNEL_LAYERS=layers, CHAT_MAX_MESSAGE_CHARS=100, CHAT_MAX_FRAME_BYTES=1000, CHAT_MESSAGES_PER_S=0):
         from chatsite.asgi import application
 
         yield application

@@ -12,7 +12,8 @@ MESSAGES = 800  # of 15,000 characters: more than the kernel's socket buffers (4
 
 
 async def test_slow_client_is_closed_with_4408_then_resumes_without_loss():
-    with local_stack(CHAT_HISTORY_SIZE="1000", CHAT_MAX_MESSAGE_CHARS="15000") as stack:
+    # The sender outruns a reader on purpose, faster than the per-socket message limit allows.
+    with local_stack(CHAT_HISTORY_SIZE="1000", CHAT_MAX_MESSAGE_CHARS="15000", CHAT_MESSAGES_PER_S="0") as stack:
         url = urlsplit(stack["ws"])
         frames = []
         slow = await wsclient.connect(url.hostname, url.port, "/ws/chat/slow/", lambda data: frames.append(json.loads(data)),

@@ -7,15 +7,21 @@ import time
 
 from channels.generic.websocket import AsyncWebsocketConsumer
 from channels.consumer import get_handler_name
+from django.conf import settings
 
 from channels_redis_cluster.consumer import LayerPushMixin
 from channels_redis_cluster.history import EPOCH, OFFSET
 from chatsite.identity import worker_id
 
-from . import metrics
+from . import metrics, tokens
+from .limits import IdentityQuota, TokenBucket, WorkerSockets
 from .protocol import (
+    CLOSE_FORBIDDEN,
     CLOSE_NOT_FOUND,
+    CLOSE_TOO_MANY,
     CLOSE_TOO_SLOW,
+    CLOSE_TRY_AGAIN,
+    CLOSE_UNAUTHORIZED,
     CLOSE_UNAVAILABLE,
     ROOM_NAME,
     ROOM_NAME_RULE,
@@ -25,6 +31,7 @@ from .protocol import (
     error_frame,
     joined_frame,
     parse_client_frame,
+    parse_query,
     recovered_frame,
 )
 
@@ -57,6 +64,8 @@ def _frame(event, version, room, live=True):
             frame["offset"], frame["epoch"] = event[OFFSET], event[EPOCH]
         if "nonce" in event:
             frame["nonce"] = event["nonce"]
+        if "name" in event:
+            frame["name"] = event["name"]
         text = json.dumps(frame)
     _last_frame = (message, sent_at, (version, room), text)
     return text
@@ -76,6 +85,11 @@ class ChatConsumer(LayerPushMixin, AsyncWebsocketConsumer):
     # v2 with room history: the offset and epoch of the last room message this client has (or joined at)
     offset = None
     epoch = None
+    holds_slot = False  # counted in WorkerSockets
+    identity = None  # with CHAT_IDENTITY on: whom the socket's token names
+    claimed = False  # holds a place in IdentityQuota
+    token_timer = None  # closes the socket when its token ends
+    bucket = None  # messages per second, made at the first message
 
     async def dispatch(self, message):
         """Channels' dispatch without its per-message close of old database connections.
@@ -92,16 +106,22 @@ class ChatConsumer(LayerPushMixin, AsyncWebsocketConsumer):
         self.room_name = self.scope["url_route"]["kwargs"]["room_name"]
         self.version = 2 if V2 in self.scope.get("subprotocols", ()) else 1
         subprotocol = V2 if self.version == 2 else None
-        if not ROOM_NAME.fullmatch(self.room_name):
+        try:
+            if not ROOM_NAME.fullmatch(self.room_name):
+                raise BadFrame(CLOSE_NOT_FOUND, "bad_room", f"invalid room name: {ROOM_NAME_RULE}")
+            # Refused before anything is held for it, so one worker cannot be driven out of memory.
+            if not WorkerSockets.take():
+                raise BadFrame(CLOSE_TRY_AGAIN, "worker_full", "this worker holds its most sockets: reconnect")
+            self.holds_slot = True
+            query = parse_query(self.scope.get("query_string", b""))
+            if settings.CHAT_IDENTITY != "off":
+                await self.identify(query.get("token"))
+            resume = None
+            if self.version == 2 and hasattr(self.channel_layer, "group_history"):
+                resume = Resume(query)
+        except BadFrame as bad:
             await self.accept(subprotocol)
-            return await self.refuse(BadFrame(CLOSE_NOT_FOUND, "bad_room", f"invalid room name: {ROOM_NAME_RULE}"), True)
-        resume = None
-        if self.version == 2 and hasattr(self.channel_layer, "group_history"):
-            try:
-                resume = Resume(self.scope.get("query_string", b""))
-            except BadFrame as bad:
-                await self.accept(subprotocol)
-                return await self.refuse(bad, True)
+            return await self.refuse(bad, True)
         group = f"chat_{self.room_name}"
         try:
             # Join before the handshake completes, so a connected client misses nothing sent to the room.
@@ -125,8 +145,36 @@ class ChatConsumer(LayerPushMixin, AsyncWebsocketConsumer):
                 return await self.refuse(BadFrame(CLOSE_UNAVAILABLE, "unavailable", "room history is unavailable, try again"), True)
         await self.accept(subprotocol)
         metrics.CONNECTIONS.inc()
+        if self.identity is not None:
+            loop = asyncio.get_running_loop()
+            self.token_timer = loop.call_at(loop.time() + self.identity.expires_at - time.time(), self.token_ended)
         if found is not None:
             await self.replay(resume, found)
+
+    async def identify(self, token):
+        """Check the socket's token, that it names this room, and that its identity is within its limits."""
+        identity = tokens.verify(token)
+        if not identity.may_join(self.room_name):
+            raise BadFrame(CLOSE_FORBIDDEN, "room_forbidden", "the token does not name this room")
+        try:
+            await IdentityQuota.claim(identity, self.room_name, self.channel_name)
+        except BadFrame:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the client gets a clear close code instead
+            metrics.LAYER_ERRORS.labels("identity_quota").inc()
+            logger.warning("identity quota failed: %r", exc)
+            raise BadFrame(CLOSE_UNAVAILABLE, "unavailable", "chat is unavailable, try again") from None
+        self.identity, self.claimed = identity, True
+
+    def token_ended(self):
+        """The socket's token has ended: close it with 4401 (a v2 client resumes with a new token)."""
+        self.token_timer = None
+        if self.closing:
+            return
+        closer = self._closer = asyncio.ensure_future(
+            self.refuse(BadFrame(CLOSE_UNAUTHORIZED, "token_expired", "the token has expired: get a new one"), True)
+        )
+        closer.add_done_callback(_ignore_result)
 
     async def replay(self, resume, found):
         """v2: joined with the room's top, then the missed (or latest) messages, then how a resume went.
@@ -173,6 +221,18 @@ class ChatConsumer(LayerPushMixin, AsyncWebsocketConsumer):
         self.offset, self.epoch = found.offset, found.epoch
 
     async def disconnect(self, close_code):
+        if self.holds_slot:
+            WorkerSockets.release()
+            self.holds_slot = False
+        if self.token_timer is not None:
+            self.token_timer.cancel()
+        if self.claimed:
+            self.claimed = False
+            try:
+                await IdentityQuota.release(self.identity, self.room_name, self.channel_name)
+            except Exception as exc:  # noqa: BLE001 - the place then lapses when the token ends
+                metrics.LAYER_ERRORS.labels("identity_quota").inc()
+                logger.warning("identity quota release failed: %r", exc)
         if self.room_group_name is None:
             return
         metrics.CONNECTIONS.dec()
@@ -186,11 +246,19 @@ class ChatConsumer(LayerPushMixin, AsyncWebsocketConsumer):
         # Frames the client sent before it read our close are not answered: one close per socket.
         if self.room_group_name is None or self.closing:
             return
+        if self.bucket is None:
+            self.bucket = TokenBucket(settings.CHAT_MESSAGES_PER_S, settings.CHAT_MESSAGE_BURST)
         try:
+            if not self.bucket.take():  # every frame counts, a bad one too
+                raise BadFrame(CLOSE_TOO_MANY, "rate_limited",
+                               f"at most {settings.CHAT_MESSAGES_PER_S:g} messages a second (bursts of "
+                               f"{settings.CHAT_MESSAGE_BURST:g}): this one was not sent")
             frame = parse_client_frame(text_data, self.version)
         except BadFrame as bad:
             return await self.refuse(bad, self.version == 1)
         event = {"type": "chat.message", "message": frame["message"], "sent_at": time.time(), "sender": worker_id()}
+        if self.identity is not None:
+            event["name"] = self.identity.name
         options = {}
         if "nonce" in frame:
             event["nonce"] = frame["nonce"]

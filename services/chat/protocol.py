@@ -13,15 +13,20 @@ V1_FIELDS = frozenset({"message"})
 V2_FIELDS = frozenset({"message", "nonce"})
 MAX_NONCE_CHARS = 64
 EPOCH = re.compile(r"[0-9a-f]{1,32}")
+NUMBER = re.compile(r"[0-9]{1,18}")  # not str.isdigit(), which also passes digits int() refuses ("²")
 MAX_HISTORY = 500  # most messages a fresh join may ask for with ?history=
 
 # Close codes for v1 clients, which never receive a frame without "message".
 CLOSE_BAD_REQUEST = 4400
+CLOSE_UNAUTHORIZED = 4401  # no token, or a bad, expired or foreign one: get a new token
+CLOSE_FORBIDDEN = 4403  # the token does not name this room
 CLOSE_NOT_FOUND = 4404
 CLOSE_TOO_SLOW = 4408  # the client read too slowly and messages were held back: reconnect and resume
 CLOSE_TOO_LARGE = 4413
 CLOSE_UNSUPPORTED = 4415
+CLOSE_TOO_MANY = 4429  # a limit: messages per second, rooms or sockets per identity
 CLOSE_UNAVAILABLE = 4503
+CLOSE_TRY_AGAIN = 1013  # this worker holds its most sockets: reconnect (the balancer picks another)
 
 
 class BadFrame(Exception):
@@ -54,17 +59,17 @@ def parse_client_frame(text, version):
     message = frame.get("message")
     if not isinstance(message, str):
         raise BadFrame(CLOSE_BAD_REQUEST, "bad_message", '"message" is required and must be a string')
-    if not _is_text(message):
+    if not is_text(message):
         raise BadFrame(CLOSE_BAD_REQUEST, "bad_message", '"message" must be Unicode text (it holds a lone surrogate)')
     if len(message) > settings.CHAT_MAX_MESSAGE_CHARS:
         raise BadFrame(CLOSE_TOO_LARGE, "message_too_long", f"messages are limited to {settings.CHAT_MAX_MESSAGE_CHARS} characters")
     nonce = frame.get("nonce")
-    if nonce is not None and not (isinstance(nonce, str) and len(nonce) <= MAX_NONCE_CHARS and _is_text(nonce)):
+    if nonce is not None and not (isinstance(nonce, str) and len(nonce) <= MAX_NONCE_CHARS and is_text(nonce)):
         raise BadFrame(CLOSE_BAD_REQUEST, "bad_nonce", f'"nonce" must be a string of at most {MAX_NONCE_CHARS} characters')
     return frame
 
 
-def _is_text(value):
+def is_text(value):
     """False for a string that holds a lone surrogate ("\\ud800" is valid JSON but no UTF-8 text)."""
     try:
         value.encode()
@@ -73,19 +78,23 @@ def _is_text(value):
     return True
 
 
+def parse_query(query_string):
+    """A WebSocket URL's query as {name: last value}; bytes that are no UTF-8 are kept as their latin-1 characters."""
+    return {name: values[-1] for name, values in parse_qs(query_string.decode("latin1"), keep_blank_values=True).items()}
+
+
 class Resume:
     """A v2 connection's query: resume after ``since`` of ``epoch``, or on a fresh join the ``history`` latest."""
 
     __slots__ = ("since", "epoch", "history")
 
-    def __init__(self, query_string):
-        query = parse_qs(query_string.decode("latin1"), keep_blank_values=True)
-        since, epoch, history = (query.get(name, [None])[-1] for name in ("since", "epoch", "history"))
+    def __init__(self, query):
+        since, epoch, history = (query.get(name) for name in ("since", "epoch", "history"))
         if (since is None) != (epoch is None):
             raise BadFrame(CLOSE_BAD_REQUEST, "bad_resume", "since and epoch go together")
-        if since is not None and not (since.isdigit() and len(since) <= 18 and EPOCH.fullmatch(epoch)):
+        if since is not None and not (NUMBER.fullmatch(since) and EPOCH.fullmatch(epoch)):
             raise BadFrame(CLOSE_BAD_REQUEST, "bad_resume", "since must be an offset and epoch the epoch it came with")
-        if history is not None and not (history.isdigit() and int(history) <= MAX_HISTORY):
+        if history is not None and not (NUMBER.fullmatch(history) and int(history) <= MAX_HISTORY):
             raise BadFrame(CLOSE_BAD_REQUEST, "bad_history", f"history must be a number from 0 to {MAX_HISTORY}")
         self.since = None if since is None else int(since)
         self.epoch = epoch

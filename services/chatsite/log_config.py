@@ -1,5 +1,18 @@
 """The one logging setup: JSON lines on stdout, used by Django settings and by gunicorn."""
 
+import logging
+
+
+class ClientErrorsAreWarnings(logging.Filter):
+    """A request refused with a 4xx (e.g. Django's DisallowedHost for a bad Host header) is the client's
+    error, not the site's: logged as one WARNING line, without the traceback Django attaches."""
+
+    def filter(self, record):
+        if 400 <= getattr(record, "status_code", 0) < 500 and record.levelno > logging.WARNING:
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.exc_info = record.exc_text = None
+        return True
+
 
 def json_logging(level):
     """A dictConfig that writes every record as one JSON object per line."""
@@ -13,7 +26,8 @@ def json_logging(level):
                 "rename_fields": {"asctime": "time", "levelname": "level", "name": "logger", "process": "pid"},
             }
         },
-        "handlers": {"stdout": {"class": "logging.StreamHandler", "formatter": "json"}},
+        "filters": {"client_errors": {"()": ClientErrorsAreWarnings}},
+        "handlers": {"stdout": {"class": "logging.StreamHandler", "formatter": "json", "filters": ["client_errors"]}},
         "root": {"handlers": ["stdout"], "level": level.upper()},
         "loggers": {
             # gunicorn and uvicorn attach handlers of their own unless told to use these

@@ -2,6 +2,10 @@
 
 import os
 import secrets
+from urllib.parse import quote
+
+from csp.constants import NONCE, NONE, SELF
+from django.core.exceptions import ImproperlyConfigured
 
 from .log_config import json_logging
 
@@ -14,29 +18,78 @@ def env_list(name, default):
     return [item.strip() for item in os.environ.get(name, default).split(",") if item.strip()]
 
 
+def env_secret(name):
+    """A secret from NAME, or from the file NAME_FILE names (compose's generated secrets, mounted Secrets)."""
+    if os.environ.get(name):
+        return os.environ[name]
+    path = os.environ.get(f"{name}_FILE")
+    if path:
+        with open(path, encoding="utf-8") as file:
+            return file.read().strip()
+    return ""
+
+
 DEBUG = env_bool("DJANGO_DEBUG")
 # Nothing here signs data that another process must verify, so a per-process random key is a safe default.
-SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY") or secrets.token_urlsafe(50)
+SECRET_KEY = env_secret("DJANGO_SECRET_KEY") or secrets.token_urlsafe(50)
 # A pod is also addressed by its IP (kubelet probes, Prometheus scrapes).
 ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", "127.0.0.1,localhost") + env_list("POD_IP", "")
 
 INSTALLED_APPS = ["channels", "chat"]
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "csp.middleware.CSPMiddleware",
     "django.middleware.common.CommonMiddleware",
 ]
 ROOT_URLCONF = "chatsite.urls"
-TEMPLATES = [{"BACKEND": "django.template.backends.django.DjangoTemplates", "APP_DIRS": True}]
+TEMPLATES = [{
+    "BACKEND": "django.template.backends.django.DjangoTemplates",
+    "APP_DIRS": True,
+    "OPTIONS": {"context_processors": ["csp.context_processors.nonce"]},
+}]
 ASGI_APPLICATION = "chatsite.asgi.application"
 DATABASES = {}
 USE_TZ = True
 TIME_ZONE = "UTC"
+
+# Security headers on every page (docs/security.md): SecurityMiddleware's nosniff, Referrer-Policy and
+# Cross-Origin-Opener-Policy defaults, no framing, and a Content-Security-Policy under which only this
+# site's own scripts (the pages' inline ones by nonce) run and sockets go only to this host.
 SECURE_CONTENT_TYPE_NOSNIFF = True
 X_FRAME_OPTIONS = "DENY"
+CONTENT_SECURITY_POLICY = {"DIRECTIVES": {
+    "default-src": [SELF], "script-src": [SELF, NONCE], "connect-src": [SELF], "img-src": [SELF],
+    "style-src": [SELF], "base-uri": [NONE], "form-action": [SELF], "frame-ancestors": [NONE], "object-src": [NONE],
+}}
+# Set where the ingress terminates TLS: HSTS for that many seconds, and X-Forwarded-Proto trusted.
+SECURE_HSTS_SECONDS = int(os.environ.get("SECURE_HSTS_SECONDS", "0"))
+if env_bool("DJANGO_BEHIND_TLS"):
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 
 # Chat limits: a larger frame or message gets a clear error, never reaches the room.
 CHAT_MAX_MESSAGE_CHARS = int(os.environ.get("CHAT_MAX_MESSAGE_CHARS", "2000"))
 CHAT_MAX_FRAME_BYTES = int(os.environ.get("CHAT_MAX_FRAME_BYTES", "16384"))
+# Abuse limits (0 turns one off): messages per socket as a token bucket, sockets per worker process,
+# and with identity on, rooms and sockets per identity across all workers.
+CHAT_MESSAGES_PER_S = float(os.environ.get("CHAT_MESSAGES_PER_S", "5"))
+CHAT_MESSAGE_BURST = float(os.environ.get("CHAT_MESSAGE_BURST", "30"))
+CHAT_MAX_SOCKETS_PER_WORKER = int(os.environ.get("CHAT_MAX_SOCKETS_PER_WORKER", "10000"))
+CHAT_MAX_ROOMS_PER_IDENTITY = int(os.environ.get("CHAT_MAX_ROOMS_PER_IDENTITY", "10"))
+CHAT_MAX_SOCKETS_PER_IDENTITY = int(os.environ.get("CHAT_MAX_SOCKETS_PER_IDENTITY", "20"))
+
+# Identity: off (anyone may post, as in the tutorial), nickname (this site signs a token for a name typed
+# into its form) or token (tokens come from your app, see docs/security.md). With either of the last two,
+# a socket needs a token (HS256 JWT) signed with CHAT_TOKEN_SECRET, checked by any worker on its own.
+CHAT_IDENTITY = os.environ.get("CHAT_IDENTITY", "off")
+if CHAT_IDENTITY not in ("off", "nickname", "token"):
+    raise ImproperlyConfigured(f"CHAT_IDENTITY must be off, nickname or token, not {CHAT_IDENTITY!r}")
+CHAT_TOKEN_SECRET = env_secret("CHAT_TOKEN_SECRET")
+if CHAT_IDENTITY != "off" and len(CHAT_TOKEN_SECRET) < 32:
+    raise ImproperlyConfigured("CHAT_IDENTITY needs CHAT_TOKEN_SECRET (or CHAT_TOKEN_SECRET_FILE): 32 characters or more, the same in every worker")
+CHAT_TOKEN_AUDIENCE = os.environ.get("CHAT_TOKEN_AUDIENCE", "chat")
+CHAT_TOKEN_TTL = int(os.environ.get("CHAT_TOKEN_TTL", "900"))  # seconds a token minted here lasts
+CHAT_TOKEN_LEEWAY = int(os.environ.get("CHAT_TOKEN_LEEWAY", "5"))  # seconds of clock skew forgiven
 
 
 def channel_layers():
@@ -45,8 +98,8 @@ def channel_layers():
     common = {"prefix": os.environ.get("CHANNEL_LAYER_PREFIX", "asgi"), "capacity": 100, "expiry": 60}
     if kind == "redis-cluster":
         nodes = env_list("REDIS_CLUSTER_NODES", "127.0.0.1:7000")
-        password = os.environ.get("REDIS_PASSWORD")
-        auth = f":{password}@" if password else ""
+        password = env_secret("REDIS_PASSWORD")
+        auth = f":{quote(password, safe='')}@" if password else ""
         hosts = [f"redis://{auth}{node}" for node in nodes]
         # Room history, for resuming clients and recent messages on open; 0 turns it off.
         history = {"size": int(os.environ.get("CHAT_HISTORY_SIZE", "500")), "age": int(os.environ.get("CHAT_HISTORY_AGE", "300"))}
