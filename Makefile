@@ -11,7 +11,7 @@ HELM := $(TOOLS)/bin/helm
 # The base-image choice made by `make images` (official or local stand-ins) travels in this env file.
 COMPOSE = docker compose $(if $(wildcard .run/compose.env),--env-file .run/compose.env)
 
-.PHONY: run test bench env host images up down k8s loadtest clean
+.PHONY: run test bench fuzz env host images up down k8s loadtest clean
 
 $(UV):
 	$(PYTHON) -m venv $(TOOLS)
@@ -45,6 +45,10 @@ SCENARIO ?= RoomFanoutUser
 loadtest: env ## Locust fan-out scenario against TARGET, headless; the exit status is the verdict
 	$(PY) -m locust -f loadtest/locustfile.py --headless --only-summary -H $(TARGET) -u $(USERS) -r $(SPAWN_RATE) \
 		-t $(DURATION)s --html artifacts/loadtest/report.html --csv artifacts/loadtest/locust $(SCENARIO)
+
+FUZZ_SECONDS ?= 300
+fuzz: env ## the fuzzer against the make-run stack for FUZZ_SECONDS while a room chats (counts: artifacts/fuzz.json)
+	FUZZ_SECONDS=$(FUZZ_SECONDS) $(PY) -m pytest -q -s tests/test_fuzz.py
 
 bench: env ## fan-out benchmark report
 	PYTHONPATH=services:. $(PY) -m loadtest.benchmark $(BENCH_ARGS)

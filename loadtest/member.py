@@ -7,6 +7,7 @@ The lifecycle tests count with it what each member was owed and what it received
 import asyncio
 import json
 import random
+from urllib.parse import urlencode
 
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
@@ -17,8 +18,8 @@ V2 = "chat.v2"
 class Member:
     """One member of ``room`` at ``base`` (ws://host:port); ``v2`` resumes, otherwise it rejoins as v1."""
 
-    def __init__(self, base, room, v2=True, origin=None, backoff=(0.05, 2.0)):
-        self.base, self.room, self.v2 = base, room, v2
+    def __init__(self, base, room, v2=True, origin=None, backoff=(0.05, 2.0), token=None):
+        self.base, self.room, self.v2, self.token = base, room, v2, token
         self.origin = origin or base.replace("ws://", "http://", 1)
         self.backoff = backoff
         self.offset = self.epoch = None
@@ -34,10 +35,10 @@ class Member:
         self.task = None
 
     def url(self):
-        path = f"{self.base}/ws/chat/{self.room}/"
+        query = {"token": self.token} if self.token else {}
         if self.v2 and self.epoch is not None:
-            path += f"?since={self.offset}&epoch={self.epoch}"
-        return path
+            query.update(since=self.offset, epoch=self.epoch)
+        return f"{self.base}/ws/chat/{self.room}/" + (f"?{urlencode(query)}" if query else "")
 
     async def start(self):
         """Join the room; returns once the first connection is open (and, for v2, joined)."""
@@ -133,12 +134,15 @@ async def until(condition, timeout, what):
 
 class Conversation:
     """A room that talks steadily while something happens to the servers: resuming (v2) members, plain
-    v1 members and one typing member; ``report()`` counts what each was owed and what it got."""
+    v1 members and one typing member; ``report()`` counts what each was owed and what it got.
 
-    def __init__(self, base, room, resuming=16, plain=8, interval=0.02, origin=None):
-        self.members = [Member(base, room, origin=origin) for _ in range(resuming)]
-        self.plain = [Member(base, room, v2=False, origin=origin) for _ in range(plain)]
-        self.sender = Member(base, room, origin=origin)
+    The typing member sends 1/``interval`` messages a second (50 by default): run it on a stack whose
+    per-socket message limit is off (CHAT_MESSAGES_PER_S=0)."""
+
+    def __init__(self, base, room, resuming=16, plain=8, interval=0.02, origin=None, token=None):
+        self.members = [Member(base, room, origin=origin, token=token) for _ in range(resuming)]
+        self.plain = [Member(base, room, v2=False, origin=origin, token=token) for _ in range(plain)]
+        self.sender = Member(base, room, origin=origin, token=token)
         self.interval = interval
         self.typed = 0
         self.stop_talking = asyncio.Event()

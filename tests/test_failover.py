@@ -96,11 +96,11 @@ async def test_primary_killed_under_traffic_resuming_members_recover_or_are_told
     """The make run topology; the primary of a room's slot is killed while the room talks."""
     import redis
 
-    from conftest import local_stack
+    from conftest import UNLIMITED_TYPING, local_stack
     from loadtest.member import Conversation
     from test_rolling_restart import children, command_line, save
 
-    with local_stack() as stack:
+    with local_stack(**UNLIMITED_TYPING) as stack:
         room = await Conversation(stack["ws"], "failover", resuming=12, plain=6).start()
         await room.typed_more(25)
         node = redis.Redis(port=stack["ports"][1], decode_responses=True)

@@ -7,7 +7,7 @@ import os
 import signal
 from pathlib import Path
 
-from conftest import ROOT, local_stack
+from conftest import ROOT, UNLIMITED_TYPING, local_stack
 from loadtest.member import Conversation, until
 
 ARTIFACTS = ROOT / "artifacts"
@@ -40,7 +40,7 @@ def save(name, report):
 
 
 async def test_rolling_restart_loses_nothing_for_resuming_members():
-    with local_stack(DRAIN_SECONDS="1") as stack:
+    with local_stack(DRAIN_SECONDS="1", **UNLIMITED_TYPING) as stack:
         room = await Conversation(stack["ws"], "rolling").start()
         await room.typed_more(25)
         originals = gunicorn_workers(stack["process"])

@@ -4,7 +4,7 @@ import json
 import urllib.request
 from urllib.parse import urlsplit
 
-from conftest import local_stack
+from conftest import UNLIMITED_TYPING, local_stack
 from loadtest import wsclient
 from loadtest.member import Member, until
 
@@ -12,8 +12,7 @@ MESSAGES = 800  # of 15,000 characters: more than the kernel's socket buffers (4
 
 
 async def test_slow_client_is_closed_with_4408_then_resumes_without_loss():
-    # The sender outruns a reader on purpose, faster than the per-socket message limit allows.
-    with local_stack(CHAT_HISTORY_SIZE="1000", CHAT_MAX_MESSAGE_CHARS="15000", CHAT_MESSAGES_PER_S="0") as stack:
+    with local_stack(CHAT_HISTORY_SIZE="1000", CHAT_MAX_MESSAGE_CHARS="15000", **UNLIMITED_TYPING) as stack:
         url = urlsplit(stack["ws"])
         frames = []
         slow = await wsclient.connect(url.hostname, url.port, "/ws/chat/slow/", lambda data: frames.append(json.loads(data)),

@@ -314,7 +314,8 @@ class ChatConsumer(LayerPushMixin, AsyncWebsocketConsumer):
     async def refuse(self, bad, close):
         """Tell the client what was wrong: an error frame for v2, and a close code where asked."""
         metrics.REJECTED.labels(bad.reason).inc()
-        logger.info("refused client frame: %s (%s)", bad.reason, bad.detail)
+        # Counted by reason in chat_rejected_total; a line per refusal would let a client flood the log.
+        logger.debug("refused client frame: %s (%s)", bad.reason, bad.detail)
         if self.version == 2:
             await self.send(text_data=error_frame(bad.reason, bad.detail))
         if close:

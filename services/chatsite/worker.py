@@ -6,8 +6,11 @@ import os
 import sys
 
 from gunicorn.arbiter import Arbiter
+from uvicorn.protocols.websockets.wsproto_impl import WSProtocol
 from uvicorn.server import Server
 from uvicorn_worker import UvicornWorker
+from wsproto.connection import ConnectionState
+from wsproto.events import CloseConnection
 
 from . import health
 
@@ -37,7 +40,8 @@ class DrainingServer(Server):
             server.close()
         for sock in sockets or []:
             sock.close()
-        websockets = [c for c in self.server_state.connections if type(c).__module__.startswith(WS_PROTOCOLS)]
+        websockets = [c for c in self.server_state.connections
+                      if any(kind.__module__.startswith(WS_PROTOCOLS) for kind in type(c).__mro__)]
         logger.info("draining %d WebSockets over %.1f s", len(websockets), DRAIN_SECONDS)
         step = DRAIN_SECONDS / max(len(websockets), 1)
         for connection in websockets:
@@ -47,13 +51,30 @@ class DrainingServer(Server):
         await super().shutdown()
 
 
+class WSProtocolSayingWhy(WSProtocol):
+    """uvicorn's wsproto protocol, which answers a frame it cannot parse with its close code.
+
+    wsproto reports such a frame (a text frame that is no UTF-8: 1007; a bad frame: 1002) as if the
+    client had closed with that code, and uvicorn then drops the connection with no close frame at all.
+    """
+
+    def handle_close(self, event):
+        if not self.close_sent and self.conn.state == ConnectionState.OPEN:
+            self.transport.write(self.conn.send(CloseConnection(code=event.code, reason=event.reason[:120])))
+        super().handle_close(event)
+
+
+def _ws_protocol(name):
+    return WSProtocolSayingWhy if name == "wsproto" else name
+
+
 class ChatUvicornWorker(UvicornWorker):
     """uvicorn with uvloop and httptools, no lifespan (Django has none) and a bounded frame size."""
 
     CONFIG_KWARGS = {
         "loop": os.environ.get("UVICORN_LOOP", "uvloop"),
         "http": "httptools",
-        "ws": os.environ.get("UVICORN_WS", WS_DEFAULT),
+        "ws": _ws_protocol(os.environ.get("UVICORN_WS", WS_DEFAULT)),
         "lifespan": "off",
         "ws_max_size": WS_MAX_SIZE,
         "ws_per_message_deflate": False,
