@@ -26,6 +26,8 @@ django.setup()
 ROOT = Path(__file__).resolve().parent.parent
 # The lifecycle tests' Conversation types 50 messages a second from one socket, past the per-socket limit.
 UNLIMITED_TYPING = {"CHAT_MESSAGES_PER_S": "0"}
+# The test compose stack's ingress limits per address (every test socket comes from one address).
+COMPOSE_INGRESS_LIMITS = {"INGRESS_MAX_CONNECTIONS_PER_ADDRESS": "80", "INGRESS_MAX_REQUESTS_PER_ADDRESS_10S": "300"}
 
 
 @contextmanager
@@ -173,7 +175,7 @@ class ComposeStack:
         self.ws = f"ws://127.0.0.1:{self.port}"
         env_file = tmp_path / f"{self.project}.env"
         env_file.write_text(images_env.read_text() + f"COMPOSE_PROJECT_NAME={self.project}\nINGRESS_PORT={self.port}\n"
-                            + "".join(f"{name}={value}\n" for name, value in UNLIMITED_TYPING.items()))
+                            + "".join(f"{name}={value}\n" for name, value in {**UNLIMITED_TYPING, **COMPOSE_INGRESS_LIMITS}.items()))
         self.compose = DockerCompose(ROOT, env_file=str(env_file), wait=True)
 
     def run(self, *args, check=True, **env):

@@ -91,7 +91,10 @@ def test_ingress_balances_round_robin_with_no_affinity():
     haproxy = (ROOT / "docker" / "haproxy.cfg").read_text()
     directives = [line.split("#")[0].strip() for line in haproxy.splitlines() if line.split("#")[0].strip()]
     assert "balance roundrobin" in directives
-    assert not [d for d in directives if re.match(r"(cookie|stick|stick-table|hash-type|balance (source|uri|hdr|url_param))\b", d)]
+    assert not [d for d in directives
+                if re.match(r"(cookie|stick (on|match|store-request|store-response)|hash-type|balance (source|uri|hdr|url_param))\b", d)]
+    tables = [d for d in directives if d.startswith("stick-table")]
+    assert tables and all("server_id" not in t for t in tables), "per-address counters only, never a replica choice"
     assert any(d.startswith("timeout tunnel") for d in directives)
     assert any(d.startswith("server-template chat") and "resolvers" not in d for d in directives)
     assert any("resolvers docker" in d for d in directives if d.startswith("default-server"))

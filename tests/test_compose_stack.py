@@ -5,10 +5,14 @@ import json
 import subprocess
 import time
 
-from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed
+import urllib.error
+import urllib.request
 
-from conftest import ROOT
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from conftest import COMPOSE_INGRESS_LIMITS, ROOT
 from loadtest.member import Conversation
 from test_rolling_restart import save
 
@@ -148,3 +152,42 @@ def test_loadtest_profile_reports_cross_worker_deliveries_with_nothing_missing(c
     finally:
         compose_stack.run("--profile", "loadtest", "rm", "--force", "--stop", "locust-master", "locust-worker",
                           check=False)
+
+
+async def test_the_ingress_refuses_sockets_past_an_address_limit_with_429_and_takes_them_again(compose_stack):
+    limit = int(COMPOSE_INGRESS_LIMITS["INGRESS_MAX_CONNECTIONS_PER_ADDRESS"])
+    held = [client for client, _ in [await join(compose_stack, "crowd") for _ in range(limit)]]
+    with pytest.raises(InvalidStatus) as refused:
+        await join(compose_stack, "crowd")
+    assert refused.value.response.status_code == 429
+    await held.pop().close()
+    deadline = time.monotonic() + 10
+    while True:  # the proxy counts the closed one out when it has seen it close
+        try:
+            held.append((await join(compose_stack, "crowd"))[0])
+            break
+        except InvalidStatus:
+            assert time.monotonic() < deadline, "a freed place was not given back"
+            await asyncio.sleep(0.1)
+    await everyone_gets_everything(held[-3:], "crowd")
+    for client in held:
+        await client.close()
+
+
+def status(url):
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def test_the_ingress_answers_429_past_an_address_request_rate_then_recovers(compose_stack):
+    limit = int(COMPOSE_INGRESS_LIMITS["INGRESS_MAX_REQUESTS_PER_ADDRESS_10S"])
+    answers = [status(f"{compose_stack.url}/chat/") for _ in range(limit + 20)]
+    # Earlier tests' requests may still be in the window: most of these pass, and the last are refused.
+    assert set(answers) == {200, 429} and answers.count(200) >= limit // 2 and answers[-1] == 429, answers.count(429)
+    deadline = time.monotonic() + 30
+    while status(f"{compose_stack.url}/chat/") != 200:  # the 10 s window slides past the burst
+        assert time.monotonic() < deadline
+        time.sleep(0.5)

@@ -404,3 +404,21 @@ def test_alerts_and_dashboard_are_valid_promql_on_metrics_that_exist():
         assert any(f"channels_layer_{family}_total" in r["expr"] for r in rules), family
     assert any("chat_resumes_total" in r["expr"] for r in rules), "drains and failovers that lost history alert"
     assert {r["labels"]["severity"] for r in rules} <= {"critical", "warning", "info"}
+
+
+def test_limits_and_identity_reach_the_pods_and_the_token_key_is_kept_in_the_secret(default_objects):
+    config = one(default_objects, "ConfigMap", "chat")["data"]
+    assert (config["CHAT_IDENTITY"], config["CHAT_MESSAGES_PER_S"], config["CHAT_MAX_SOCKETS_PER_WORKER"]) == ("off", "5", "10000")
+    assert "CHAT_TOKEN_SECRET" not in one(default_objects, "Secret")["data"]
+    on = ["--set", "chat.identity=token"]
+    refused = helm("template", "channels-chat", str(CHART), *on, check=False)
+    assert refused.returncode != 0 and "secrets.chatTokenSecret" in refused.stderr, "no key generated anew on each render"
+    objects = render(*on, "--set", "secrets.chatTokenSecret=" + "k" * 40, "--set", "chat.limits.roomsPerIdentity=3")
+    assert one(objects, "ConfigMap", "chat")["data"]["CHAT_MAX_ROOMS_PER_IDENTITY"] == "3"
+    assert "CHAT_TOKEN_SECRET" in one(objects, "Secret")["data"]
+    env = env_of(chat_deployment(objects)["spec"]["template"]["spec"]["containers"][0])
+    assert env["CHAT_TOKEN_SECRET"]["secretKeyRef"]["key"] == "CHAT_TOKEN_SECRET"
+    ingress = render("--set", "ingress.enabled=true", "--set", "ingress.hosts[0]=chat.example.com")
+    annotations = one(ingress, "Ingress")["metadata"]["annotations"]
+    assert annotations["nginx.ingress.kubernetes.io/limit-connections"] == "200"
+    assert annotations["nginx.ingress.kubernetes.io/limit-rps"] == "30"

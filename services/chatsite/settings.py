@@ -68,28 +68,28 @@ if env_bool("DJANGO_BEHIND_TLS"):
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 
 # Chat limits: a larger frame or message gets a clear error, never reaches the room.
-CHAT_MAX_MESSAGE_CHARS = int(os.environ.get("CHAT_MAX_MESSAGE_CHARS", "2000"))
-CHAT_MAX_FRAME_BYTES = int(os.environ.get("CHAT_MAX_FRAME_BYTES", "16384"))
+CHAT_MAX_MESSAGE_CHARS = int(os.environ.get("CHAT_MAX_MESSAGE_CHARS") or "2000")
+CHAT_MAX_FRAME_BYTES = int(os.environ.get("CHAT_MAX_FRAME_BYTES") or "16384")
 # Abuse limits (0 turns one off): messages per socket as a token bucket, sockets per worker process,
 # and with identity on, rooms and sockets per identity across all workers.
-CHAT_MESSAGES_PER_S = float(os.environ.get("CHAT_MESSAGES_PER_S", "5"))
-CHAT_MESSAGE_BURST = float(os.environ.get("CHAT_MESSAGE_BURST", "30"))
-CHAT_MAX_SOCKETS_PER_WORKER = int(os.environ.get("CHAT_MAX_SOCKETS_PER_WORKER", "10000"))
-CHAT_MAX_ROOMS_PER_IDENTITY = int(os.environ.get("CHAT_MAX_ROOMS_PER_IDENTITY", "10"))
-CHAT_MAX_SOCKETS_PER_IDENTITY = int(os.environ.get("CHAT_MAX_SOCKETS_PER_IDENTITY", "20"))
+CHAT_MESSAGES_PER_S = float(os.environ.get("CHAT_MESSAGES_PER_S") or "5")
+CHAT_MESSAGE_BURST = float(os.environ.get("CHAT_MESSAGE_BURST") or "30")
+CHAT_MAX_SOCKETS_PER_WORKER = int(os.environ.get("CHAT_MAX_SOCKETS_PER_WORKER") or "10000")
+CHAT_MAX_ROOMS_PER_IDENTITY = int(os.environ.get("CHAT_MAX_ROOMS_PER_IDENTITY") or "10")
+CHAT_MAX_SOCKETS_PER_IDENTITY = int(os.environ.get("CHAT_MAX_SOCKETS_PER_IDENTITY") or "20")
 
 # Identity: off (anyone may post, as in the tutorial), nickname (this site signs a token for a name typed
 # into its form) or token (tokens come from your app, see docs/security.md). With either of the last two,
 # a socket needs a token (HS256 JWT) signed with CHAT_TOKEN_SECRET, checked by any worker on its own.
-CHAT_IDENTITY = os.environ.get("CHAT_IDENTITY", "off")
+CHAT_IDENTITY = os.environ.get("CHAT_IDENTITY") or "off"
 if CHAT_IDENTITY not in ("off", "nickname", "token"):
     raise ImproperlyConfigured(f"CHAT_IDENTITY must be off, nickname or token, not {CHAT_IDENTITY!r}")
 CHAT_TOKEN_SECRET = env_secret("CHAT_TOKEN_SECRET")
 if CHAT_IDENTITY != "off" and len(CHAT_TOKEN_SECRET) < 32:
     raise ImproperlyConfigured("CHAT_IDENTITY needs CHAT_TOKEN_SECRET (or CHAT_TOKEN_SECRET_FILE): 32 characters or more, the same in every worker")
 CHAT_TOKEN_AUDIENCE = os.environ.get("CHAT_TOKEN_AUDIENCE", "chat")
-CHAT_TOKEN_TTL = int(os.environ.get("CHAT_TOKEN_TTL", "900"))  # seconds a token minted here lasts
-CHAT_TOKEN_LEEWAY = int(os.environ.get("CHAT_TOKEN_LEEWAY", "5"))  # seconds of clock skew forgiven
+CHAT_TOKEN_TTL = int(os.environ.get("CHAT_TOKEN_TTL") or "900")  # seconds a token minted here lasts
+CHAT_TOKEN_LEEWAY = int(os.environ.get("CHAT_TOKEN_LEEWAY") or "5")  # seconds of clock skew forgiven
 
 
 def channel_layers():
@@ -102,7 +102,7 @@ def channel_layers():
         auth = f":{quote(password, safe='')}@" if password else ""
         hosts = [f"redis://{auth}{node}" for node in nodes]
         # Room history, for resuming clients and recent messages on open; 0 turns it off.
-        history = {"size": int(os.environ.get("CHAT_HISTORY_SIZE", "500")), "age": int(os.environ.get("CHAT_HISTORY_AGE", "300"))}
+        history = {"size": int(os.environ.get("CHAT_HISTORY_SIZE") or "500"), "age": int(os.environ.get("CHAT_HISTORY_AGE") or "300")}
         config = {"hosts": hosts, "group_history": {"chat_*": history}, **common}
         return {"BACKEND": "channels_redis_cluster.RedisClusterChannelLayer", "CONFIG": config}
     if kind in ("redis", "redis-pubsub"):

@@ -118,12 +118,16 @@ render: that fails with a pointer to existingSecret instead.
 {{- if not (hasKey .Values.secrets "rendered") }}
 {{- $given := dict "DJANGO_SECRET_KEY" .Values.secrets.djangoSecretKey "REDIS_PASSWORD" .Values.secrets.redisPassword }}
 {{- $previous := (lookup "v1" "Secret" .Release.Namespace (include "chat.secretName" .)).data | default dict }}
-{{- if and (not (and $given.DJANGO_SECRET_KEY $given.REDIS_PASSWORD)) (not $previous) (not (lookup "v1" "Namespace" "" "kube-system")) }}
-{{- fail "secrets: this render cannot reach a cluster (helm template, --dry-run, Argo CD), so generated secrets would change on every render. Set secrets.existingSecret to a Secret you manage (the GitOps way), or give both secrets.djangoSecretKey and secrets.redisPassword" }}
+{{- $tokenGiven := or (eq .Values.chat.identity "off") .Values.secrets.chatTokenSecret }}
+{{- if and (not (and $given.DJANGO_SECRET_KEY $given.REDIS_PASSWORD $tokenGiven)) (not $previous) (not (lookup "v1" "Namespace" "" "kube-system")) }}
+{{- fail "secrets: this render cannot reach a cluster (helm template, --dry-run, Argo CD), so generated secrets would change on every render. Set secrets.existingSecret to a Secret you manage (the GitOps way), or give secrets.djangoSecretKey and secrets.redisPassword (and secrets.chatTokenSecret with chat.identity on)" }}
 {{- end }}
 {{- $data := dict }}
 {{- $_ := set $data "DJANGO_SECRET_KEY" ($given.DJANGO_SECRET_KEY | b64enc | default (get $previous "DJANGO_SECRET_KEY") | default (randAlphaNum 50 | b64enc)) }}
 {{- $_ := set $data "REDIS_PASSWORD" ($given.REDIS_PASSWORD | b64enc | default (get $previous "REDIS_PASSWORD") | default (randAlphaNum 32 | b64enc)) }}
+{{- if ne .Values.chat.identity "off" }}
+{{- $_ := set $data "CHAT_TOKEN_SECRET" (.Values.secrets.chatTokenSecret | b64enc | default (get $previous "CHAT_TOKEN_SECRET") | default (randAlphaNum 48 | b64enc)) }}
+{{- end }}
 {{- $_ := set .Values.secrets "rendered" $data }}
 {{- end }}
 {{- toYaml .Values.secrets.rendered }}
