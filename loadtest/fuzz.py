@@ -106,7 +106,9 @@ class Fuzzer:
                 assert json.loads(ws.recv(ANSWER_S))["type"] == "joined"
             for kind, data in sent:
                 try:
-                    if kind == "text":
+                    if kind == "text" and not _utf8(data.encode("utf-8", "surrogatepass")):
+                        ws.send(data.encode("utf-8", "surrogatepass"), text=True)  # a lone surrogate: no UTF-8
+                    elif kind == "text":
                         ws.send(data)
                     elif kind == "binary":
                         ws.send(data)
@@ -198,7 +200,7 @@ class Fuzzer:
             st.tuples(st.just("handshake"),
                       st.one_of(st.sampled_from(["chat/lobby/", "chat/fuzz/", "chat//", "chat/a b/", "other/"]),
                                 st.text(max_size=70)),
-                      queries, st.one_of(st.none(), st.just(self.http), header_values),
+                      queries, st.one_of(st.just(self.http), st.just(self.http), st.none(), header_values),
                       st.lists(st.sampled_from(["chat.v2", "chat.v3", "x"]), max_size=2, unique=True)),
             st.tuples(st.just("request"), st.sampled_from(["GET", "POST", "HEAD", "PUT", "DELETE", "OPTIONS", "PATCH", "BREW"]),
                       http_paths,

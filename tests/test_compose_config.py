@@ -37,9 +37,21 @@ def test_only_the_ingress_is_published_and_only_on_loopback(services):
 def test_redis_sits_on_an_internal_network_with_chat_only(services):
     config = compose_config()
     assert config["networks"]["redis"].get("internal") is True
-    on_redis = {name for name, spec in services.items() if "redis" in spec["networks"]}
+    on_redis = {name for name, spec in services.items() if "redis" in spec.get("networks", {})}
     assert on_redis == {"chat", *(f"redis-{n}" for n in range(6))}
     assert all(list(services[f"redis-{n}"]["networks"]) == ["redis"] for n in range(6))
+
+
+def test_redis_has_a_password_by_default_that_only_the_nodes_and_chat_read(services):
+    readers = {name for name, spec in services.items() for volume in spec.get("volumes", []) if volume.get("source") == "secrets"}
+    assert readers == {"secrets", "chat", *(f"redis-{n}" for n in range(6))}
+    for name in readers - {"secrets"}:
+        mount = next(v for v in services[name]["volumes"] if v.get("source") == "secrets")
+        assert mount["read_only"] is True, name
+        assert services[name]["environment"]["REDIS_PASSWORD_FILE"] == "/run/chat-secrets/redis-password", name
+        assert "REDIS_PASSWORD" not in services[name]["environment"], name
+    assert services["secrets"]["network_mode"] == "none"
+    assert services["redis-0"]["depends_on"]["secrets"]["condition"] == "service_completed_successfully"
 
 
 def test_every_service_is_hardened(services):

@@ -24,9 +24,18 @@ def record(event, started, **facts):
     save("redis_repair", REPORT)
 
 
+# The nodes' password lives in the compose `secrets` volume, not in their environment.
+AUTH = 'export REDISCLI_AUTH="$(cat /run/chat-secrets/redis-password)"; '
+
+
+def cli(stack, node, *args):
+    """redis-cli ARGS in `node`'s container, with the password; its standard output."""
+    return stack.run("exec", "-T", node, "sh", "-c", AUTH + 'exec redis-cli "$@"', "redis-cli", *args).stdout
+
+
 def cluster_nodes(stack, via):
     """CLUSTER NODES as node `via` sees it: a list of dicts (id, host, flags, master, slots)."""
-    out = stack.run("exec", "-T", via, "redis-cli", "cluster", "nodes").stdout
+    out = cli(stack, via, "cluster", "nodes")
     table = []
     for line in out.splitlines():
         fields = line.split()
@@ -39,7 +48,7 @@ def whole(stack, via="redis-0"):
     """The cluster as `via` sees it when it is whole (and every node agrees it is ok); else None."""
     try:
         table = cluster_nodes(stack, via)
-        states = [stack.run("exec", "-T", node, "redis-cli", "cluster", "info").stdout for node in NODES]
+        states = [cli(stack, node, "cluster", "info") for node in NODES]
     except AssertionError:
         return None
     healthy = [n for n in table if not n["flags"] & {"fail", "fail?", "noaddr", "handshake"}]
@@ -64,7 +73,7 @@ def until_whole(stack, via="redis-0", timeout=REPAIR_TIMEOUT_S, settled=lambda n
         if nodes and settled(nodes):
             return nodes
         time.sleep(0.5)
-    raise AssertionError(f"cluster not whole after {timeout} s:\n{stack.run('exec', '-T', via, 'redis-cli', 'cluster', 'nodes').stdout}")
+    raise AssertionError(f"cluster not whole after {timeout} s:\n{cli(stack, via, 'cluster', 'nodes')}")
 
 
 def role(nodes, kind):
@@ -73,13 +82,13 @@ def role(nodes, kind):
 
 def write_keys(stack, count, via="redis-0"):
     """COUNT keys over every slot, through a cluster client in a node container."""
-    script = f'for i in $(seq 1 {count}); do redis-cli -c set "repair:$i" "value-$i" >/dev/null || exit 1; done'
+    script = AUTH + f'for i in $(seq 1 {count}); do redis-cli -c set "repair:$i" "value-$i" >/dev/null || exit 1; done'
     stack.run("exec", "-T", via, "sh", "-c", script)
 
 
 def read_keys(stack, count, via):
     """How many of the COUNT keys read back with their own value."""
-    script = f'for i in $(seq 1 {count}); do [ "$(redis-cli -c get "repair:$i")" = "value-$i" ] && echo ok; done'
+    script = AUTH + f'for i in $(seq 1 {count}); do [ "$(redis-cli -c get "repair:$i")" = "value-$i" ] && echo ok; done'
     return stack.run("exec", "-T", via, "sh", "-c", script).stdout.split().count("ok")
 
 
@@ -113,7 +122,7 @@ async def test_a_primary_restarted_without_its_data_does_not_wipe_its_replica(co
     survivor = next(node for node in NODES if node != primary)
     keys = 300
     write_keys(compose_stack, keys, via=survivor)
-    held = int(compose_stack.run("exec", "-T", primary, "redis-cli", "dbsize").stdout)
+    held = int(cli(compose_stack, primary, "dbsize"))
     assert held > 0, "some keys live on the primary about to lose its data"
     # Its data set is gone; it comes back within the node timeout, before any failover could start.
     compose_stack.run("exec", "-T", primary, "sh", "-c", "rm -rf /data/appendonlydir")
@@ -163,7 +172,7 @@ async def test_a_stopped_replica_leaves_the_cluster_serving_and_rejoins(compose_
     while "fail" not in {n["host"]: n for n in cluster_nodes(compose_stack, survivor)}[replica]["flags"]:
         assert time.monotonic() < deadline, "the stopped replica was never marked failed"
         time.sleep(0.5)
-    assert "cluster_state:ok" in compose_stack.run("exec", "-T", survivor, "redis-cli", "cluster", "info").stdout
+    assert "cluster_state:ok" in cli(compose_stack, survivor, "cluster", "info")
     await room_works(compose_stack, "replica-down")
     compose_stack.run("start", replica)
     assert until_whole(compose_stack, via=survivor)[replica]["id"] == before[replica]["id"]

@@ -16,6 +16,7 @@ self="${REDIS_ANNOUNCE_HOSTNAME:-$(hostname)}"
 hosts="$(echo "${REDIS_NODES:?host:port of every node, the creator first}" | tr ',' ' ' | sed 's/:[0-9]*//g')"
 placement="$(echo "${NODE_NAME:-} ${NODE_ZONE:-}" | sed 's/^ *$//')"
 placement_prefix="{redis-cluster}:placement:"
+[ -z "${REDIS_PASSWORD:-}" ] && [ -n "${REDIS_PASSWORD_FILE:-}" ] && REDIS_PASSWORD="$(cat "$REDIS_PASSWORD_FILE")"
 [ -n "${REDIS_PASSWORD:-}" ] && export REDISCLI_AUTH="$REDIS_PASSWORD"
 
 log() { echo "redis-cluster: $*"; }

@@ -3,7 +3,7 @@
 # node back into it. Used by compose.yaml and the Helm chart alike; no other job forms or repairs the cluster.
 #
 # Environment: REDIS_NODES (every node, host:port, the creator first), REDIS_ANNOUNCE_HOSTNAME (default
-# the host name), REDIS_PASSWORD, REDIS_APPENDONLY (yes keeps the data set on /data), REDIS_MAXMEMORY,
+# the host name), REDIS_PASSWORD (or REDIS_PASSWORD_FILE), REDIS_APPENDONLY (yes keeps the data set on /data), REDIS_MAXMEMORY,
 # CLUSTER_NODE_TIMEOUT_MS, and for placement NODE_NAME and NODE_ZONE (see redis-cluster.sh).
 set -eu
 here="$(dirname "$0")"
@@ -43,6 +43,7 @@ if [ -s "$conf" ]; then
 fi
 
 # The password reaches the server on its standard input, never on a command line.
+[ -z "${REDIS_PASSWORD:-}" ] && [ -n "${REDIS_PASSWORD_FILE:-}" ] && REDIS_PASSWORD="$(cat "$REDIS_PASSWORD_FILE")"
 quoted() { printf '"%s"' "$(printf '%s' "$1" | sed 's/[\\"]/\\&/g')"; }
 if [ -n "${REDIS_PASSWORD:-}" ]; then
   export REDISCLI_AUTH="$REDIS_PASSWORD"
