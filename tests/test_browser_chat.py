@@ -100,3 +100,32 @@ async def test_page_resumes_after_its_worker_restarts_and_shows_what_was_said_me
             await page.screenshot(path=SCREENSHOTS / "resumed.png")
             await talker.stop()
             await browser.close()
+
+
+async def test_nickname_pages_chat_under_their_names_and_resume_when_their_token_ends():
+    """CHAT_IDENTITY=nickname on the make run topology, with tokens that last 5 s: the page's own flow."""
+    if not shutil.which(CHROMIUM):
+        pytest.skip("Debian's chromium is not installed: run `sudo docker/host-setup.sh`")
+    env = {"CHAT_IDENTITY": "nickname", "CHAT_TOKEN_SECRET": "browser-" + "k" * 40, "CHAT_TOKEN_TTL": "5", "CHAT_TOKEN_LEEWAY": "0"}
+    with local_stack(**env) as stack:
+        async with async_playwright() as playwright:
+            browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+            pages = {}
+            for name in ("Alice", "Bob"):
+                context = await browser.new_context(viewport={"width": 720, "height": 480})
+                page = pages[name] = await context.new_page()
+                await page.goto(f"{stack['url']}/chat/lobby/")  # no name yet: sent to the form, room kept
+                await expect(page.locator("#room-name-input")).to_have_value("lobby", timeout=10_000)
+                await page.fill("#nickname-input", name)
+                await page.press("#room-name-input", "Enter")
+                await expect(page.locator("#chat-status")).to_have_text("connected", timeout=20_000)
+            await pages["Alice"].fill("#chat-message-input", "hi")
+            await pages["Alice"].click("#chat-message-submit")
+            await expect(pages["Bob"].locator("#chat-log")).to_have_value("Alice: hi\n", timeout=10_000)
+            # The tokens end: each socket is closed with 4401, the page gets a new token and resumes.
+            await expect(pages["Bob"].locator("#chat-status")).to_have_text("resumed", timeout=20_000)
+            await pages["Bob"].fill("#chat-message-input", "still here")
+            await pages["Bob"].click("#chat-message-submit")
+            await expect(pages["Alice"].locator("#chat-log")).to_have_value("Alice: hi\nBob: still here\n", timeout=20_000)
+            await pages["Alice"].screenshot(path=SCREENSHOTS / "nickname.png")
+            await browser.close()
