@@ -9,23 +9,18 @@ import asyncio
 import json
 import os
 import re
-import urllib.parse
-import urllib.request
+
+import pytest
 
 from conftest import ROOT, local_stack
-from loadtest.fuzz import Fuzzer
+from loadtest.fuzz import Fuzzer, nickname_token
 from loadtest.member import Conversation
 
 SECONDS = float(os.environ.get("FUZZ_SECONDS", "20"))
 IDENTITY = {"CHAT_IDENTITY": "nickname", "CHAT_TOKEN_SECRET": "fuzz-stack-secret-" + "x" * 32}
 
 
-def nickname_token(url, name):
-    data = urllib.parse.urlencode({"name": name}).encode()
-    with urllib.request.urlopen(urllib.request.Request(f"{url}/auth/token", data=data), timeout=10) as response:
-        return json.load(response)["token"]
-
-
+@pytest.mark.timeout(SECONDS + 240)
 async def test_fuzzed_clients_get_documented_answers_and_the_room_misses_nothing():
     with local_stack(**IDENTITY) as stack:
         # 4 messages a second: within the default limit of 5 a second, which this room must not feel.
