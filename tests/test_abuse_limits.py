@@ -128,3 +128,43 @@ async def test_a_crashed_workers_places_lapse_when_their_token_ends(application)
         await IdentityQuota.claim(ended, "old-room", "specific.gone!1")  # never released: its worker died
         await IdentityQuota.claim(live, "new-room", "specific.here!1")  # the ended place does not count
         await IdentityQuota.release(live, "new-room", "specific.here!1")
+
+
+async def stack_socket(stack, room, token=None):
+    """A v2 socket on the stack: ("joined", worker id) or ("refused", close code, error)."""
+    from websockets.asyncio.client import connect
+
+    query = f"?token={token}" if token else ""
+    socket = await connect(f"{stack['ws']}/ws/chat/{room}/{query}", origin=stack["url"], subprotocols=["chat.v2"])
+    frame = json.loads(await socket.recv())
+    if frame["type"] == "joined":
+        return socket, socket.response.headers["X-Served-By"]
+    await socket.wait_closed()
+    return None, (socket.close_code, frame["error"])
+
+
+async def test_on_the_stack_each_worker_holds_its_most_sockets_and_an_identity_its_rooms_on_any_worker():
+    from conftest import local_stack
+
+    env = {**{k: str(v) for k, v in IDENTITY_ON.items() if k.startswith("CHAT_")},
+           "CHAT_MAX_SOCKETS_PER_WORKER": "3", "CHAT_MAX_ROOMS_PER_IDENTITY": "2", "CHAT_MAX_SOCKETS_PER_IDENTITY": "50"}
+    with local_stack(**env) as stack:
+        with override_settings(**IDENTITY_ON):
+            token = mint("stack-user", "Stacked")
+        held, refused = [], []
+        for n in range(20):  # the kernel spreads handshakes over the 3 workers unevenly: try enough
+            socket, said = await stack_socket(stack, ("sa", "sb")[n % 2], token)
+            (held.append((socket, said)) if socket else refused.append(said))
+        per_worker = {}
+        for _, worker in held:
+            per_worker[worker] = per_worker.get(worker, 0) + 1
+        assert len(held) == 9 and set(per_worker.values()) == {3}, per_worker
+        assert refused and set(refused) == {(1013, "worker_full")}
+        await held.pop()[0].close()  # one place free, on one worker
+        for _ in range(200):  # until a handshake lands on the worker with the free place
+            outcome = await stack_socket(stack, "sc", token)
+            if outcome != (None, (1013, "worker_full")):
+                break
+        assert outcome == (None, (4429, "too_many_rooms")), "the rooms are counted across every worker"
+        for socket, _ in held:
+            await socket.close()
