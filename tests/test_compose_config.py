@@ -42,7 +42,7 @@ def test_redis_sits_on_an_internal_network_with_chat_only(services):
     assert all(list(services[f"redis-{n}"]["networks"]) == ["redis"] for n in range(6))
 
 
-def test_redis_has_a_password_by_default_that_only_the_nodes_and_chat_read(services):
+def test_redis_has_a_password_and_tls_by_default_that_only_the_nodes_and_chat_read(services):
     readers = {name for name, spec in services.items() for volume in spec.get("volumes", []) if volume.get("source") == "secrets"}
     assert readers == {"secrets", "chat", *(f"redis-{n}" for n in range(6))}
     for name in readers - {"secrets"}:
@@ -50,6 +50,8 @@ def test_redis_has_a_password_by_default_that_only_the_nodes_and_chat_read(servi
         assert mount["read_only"] is True, name
         assert services[name]["environment"]["REDIS_PASSWORD_FILE"] == "/run/chat-secrets/redis-password", name
         assert "REDIS_PASSWORD" not in services[name]["environment"], name
+    assert all(services[f"redis-{n}"]["environment"]["REDIS_TLS_DIR"] == "/run/chat-secrets" for n in range(6))
+    assert services["chat"]["environment"]["REDIS_TLS_CA"] == "/run/chat-secrets/ca.crt"
     assert services["secrets"]["network_mode"] == "none"
     assert services["redis-0"]["depends_on"]["secrets"]["condition"] == "service_completed_successfully"
 

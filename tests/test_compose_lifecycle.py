@@ -11,7 +11,7 @@ from conftest import ROOT, ComposeStack
 
 
 def make(target, stack):
-    # With a Redis password, as the Helm chart always runs it: the nodes and chat both use it.
+    # With a Redis password given (it replaces the generated one): the nodes and chat both use it.
     env = {**os.environ, "COMPOSE_PROJECT_NAME": stack.project, "INGRESS_PORT": str(stack.port),
            "REDIS_PASSWORD": "lifecycle-test-password"}
     return subprocess.run(["make", target], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -32,8 +32,14 @@ def test_second_up_is_harmless_and_down_leaves_nothing_behind(chat_images, tmp_p
         assert second.returncode == 0, second.stderr[-3000:]
         creator_log = stack.run("logs", "redis-0").stdout
         assert creator_log.count("creating the cluster") == 1, "the second up must find the cluster formed"
-        refused = stack.run("exec", "-T", "redis-0", "redis-cli", "ping", check=False)
+        tls = ["--tls", "--cacert", "/run/chat-secrets/ca.crt"]
+        refused = stack.run("exec", "-T", "redis-0", "redis-cli", *tls, "ping", check=False)
         assert "NOAUTH" in refused.stdout + refused.stderr, "the nodes must refuse clients without the password"
+        plain = stack.run("exec", "-T", "redis-0", "redis-cli", "ping", check=False)
+        assert "PONG" not in plain.stdout and "NOAUTH" not in plain.stdout, "the nodes must speak TLS only"
+        answered = stack.run("exec", "-T", "redis-0", "sh", "-c", 'REDISCLI_AUTH="$(cat /run/chat-secrets/redis-password)" '
+                             f'redis-cli {" ".join(tls)} ping')
+        assert answered.stdout.strip() == "PONG"
         with urllib.request.urlopen(f"{stack.url}/chat/", timeout=10) as response:
             assert response.status == 200 and response.headers["X-Served-By"]
         # Readiness and metrics answer on the internal port, which the ingress never forwards to.

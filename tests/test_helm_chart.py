@@ -19,7 +19,8 @@ SCENARIOS = sorted(CHART.glob("ci/*-values.yaml"))
 # Custom resources whose schemas kubernetes-validate does not carry; their fields are asserted below.
 CUSTOM_KINDS = {"HTTPRoute", "ServiceMonitor", "PrometheusRule"}
 # `helm template` reaches no cluster, so the chart refuses to generate secrets there: tests give them.
-SECRETS = ["--set", "secrets.djangoSecretKey=test-secret-key", "--set", "secrets.redisPassword=test-redis-password"]
+SECRETS = ["--set", "secrets.djangoSecretKey=test-secret-key", "--set", "secrets.redisPassword=test-redis-password",
+           "--set", "redis.tls.existingSecret=test-redis-tls"]
 
 
 def helm(*args, check=True, secrets=True):
@@ -422,3 +423,48 @@ def test_limits_and_identity_reach_the_pods_and_the_token_key_is_kept_in_the_sec
     annotations = one(ingress, "Ingress")["metadata"]["annotations"]
     assert annotations["nginx.ingress.kubernetes.io/limit-connections"] == "200"
     assert annotations["nginx.ingress.kubernetes.io/limit-rps"] == "30"
+
+
+def test_redis_speaks_tls_by_default_and_chat_holds_only_the_ca(default_objects):
+    nodes = one(default_objects, "StatefulSet", "redis")["spec"]["template"]["spec"]
+    node = nodes["containers"][0]
+    assert env_of(node)["REDIS_TLS_DIR"] == "/tls"
+    assert {"name": "tls", "secret": {"secretName": "test-redis-tls"}} in nodes["volumes"]
+    for probe in ("startupProbe", "livenessProbe"):
+        assert "--tls --cacert $REDIS_TLS_DIR/ca.crt" in node[probe]["exec"]["command"][2]
+    chat = chat_deployment(default_objects)["spec"]["template"]["spec"]
+    assert env_of(chat["containers"][0])["REDIS_TLS_CA"] == "/redis-tls/ca.crt"
+    ca = next(v for v in chat["volumes"] if v["name"] == "redis-ca")
+    assert ca["secret"] == {"secretName": "test-redis-tls", "items": [{"key": "ca.crt", "path": "ca.crt"}]}
+    plain = render("--set", "redis.tls.enabled=false")
+    assert "REDIS_TLS_DIR" not in env_of(one(plain, "StatefulSet", "redis")["spec"]["template"]["spec"]["containers"][0])
+    refused = helm("template", "channels-chat", str(CHART), "--set", "redis.tls.existingSecret=", check=False)
+    assert refused.returncode != 0 and "redis.tls.existingSecret" in refused.stderr
+
+
+def test_a_generated_redis_certificate_is_valid_for_every_node_name(tmp_path):
+    """The generating branch, rendered by a copy of the chart whose only change is that it believes a cluster answers."""
+    import shutil
+
+    from cryptography import x509
+
+    chart = tmp_path / "chart"
+    shutil.copytree(CHART, chart)
+    helpers = chart / "templates" / "_helpers.tpl"
+    guard = '{{- if not (lookup "v1" "Namespace" "" "kube-system") }}\n{{- fail "redis.tls:'
+    assert guard in helpers.read_text()
+    helpers.write_text(helpers.read_text().replace(guard, '{{- if false }}\n{{- fail "redis.tls:'))
+    out = helm("template", "channels-chat", str(chart), "--namespace", "chat", "--set", "redis.tls.existingSecret=").stdout
+    objects = [doc for doc in yaml.safe_load_all(out) if doc]
+    secret = one(objects, "Secret", "redis-tls")
+    assert secret["type"] == "kubernetes.io/tls" and secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    import base64
+
+    ca, cert = (x509.load_pem_x509_certificate(base64.b64decode(secret["data"][k])) for k in ("ca.crt", "tls.crt"))
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
+    assert "*.channels-chat-redis-headless" in names and "*.channels-chat-redis-headless.chat.svc.cluster.local" in names
+    cert.verify_directly_issued_by(ca)
+    nodes = env_of(chat_deployment(objects)["spec"]["template"]["spec"]["containers"][0])
+    assert all(n.split(":")[0].split(".", 1)[1] == "channels-chat-redis-headless"
+               for n in one(objects, "ConfigMap", "chat")["data"]["REDIS_CLUSTER_NODES"].split(",")), "covered by the wildcard"
+    assert nodes["REDIS_TLS_CA"] == "/redis-tls/ca.crt"

@@ -24,13 +24,14 @@ def record(event, started, **facts):
     save("redis_repair", REPORT)
 
 
-# The nodes' password lives in the compose `secrets` volume, not in their environment.
+# The nodes' password and CA live in the compose `secrets` volume, not in their environment.
 AUTH = 'export REDISCLI_AUTH="$(cat /run/chat-secrets/redis-password)"; '
+REDIS_CLI = "redis-cli --tls --cacert /run/chat-secrets/ca.crt"
 
 
 def cli(stack, node, *args):
-    """redis-cli ARGS in `node`'s container, with the password; its standard output."""
-    return stack.run("exec", "-T", node, "sh", "-c", AUTH + 'exec redis-cli "$@"', "redis-cli", *args).stdout
+    """redis-cli ARGS in `node`'s container, over TLS with the password; its standard output."""
+    return stack.run("exec", "-T", node, "sh", "-c", AUTH + f'exec {REDIS_CLI} "$@"', "redis-cli", *args).stdout
 
 
 def cluster_nodes(stack, via):
@@ -82,13 +83,13 @@ def role(nodes, kind):
 
 def write_keys(stack, count, via="redis-0"):
     """COUNT keys over every slot, through a cluster client in a node container."""
-    script = AUTH + f'for i in $(seq 1 {count}); do redis-cli -c set "repair:$i" "value-$i" >/dev/null || exit 1; done'
+    script = AUTH + f'for i in $(seq 1 {count}); do {REDIS_CLI} -c set "repair:$i" "value-$i" >/dev/null || exit 1; done'
     stack.run("exec", "-T", via, "sh", "-c", script)
 
 
 def read_keys(stack, count, via):
     """How many of the COUNT keys read back with their own value."""
-    script = AUTH + f'for i in $(seq 1 {count}); do [ "$(redis-cli -c get "repair:$i")" = "value-$i" ] && echo ok; done'
+    script = AUTH + f'for i in $(seq 1 {count}); do [ "$({REDIS_CLI} -c get "repair:$i")" = "value-$i" ] && echo ok; done'
     return stack.run("exec", "-T", via, "sh", "-c", script).stdout.split().count("ok")
 
 

@@ -100,7 +100,11 @@ def channel_layers():
         nodes = env_list("REDIS_CLUSTER_NODES", "127.0.0.1:7000")
         password = env_secret("REDIS_PASSWORD")
         auth = f":{quote(password, safe='')}@" if password else ""
-        hosts = [f"redis://{auth}{node}" for node in nodes]
+        # With REDIS_TLS_CA (the CA that signed the nodes' certificates) every connection is TLS.
+        tls_ca = os.environ.get("REDIS_TLS_CA")
+        hosts = [f"{'rediss' if tls_ca else 'redis'}://{auth}{node}" for node in nodes]
+        if tls_ca:
+            hosts = [{"address": host, "ssl_ca_certs": tls_ca} for host in hosts]
         # Room history, for resuming clients and recent messages on open; 0 turns it off.
         history = {"size": int(os.environ.get("CHAT_HISTORY_SIZE") or "500"), "age": int(os.environ.get("CHAT_HISTORY_AGE") or "300")}
         config = {"hosts": hosts, "group_history": {"chat_*": history}, **common}

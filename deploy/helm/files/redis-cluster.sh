@@ -20,7 +20,8 @@ placement_prefix="{redis-cluster}:placement:"
 [ -n "${REDIS_PASSWORD:-}" ] && export REDISCLI_AUTH="$REDIS_PASSWORD"
 
 log() { echo "redis-cluster: $*"; }
-cli() { cli_host="$1"; shift; timeout 5 redis-cli -h "$cli_host" -p 6379 "$@" 2>/dev/null | tr -d '\r'; }
+tls="${REDIS_TLS_DIR:+--tls --cacert $REDIS_TLS_DIR/ca.crt}"
+cli() { cli_host="$1"; shift; timeout 5 redis-cli $tls -h "$cli_host" -p 6379 "$@" 2>/dev/null | tr -d '\r'; }
 info() { cli "$1" cluster info | sed -n "s/^$2://p"; }
 alone() { [ "$(info "$1" cluster_known_nodes)" = 1 ] && [ "$(info "$1" cluster_slots_assigned)" = 0 ]; }
 address() { getent ahostsv4 "$1" | awk '{ print $1; exit }'; }
@@ -45,7 +46,7 @@ join_or_create() {
     primaries="$primaries $(address "$host"):6379"
   done
   log "creating the cluster with primaries$primaries; the other nodes join as replicas"
-  timeout 60 redis-cli --cluster create $primaries --cluster-replicas 0 --cluster-yes
+  timeout 60 redis-cli $tls --cluster create $primaries --cluster-replicas 0 --cluster-yes
 }
 
 # The node id this node should replicate, or nothing: MODE is adopt (a primary without slots) or

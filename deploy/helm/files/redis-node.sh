@@ -3,7 +3,7 @@
 # node back into it. Used by compose.yaml and the Helm chart alike; no other job forms or repairs the cluster.
 #
 # Environment: REDIS_NODES (every node, host:port, the creator first), REDIS_ANNOUNCE_HOSTNAME (default
-# the host name), REDIS_PASSWORD (or REDIS_PASSWORD_FILE), REDIS_APPENDONLY (yes keeps the data set on /data), REDIS_MAXMEMORY,
+# the host name), REDIS_PASSWORD (or REDIS_PASSWORD_FILE), REDIS_TLS_DIR, REDIS_APPENDONLY (yes keeps the data set on /data), REDIS_MAXMEMORY,
 # CLUSTER_NODE_TIMEOUT_MS, and for placement NODE_NAME and NODE_ZONE (see redis-cluster.sh).
 set -eu
 here="$(dirname "$0")"
@@ -53,8 +53,15 @@ else
   secrets=""
 fi
 
-printf '%s\n' "$secrets" | redis-server - \
-  --port 6379 \
+# With REDIS_TLS_DIR (ca.crt, tls.crt, tls.key) clients, replicas and the cluster bus speak TLS only.
+if [ -n "${REDIS_TLS_DIR:-}" ]; then
+  set -- --port 0 --tls-port 6379 --tls-cert-file "$REDIS_TLS_DIR/tls.crt" --tls-key-file "$REDIS_TLS_DIR/tls.key" \
+    --tls-ca-cert-file "$REDIS_TLS_DIR/ca.crt" --tls-auth-clients no --tls-replication yes --tls-cluster yes
+else
+  set -- --port 6379
+fi
+
+printf '%s\n' "$secrets" | redis-server - "$@" \
   --bind 0.0.0.0 \
   --protected-mode no \
   --dir /data \

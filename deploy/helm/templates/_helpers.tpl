@@ -133,6 +133,32 @@ render: that fails with a pointer to existingSecret instead.
 {{- toYaml .Values.secrets.rendered }}
 {{- end }}
 
+{{/* The Secret with the built-in nodes' TLS files; "" when TLS is off or Redis is external. */}}
+{{- define "chat.redisTlsSecret" -}}
+{{- if and .Values.redis.builtIn .Values.redis.tls.enabled }}
+{{- .Values.redis.tls.existingSecret | default (printf "%s-tls" (include "chat.redisName" .)) }}
+{{- end }}
+{{- end }}
+
+{{/* A CA and the nodes' certificate, made once and found again on upgrades (like the passwords). */}}
+{{- define "chat.redisTlsData" -}}
+{{- $name := include "chat.redisName" . }}
+{{- $previous := (lookup "v1" "Secret" .Release.Namespace (include "chat.redisTlsSecret" .)).data | default dict }}
+{{- if $previous }}
+{{- toYaml $previous }}
+{{- else }}
+{{- if not (lookup "v1" "Namespace" "" "kube-system") }}
+{{- fail "redis.tls: this render cannot reach a cluster (helm template, --dry-run, Argo CD), so a generated CA would change on every render. Set redis.tls.existingSecret to a kubernetes.io/tls Secret with ca.crt that you manage (cert-manager), or redis.tls.enabled=false" }}
+{{- end }}
+{{- $ca := genCA (printf "%s CA" $name) 3650 }}
+{{- $hosts := list (printf "*.%s-headless" $name) (printf "*.%s-headless.%s.svc" $name .Release.Namespace) (printf "*.%s-headless.%s.svc.cluster.local" $name .Release.Namespace) "localhost" }}
+{{- $cert := genSignedCert $name nil $hosts 3650 $ca }}
+ca.crt: {{ $ca.Cert | b64enc }}
+tls.crt: {{ $cert.Cert | b64enc }}
+tls.key: {{ $cert.Key | b64enc }}
+{{- end }}
+{{- end }}
+
 {{/* Rolls pods when the Secret the chart makes changes; an existingSecret is yours to roll. */}}
 {{- define "chat.secretChecksum" -}}
 {{- if .Values.secrets.existingSecret }}{{ .Values.secrets.existingSecret | sha256sum }}{{ else }}{{ include "chat.secretData" . | sha256sum }}{{ end }}
