@@ -171,7 +171,13 @@ class Conversation:
         await self.talking
         await until(lambda: not self.sender.pending, timeout, "the typed messages to come back")
         top = (self.sender.offset, self.sender.epoch)
-        await until(lambda: all((m.offset, m.epoch) == top for m in self.members), timeout, "every resuming member to reach the top")
+        try:
+            await until(lambda: all((m.offset, m.epoch) == top for m in self.members), timeout, "every resuming member to reach the top")
+        except AssertionError as late:
+            behind = [{"offset": m.offset, "epoch": m.epoch, "connections": m.connections, "open": m.socket is not None,
+                       "close_codes": m.close_codes[-5:], "recoveries": m.recoveries[-5:]}
+                      for m in self.members if (m.offset, m.epoch) != top]
+            raise AssertionError(f"{late}: the top is {top}; behind it: {behind}") from None
         await asyncio.sleep(0.5)  # a window for duplicates or v1 stragglers to show; nothing is awaited here
         for member in (*self.members, *self.plain, self.sender):
             await member.stop()
