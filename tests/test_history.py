@@ -95,3 +95,24 @@ async def test_an_idempotency_key_is_published_once_within_the_window(make_layer
     got = [(await layer.receive(channel))["__offset__"] for _ in range(5)]
     assert got == [1, 2, 3, 4, 5]
     assert layer.stats["sequence_gaps"] == 0, "the suppressed send counted no gap at the receiver"
+
+
+async def test_what_was_published_while_a_subscription_moved_is_delivered_from_history(make_layer, redis_cluster):
+    """A message that reached no subscription (as in the instant a primary dies) and has no later one
+    to reveal the gap is delivered once the subscription is back."""
+    import redis
+
+    receiver, sender = make_layer(history_size=50), make_layer(history_size=50)
+    channel = await receiver.new_channel()
+    await receiver.group_add("quiet", channel)
+    await sender.group_send("quiet", {"type": "m", "n": 1})
+    assert (await asyncio.wait_for(receiver.receive(channel), 5))["n"] == 1
+    # Numbered and kept, but published where no one listens: the message this subscription missed.
+    await send_numbered(sender, "quiet", {"type": "m", "n": 2}, channel=sender.keys.group_channel("quiet") + b":nobody")
+    before = receiver.stats["resubscribes"]
+    for port in redis_cluster.ports:  # the subscription's connection ends, as with its primary
+        redis.Redis(port=port).client_kill_filter(_type="pubsub")
+    assert (await asyncio.wait_for(receiver.receive(channel), 10))["n"] == 2
+    assert receiver.stats["resynced"] == 1 and receiver.stats["resubscribes"] > before
+    await sender.group_send("quiet", {"type": "m", "n": 3})
+    assert (await asyncio.wait_for(receiver.receive(channel), 5))["n"] == 3, "nothing twice"

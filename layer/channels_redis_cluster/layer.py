@@ -151,10 +151,12 @@ class _LoopState:
             retry_timeout=layer.retry_timeout,
             health_interval=layer.health_interval,
             stats=layer.stats,
+            on_moved=self.on_moved,
         )
         self.local = LocalChannels(layer.expiry, layer.group_expiry, layer.get_capacity, layer.stats)
         self.inbox = layer.keys.inbox(self.client_prefix)
         self.group_of = {}  # shard channel -> group name, for subscribed groups
+        self.delivered = {}  # shard channel -> (epoch, offset) of the last numbered message fanned out here
         self.sent = _Sequences()
         self.seen = _Sequences()
         self.poppers = {}
@@ -231,7 +233,36 @@ class _LoopState:
             return
         group = self.group_of.get(shard_channel)
         if group is not None:
+            if kind == NUMBERED:
+                self.delivered[shard_channel] = (message[history.EPOCH], message[history.OFFSET])
             self.local.fan_out(group, message)
+
+    def on_moved(self, shard_channel):
+        """A group's subscription was lost and is back: deliver from its history what came meanwhile.
+
+        Without this, messages published while no subscription existed are noticed by a member only
+        when a later one arrives with a gap; the last ones before a quiet spell would never be.
+        """
+        group = self.group_of.get(shard_channel)
+        if group is not None and shard_channel in self.delivered and self.layer.history.bound(group).size:
+            self.background(self.resync(group, shard_channel))
+
+    async def resync(self, group, shard_channel):
+        """Fan out the group's history after the last message delivered here, skipping what arrived live since."""
+        epoch, offset = self.delivered[shard_channel]
+        found = await self.layer.group_history(group, offset, epoch)
+        resynced = 0
+        for message in found.messages:
+            last = self.delivered.get(shard_channel)
+            if last is not None and last[0] == message[history.EPOCH] and message[history.OFFSET] <= last[1]:
+                continue
+            if self.group_of.get(shard_channel) != group:
+                return  # everyone here left the group meanwhile
+            self.delivered[shard_channel] = (message[history.EPOCH], message[history.OFFSET])
+            self.local.fan_out(group, message)
+            resynced += 1
+        if resynced:
+            self.layer.stats.inc("resynced", resynced)
 
     def on_inbox(self, envelope):
         """Direct messages, remote membership changes and their acknowledgements."""

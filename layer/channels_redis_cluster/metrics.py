@@ -15,6 +15,7 @@ EVENTS = {
     "sequence_gaps": "Pub/sub messages numbered by a sender that never arrived here",
     "out_of_order": "Pub/sub messages that arrived after a later one from the same sender",
     "resubscribes": "Subscriber connections lost and moved to the slot's current primary",
+    "resynced": "Group messages published while a subscription was being moved, delivered here from the group's history",
     "errors": "Layer operations that failed after retrying",
     "epoch_rotations": "Group histories given a new epoch: new, lost, or written by another server process since",
     "duplicates_suppressed": "Group sends not published again because their idempotency key was in the history",

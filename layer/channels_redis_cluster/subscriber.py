@@ -127,9 +127,10 @@ class _NodeReader:
 class ShardedSubscriber:
     """Keeps a set of shard channels subscribed on whichever primary owns each one's slot."""
 
-    def __init__(self, topology: Topology, on_message, *, retry_timeout, health_interval, stats):
+    def __init__(self, topology: Topology, on_message, *, retry_timeout, health_interval, stats, on_moved=None):
         self.topology = topology
         self.on_message = on_message
+        self.on_moved = on_moved  # called with a channel once it is subscribed again after a loss
         self.retry_timeout = retry_timeout
         self.health_interval = health_interval
         self.stats = stats
@@ -235,6 +236,8 @@ class ShardedSubscriber:
                     logger.info("resubscribe %r pending: %s", channel, exc)
                     break
                 self._moving.discard(channel)
+                if self.on_moved is not None and channel in self.wanted:
+                    self.on_moved(channel)
             else:
                 continue
             await asyncio.sleep(delay)
