@@ -171,10 +171,7 @@ class ChatConsumer(LayerPushMixin, AsyncWebsocketConsumer):
         self.token_timer = None
         if self.closing:
             return
-        closer = self._closer = asyncio.ensure_future(
-            self.refuse(BadFrame(CLOSE_UNAUTHORIZED, "token_expired", "the token has expired: get a new one"), True)
-        )
-        closer.add_done_callback(_ignore_result)
+        self.close_soon(self.refuse(BadFrame(CLOSE_UNAUTHORIZED, "token_expired", "the token has expired: get a new one"), True))
 
     async def replay(self, resume, found):
         """v2: joined with the room's top, then the missed (or latest) messages, then how a resume went.
@@ -308,8 +305,12 @@ class ChatConsumer(LayerPushMixin, AsyncWebsocketConsumer):
             return
         self.closing = True
         metrics.CLOSED_TOO_SLOW.inc()
-        closer = self._closer = asyncio.ensure_future(self.base_send({"type": "websocket.close", "code": CLOSE_TOO_SLOW}))
-        closer.add_done_callback(_ignore_result)  # a client already gone needs no close
+        self.close_soon(self.base_send({"type": "websocket.close", "code": CLOSE_TOO_SLOW}))
+
+    def close_soon(self, closing):
+        """Run ``closing`` from a callback, holding it until done; a client already gone needs no close."""
+        closer = self._closer = asyncio.ensure_future(closing)
+        closer.add_done_callback(_ignore_result)
 
     async def refuse(self, bad, close):
         """Tell the client what was wrong: an error frame for v2, and a close code where asked."""

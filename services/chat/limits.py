@@ -85,10 +85,15 @@ class IdentityQuota:
     def key(identity):
         return f"chat:{{id:{identity.key}}}:sockets"
 
+    @staticmethod
+    def member(room, channel):
+        """One socket's entry: its room first, which the claim script and _claim_here read back."""
+        return f"{room} {channel}"
+
     @classmethod
     async def claim(cls, identity, room, channel):
         """Hold a place for this socket, or raise BadFrame (4429) when the identity is at a limit."""
-        args = (int(time.time() * 1000), f"{room} {channel}", int(identity.expires_at * 1000), room,
+        args = (int(time.time() * 1000), cls.member(room, channel), int(identity.expires_at * 1000), room,
                 settings.CHAT_MAX_ROOMS_PER_IDENTITY, settings.CHAT_MAX_SOCKETS_PER_IDENTITY)
         client = cls._client()
         if client is None:
@@ -107,9 +112,9 @@ class IdentityQuota:
         """Give this socket's place back."""
         client = cls._client()
         if client is None:
-            cls._local.get(cls.key(identity), {}).pop(f"{room} {channel}", None)
+            cls._local.get(cls.key(identity), {}).pop(cls.member(room, channel), None)
         else:
-            await client.zrem(cls.key(identity), f"{room} {channel}")
+            await client.zrem(cls.key(identity), cls.member(room, channel))
 
     @classmethod
     def _claim_here(cls, key, now, member, ends, room, most_rooms, most_sockets):
