@@ -66,6 +66,7 @@ PLAIN, NUMBERED, SKIPPED = b"p", b"h", b"s"  # kinds: a message; one with epoch 
 EPOCH_END = HEADER_BYTES + history.EPOCH_CHARS
 OFFSET_END = EPOCH_END + history.OFFSET_CHARS
 BLOCK_SECONDS = 1  # BLPOP timeout; far below socket_timeout so the two never race
+ECHO_SECONDS = 1.0  # the longest a group_send waits for its own message to reach this process's members
 SWEEP_SECONDS = 30.0
 
 
@@ -157,6 +158,7 @@ class _LoopState:
         self.inbox = layer.keys.inbox(self.client_prefix)
         self.group_of = {}  # shard channel -> group name, for subscribed groups
         self.delivered = {}  # shard channel -> (epoch, offset) of the last numbered message fanned out here
+        self.echoes = {}  # (shard channel, sequence) -> future of a group message sent here, set when it is back
         self.sent = _Sequences()
         self.seen = _Sequences()
         self.poppers = {}
@@ -191,6 +193,27 @@ class _LoopState:
 
     # Outgoing pub/sub
 
+    def expect_echo(self, shard_channel):
+        """The key of the frame just made for ``shard_channel`` when members here will see it come back, else None.
+
+        Awaiting its return after a group_send means this process's members hold the message (or were
+        full and missed it) when group_send returns: capacity applies at send, as in channels_redis.
+        """
+        if shard_channel not in self.group_of or not self.subscriber.holds(shard_channel):
+            return None
+        key = (shard_channel, self.sent.get(shard_channel))
+        self.echoes[key] = self.loop.create_future()
+        return key
+
+    async def await_echo(self, key):
+        """Wait for a frame's return; bounded, since a subscription that moved meanwhile never echoes it."""
+        future = self.echoes.get(key)
+        if future is not None:
+            try:
+                await asyncio.wait_for(future, ECHO_SECONDS)
+            except asyncio.TimeoutError:
+                pass
+
     def frame(self, shard_channel, body=b"", kind=PLAIN):
         """Prefix ``body`` with this sender's id, its next number on ``shard_channel`` and the frame's kind."""
         seq = self.sent.get(shard_channel) + 1
@@ -215,6 +238,11 @@ class _LoopState:
         elif seq <= last and seq != 1:
             self.layer.stats.inc("out_of_order")
         self.seen.set(key, seq)
+        if key[0] == self.sender and self.echoes:
+            echo = self.echoes.pop((shard_channel, seq), None)
+            if echo is not None and not echo.done():
+                # Set now, run after this fan-out: the sender resumes once its members hold the message.
+                echo.set_result(None)
         kind = data[SEQ_END:HEADER_BYTES]
         if kind == SKIPPED:
             return
@@ -630,18 +658,20 @@ class RedisClusterChannelLayer(BaseChannelLayer):
         channel = self.keys.group_channel(group)
         bound = self.history.bound(group)
         cutoff = time.time() - self.group_expiry
+        echo = None
         try:
             if not bound.size:
                 offset = None
-                queued = await _publish_group(
-                    state.publisher, self.keys.group_queues(group), channel,
-                    state.frame(channel, self.serialize(message)), cutoff,
-                )
+                frame = state.frame(channel, self.serialize(message))
+                echo = state.expect_echo(channel)
+                queued = await _publish_group(state.publisher, self.keys.group_queues(group), channel, frame, cutoff)
             else:
+                body = self.serialize(message)
+                frame = state.frame(channel, kind=NUMBERED)
+                echo = state.expect_echo(channel)
                 offset, epoch, rotated, duplicate, queued = await _send_numbered(
                     state.publisher, [*self.keys.group_history(group), self.keys.group_queues(group)],
-                    *self._history_args(bound), bound.size, channel, state.frame(channel, kind=NUMBERED),
-                    self.serialize(message), idempotency_key or "", cutoff,
+                    *self._history_args(bound), bound.size, channel, frame, body, idempotency_key or "", cutoff,
                 )
                 if rotated:
                     self.stats.inc("epoch_rotations")
@@ -651,9 +681,14 @@ class RedisClusterChannelLayer(BaseChannelLayer):
                     message = {**message, history.OFFSET: offset, history.EPOCH: epoch.decode()}
             if queued:
                 await self._push_members(state, queued, message)
+            if echo is not None:
+                await state.await_echo(echo)
         except RETRYABLE:
             self.stats.inc("errors")
             raise
+        finally:
+            if echo is not None:
+                state.echoes.pop(echo, None)
         return offset
 
     async def _push_members(self, state, channels, message):

@@ -147,6 +147,10 @@ class ShardedSubscriber:
         """True when every wanted channel is subscribed on a live connection."""
         return not self._moving
 
+    def holds(self, channel: bytes):
+        """True when ``channel`` is subscribed on a live connection now."""
+        return any(channel in reader.channels and not reader.closed for reader in self.readers.values())
+
     async def subscribe(self, channel: bytes):
         """Subscribe ``channel``; returns once the owning primary confirmed it."""
         self.wanted.add(channel)
