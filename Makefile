@@ -41,10 +41,12 @@ TARGET ?= http://127.0.0.1:8000
 USERS ?= 50
 SPAWN_RATE ?= 10
 DURATION ?= 30
+# Locust processes generating the load (forked workers under one master): -1 is one per core.
+PROCESSES ?= -1
 SCENARIO ?= RoomFanoutUser
 loadtest: env ## Locust fan-out scenario against TARGET, headless; the exit status is the verdict
 	$(PY) -m locust -f loadtest/locustfile.py --headless --only-summary -H $(TARGET) -u $(USERS) -r $(SPAWN_RATE) \
-		-t $(DURATION)s --html artifacts/loadtest/report.html --csv artifacts/loadtest/locust $(SCENARIO)
+		-t $(DURATION)s --processes $(PROCESSES) --html artifacts/loadtest/report.html --csv artifacts/loadtest/locust $(SCENARIO)
 
 FUZZ_SECONDS ?= 300
 fuzz: env ## the fuzzer against the make-run stack for FUZZ_SECONDS while a room chats (counts: artifacts/fuzz.json)

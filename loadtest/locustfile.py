@@ -3,9 +3,11 @@
 Users speak the chat.v2 WebSocket protocol (websocket-client under gevent). Every delivery of a room
 message is a Locust request of type DELIVER, named same-worker or cross-worker by the X-Served-By of
 sender and receiver, whose response time is the fan-out latency. At the end the master (or the lone
-local runner) prints the verdict, saves it as JSON and CSV and sets the exit status: non-zero when an
+local runner) prints the verdict, saves it as JSON and CSV and sets the exit status: 1 (FAIL) when an
 expected delivery is missing, when no delivery crossed workers although two or more served sockets,
-or when p99 passes --max-p99-ms. Pick a scenario by class name: RoomFanoutUser (default),
+or when p99 passes --max-p99-ms; 2 (INCONCLUSIVE) when p99 passes it while a generating process was
+saturated (its own CPU, sampled every 2 s, reached 90%), since its latencies are then its own.
+`make loadtest` spreads the users over processes (`--processes`). Pick a scenario by class name: RoomFanoutUser (default),
 ChurnUser, ReconnectStormUser. Options (also as LOADTEST_* environment variables) are listed by
 `locust -f loadtest/locustfile.py --help`.
 """
@@ -13,11 +15,13 @@ ChurnUser, ReconnectStormUser. Options (also as LOADTEST_* environment variables
 import itertools
 import json
 import logging
+import os
 import random
 import sys
 import time
 import uuid
 from pathlib import Path
+from socket import gethostname
 from urllib.parse import urlsplit
 
 import gevent
@@ -29,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ledger import Ledger, describe, save, verdict  # noqa: E402
 
 logger = logging.getLogger("loadtest")
+EXIT_STATUS = {"PASS": 0, "FAIL": 1, "INCONCLUSIVE": 2}
 ledger = Ledger()
 _user_numbers = itertools.count()
 
@@ -61,6 +66,37 @@ def refuse_unbounded(environment, **_):
         environment.runner.quit()
 
 
+CPU_SAMPLE_SECONDS = 2.0
+_sampler = None
+
+
+@events.test_start.add_listener
+def sample_own_cpu(environment, **_):
+    """Each generating process samples its own CPU, so the verdict can tell a busy client from a slow server."""
+    global _sampler
+    if isinstance(environment.runner, MasterRunner) or _sampler is not None:
+        return
+    name = f"{gethostname()}:{os.getpid()}"
+
+    def sample():
+        cpu, wall = time.process_time(), time.monotonic()
+        while True:
+            gevent.sleep(CPU_SAMPLE_SECONDS)
+            now_cpu, now_wall = time.process_time(), time.monotonic()
+            ledger.cpu_sample(name, 100 * (now_cpu - cpu) / (now_wall - wall))
+            cpu, wall = now_cpu, now_wall
+
+    _sampler = gevent.spawn(sample)
+
+
+@events.test_stop.add_listener
+def stop_sampling(environment, **_):
+    global _sampler
+    if _sampler is not None:
+        _sampler.kill(block=False)
+        _sampler = None
+
+
 @events.report_to_master.add_listener
 def hand_records_to_master(client_id, data):
     data["fanout"] = ledger.drain()
@@ -79,8 +115,7 @@ def judge(environment, **_):
     summary = verdict(ledger, options.leave_grace, options.max_p99_ms)
     save(summary, options.report_dir)
     print(describe(summary), flush=True)
-    if not summary["passed"]:
-        environment.process_exit_code = 1
+    environment.process_exit_code = EXIT_STATUS[summary["outcome"]]
 
 
 class ChatUser(User):

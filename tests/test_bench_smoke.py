@@ -34,3 +34,15 @@ def test_benchmark_smoke_writes_the_report_with_every_part():
     assert "group_send from synchronous code (async_to_sync) at most 2x channels_redis core's time per call" in met
     assert (out / "latency_vs_load.png").stat().st_size > 0 and (out / "commands_per_send.png").stat().st_size > 0
     assert "| this layer (Redis Cluster) |" in (out / "report.md").read_text()
+    # Both sides' CPU per step, from every client process and server worker.
+    step = ours["steps"][0]
+    assert len(step["client_cpu_percent"]) == report["args"]["client_processes"] == 2
+    assert len(step["server_cpu_percent"]) == 3 and len(report["backends"]["ceiling"]["steps"][0]["server_cpu_percent"]) == 1
+    assert any("client is not the bottleneck" in target for target in met)
+    # The join storm reaches every member, the curves have every point, the capacity model is rendered.
+    assert all(storm["all_delivered"] for storm in report["storms"].values())
+    points = report["curves"]["redis-cluster"]["rooms"]["points"]
+    assert [p["x"] for p in points] == report["args"]["curve_rooms"]
+    assert all(p["delivered_ratio"] == 1.0 and p["sockets_closed_by_server"] == 0 for p in points)
+    assert all(us > 0 for us in report["redis_cost"]["measured"].values()) and report["capacity"]["pods"]["count"] >= 2
+    assert (out / "scale_curves.png").stat().st_size > 0 and "## Capacity model" in (out / "report.md").read_text()

@@ -6,14 +6,15 @@ import sys
 
 from conftest import ROOT, local_stack
 
-USERS, SECONDS = 24, 10
+USERS, SECONDS, PROCESSES = 24, 10, 2
 
 
-def run_locust(url, scenario, report_dir, *options):
+def run_locust(url, scenario, report_dir, *options, processes=PROCESSES):
     """A bounded headless run, as `make loadtest` starts it; returns (exit status, verdict, output)."""
     result = subprocess.run(
         [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtest/locustfile.py"), "--headless", "--only-summary",
-         "-H", url, "-u", str(USERS), "-r", str(USERS), "-t", f"{SECONDS}s", "--report-dir", str(report_dir),
+         "-H", url, "-u", str(USERS), "-r", str(USERS), "-t", f"{SECONDS}s", "--processes", str(processes),
+         "--report-dir", str(report_dir),
          "--html", str(report_dir / "report.html"), "--csv", str(report_dir / "locust"), *options, scenario],
         cwd=ROOT, capture_output=True, text=True, timeout=SECONDS + 60,
     )
@@ -21,11 +22,14 @@ def run_locust(url, scenario, report_dir, *options):
     return result.returncode, verdict, result.stdout + result.stderr
 
 
-def assert_passed(status, verdict, output):
+def assert_passed(status, verdict, output, processes=PROCESSES):
     assert status == 0 and verdict["passed"], output[-3000:]
     assert verdict["missing"] == 0 and verdict["deliveries_expected"] > USERS
     assert verdict["workers_serving_sockets"] >= 2 and verdict["cross_worker_deliveries"] > 0
     assert "fan-out verdict: PASS" in output
+    # Every generating process reported its own CPU to the master.
+    assert len(verdict["generators"]) == processes, verdict["generators"]
+    assert all(cpu["samples"] >= 2 for cpu in verdict["generators"].values()), verdict["generators"]
 
 
 def test_room_fanout_passes_and_reports_everything(stack, tmp_path):
@@ -54,7 +58,7 @@ def test_reconnect_storm_resumes_and_owes_what_was_said_meanwhile(stack, tmp_pat
 
 def test_p99_over_the_limit_fails_the_run(stack, tmp_path):
     status, verdict, output = run_locust(stack["url"], "RoomFanoutUser", tmp_path, "--max-p99-ms", "0.001")
-    assert status != 0 and not verdict["passed"] and verdict["missing"] == 0
+    assert status == 1 and verdict["outcome"] == "FAIL" and verdict["missing"] == 0
     assert any("p99 fan-out latency" in reason for reason in verdict["failures"]), output[-2000:]
 
 

@@ -55,6 +55,33 @@ def test_slow_p99_fails_and_duplicates_are_counted():
     assert summary["failures"] == ["p99 fan-out latency 500.0 ms is over the 100 ms limit"]
 
 
+def test_slow_p99_on_a_saturated_generator_is_inconclusive_not_a_failure():
+    ledger = ledger_of(JOINS, SENDS, [("n1", "a", 10.001), ("n1", "b", 10.5)])
+    for percent in (40.0, 95.0, 60.0):
+        ledger.cpu_sample("gen:1", percent)
+    ledger.cpu_sample("gen:2", 30.0)
+    summary = verdict(ledger, 1.0, 100, ended_at=20)
+    assert summary["outcome"] == "INCONCLUSIVE" and not summary["passed"] and summary["failures"] == []
+    assert summary["generators_saturated"] == ["gen:1"]
+    assert summary["generators"]["gen:1"] == {"samples": 3, "mean_percent": 65.0, "max_percent": 95.0}
+    assert "saturated load generators (gen:1" in summary["inconclusive"][0]
+
+
+def test_a_missing_delivery_fails_even_on_a_saturated_generator():
+    joins = [*JOINS, ("c", "room", 3.0, "w2:1")]
+    ledger = ledger_of(joins, SENDS, [("n1", "a", 10.001), ("n1", "b", 10.5)])
+    ledger.cpu_sample("gen:1", 99.0)
+    summary = verdict(ledger, 1.0, 100, ended_at=20)
+    assert summary["outcome"] == "FAIL" and summary["failures"] == ["1 of 3 expected deliveries are missing"]
+    assert summary["inconclusive"] and "p99" in summary["inconclusive"][0]
+
+
+def test_a_fast_run_on_a_saturated_generator_passes():
+    ledger = ledger_of(JOINS, SENDS, [("n1", "a", 10.001), ("n1", "b", 10.002)])
+    ledger.cpu_sample("gen:1", 99.0)
+    assert verdict(ledger, 1.0, 100, ended_at=20)["outcome"] == "PASS"
+
+
 def test_a_run_with_nothing_to_deliver_fails():
     assert verdict(Ledger(), 1.0, 100, ended_at=20)["failures"][0].startswith("no delivery was expected")
 
@@ -63,7 +90,7 @@ def test_records_travel_from_worker_to_master_and_are_saved(tmp_path):
     worker = ledger_of(JOINS, SENDS, [("n1", "a", 10.001), ("n1", "b", 10.002)])
     master = Ledger()
     master.merge(worker.drain())
-    assert worker.drain() == {"joins": [], "leaves": [], "sends": [], "receipts": [], "recoveries": []}
+    assert worker.drain() == {"joins": [], "leaves": [], "sends": [], "receipts": [], "recoveries": [], "cpu": []}
     summary = verdict(master, 1.0, 100, ended_at=20)
     save(summary, tmp_path)
     assert (tmp_path / "verdict.csv").read_text().splitlines()[-1] == "TOTAL,1,2,2,0"

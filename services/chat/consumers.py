@@ -144,6 +144,8 @@ class ChatConsumer(LayerPushMixin, AsyncWebsocketConsumer):
                 await self.accept(subprotocol)
                 return await self.refuse(BadFrame(CLOSE_UNAVAILABLE, "unavailable", "room history is unavailable, try again"), True)
         await self.accept(subprotocol)
+        # Room messages are written once per recipient: past the handshake, skip the header wrapper.
+        self.base_send = getattr(self.base_send, "forwarding_to", self.base_send)
         metrics.CONNECTIONS.inc()
         if self.identity is not None:
             loop = asyncio.get_running_loop()
@@ -292,7 +294,8 @@ class ChatConsumer(LayerPushMixin, AsyncWebsocketConsumer):
             if offset <= self.offset:
                 return  # sent already, from the room's history
             self.offset = offset
-        await self.send(text_data=_frame(event, self.version, self.room_name))
+        # Channels' send() only wraps this in two more coroutines, paid once per recipient.
+        await self.base_send({"type": "websocket.send", "text": _frame(event, self.version, self.room_name)})
         metrics.MESSAGES_OUT.inc()
 
     def layer_messages_dropped(self, count):

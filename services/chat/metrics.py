@@ -1,10 +1,33 @@
 """Prometheus metrics of the chat consumer (multiprocess-safe under gunicorn)."""
 
+import asyncio
+
 from prometheus_client import Counter, Gauge, Histogram
+
+
+class Tally:
+    """A counter bumped once per delivered frame, written to Prometheus once per event loop turn.
+
+    Each increment of a multiprocess counter is a locked write to its file; a room message fans out
+    to every local member within one turn, so one write per turn instead of one per recipient.
+    """
+
+    def __init__(self, counter):
+        self.counter, self.pending = counter, 0
+
+    def inc(self):
+        if not self.pending:
+            asyncio.get_running_loop().call_soon(self.flush)
+        self.pending += 1
+
+    def flush(self):
+        pending, self.pending = self.pending, 0
+        self.counter.inc(pending)
+
 
 CONNECTIONS = Gauge("chat_connections", "Open chat WebSockets", multiprocess_mode="livesum")
 MESSAGES_IN = Counter("chat_messages_in_total", "Chat messages accepted from clients")
-MESSAGES_OUT = Counter("chat_messages_out_total", "Chat messages written to clients")
+MESSAGES_OUT = Tally(Counter("chat_messages_out_total", "Chat messages written to clients"))
 REJECTED = Counter("chat_rejected_total", "Client frames or connections refused", ["reason"])
 LAYER_ERRORS = Counter("chat_layer_errors_total", "Channel layer calls that failed", ["operation"])
 RESUMES = Counter("chat_resumes_total", "v2 reconnects with since/epoch, by whether the replay was exact", ["recovered"])

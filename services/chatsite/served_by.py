@@ -28,6 +28,11 @@ class _SendWithHeader:
     def __init__(self, send, header, can_deny):
         self.send, self.header, self.can_deny, self.started = send, header, can_deny, False
 
+    @property
+    def forwarding_to(self):
+        """The server's send once the response has started (this wrapper only forwards from then on), else self."""
+        return self.send if self.started else self
+
     async def __call__(self, message):
         if self.started:
             return await self.send(message)

@@ -1,0 +1,330 @@
+"""The benchmark's load: rooms of sockets spread over client processes, numbered timed messages, counted.
+
+The client is split over processes so that it is not what limits a run: each process holds its share
+of every room's sockets, sends its share of each step's messages from them, and counts what its
+sockets receive; the coordinator (`Load`, in the benchmark's process) adds it up. Every process reads
+the same system-wide monotonic clock, so a latency is the receipt time minus the send time whichever
+processes sent and received. Each step also reports the CPU each client process and each server
+worker used while it sent, so a report can show which side was saturated.
+"""
+
+import asyncio
+import json
+import multiprocessing
+import os
+import random
+import time
+import traceback
+from collections import Counter, defaultdict
+from pathlib import Path
+
+from loadtest import wsclient
+from loadtest.ledger import percentile
+
+PREFIX = b'{"message": "'
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid):
+    """User plus system CPU seconds of process ``pid`` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+class _Client:
+    """One client process: its sockets of each room, what it sent and what they received."""
+
+    def __init__(self, index, port):
+        self.index, self.port = index, port
+        self.rooms = defaultdict(list)  # room -> [Socket]
+        self.room_of = {}  # Socket -> room
+        self.closed_at = {}  # Socket -> monotonic time its close was seen
+        self.received = defaultdict(Counter)  # step -> message id -> receipts
+        self.latencies = defaultdict(list)  # step -> [ms]
+        self.sends = defaultdict(list)  # step -> [(message id, room, sent_at, sender)]
+        self.seq = 0
+
+    def on_text(self, payload):
+        now = time.perf_counter()
+        if not payload.startswith(PREFIX):
+            return  # v2's joined frame
+        message, _, sent_at = payload[len(PREFIX):-2].partition(b" ")
+        step = message.partition(b".")[0]
+        self.received[step][message] += 1
+        self.latencies[step].append((now - float(sent_at)) * 1000)
+
+    def track(self, socket, room):
+        """Hold ``socket`` as a member of ``room``, noting when the server closes it."""
+        self.rooms[room].append(socket)
+        self.room_of[socket] = room
+        socket.closed.add_done_callback(lambda _: self._closed(socket))
+
+    def _closed(self, socket):
+        if socket in self.room_of:  # not one this process closed itself
+            self.closed_at.setdefault(socket, time.perf_counter())
+
+    async def connect(self, room, count, subprotocol=None):
+        for start in range(0, count, 100):
+            sockets = await asyncio.gather(*(
+                wsclient.connect("127.0.0.1", self.port, f"/ws/chat/{room}/", self.on_text, subprotocol=subprotocol)
+                for _ in range(start, min(count, start + 100))
+            ))
+            for socket in sockets:
+                self.track(socket, room)
+        return [socket.served_by for socket in self.rooms[room]]
+
+    async def connect_many(self, rooms, subprotocol=None):
+        """Connect ``(room, count)`` pairs, 200 handshakes at a time; served_by per room."""
+        wanted = [room for room, count in rooms for _ in range(count)]
+        for start in range(0, len(wanted), 200):
+            batch = wanted[start:start + 200]
+            sockets = await asyncio.gather(*(
+                wsclient.connect("127.0.0.1", self.port, f"/ws/chat/{room}/", self.on_text, subprotocol=subprotocol)
+                for room in batch
+            ))
+            for room, socket in zip(batch, sockets):
+                self.track(socket, room)
+        return {room: [socket.served_by for socket in self.rooms[room]] for room, _ in rooms}
+
+    async def storm(self, rooms):
+        """Connect every ``(room, count)`` at once, as clients coming back after a deploy; served_by per room."""
+        served = await asyncio.gather(*(self.connect(room, count) for room, count in rooms))
+        return dict(zip((room for room, _ in rooms), served))
+
+    def say_once(self, step):
+        """One message in each room, from one of this process's open sockets there; the step's sends."""
+        sends = self.sends[step]
+        for room, sockets in self.rooms.items():
+            members = [s for s in sockets if not s.closed.done()]
+            if members:
+                self.seq += 1
+                message, now = f"{step}.{self.index}.{self.seq}", time.perf_counter()
+                sends.append((message, room, now, members[0]))
+                members[0].send_text(json.dumps({"message": f"{message} {now:.6f}"}).encode())
+        return {"sends": [(message, room, sent_at) for message, room, sent_at, _ in sends],
+                "closes": [(self.room_of[socket], at) for socket, at in self.closed_at.items()], "cpu_percent": 0.0}
+
+    async def run_step(self, step, messages_per_s, seconds, rooms):
+        """Send ``messages_per_s`` from random open sockets of random ``rooms`` for ``seconds``; the step's sends."""
+        prefix = f"{step}.{self.index}."
+        cpu, started = time.process_time(), time.perf_counter()
+        sent = 0
+        sends = self.sends[step]
+        while (elapsed := time.perf_counter() - started) < seconds:
+            for _ in range(int(messages_per_s * elapsed) - sent):
+                room = random.choice(rooms)
+                members = [s for s in self.rooms[room] if not s.closed.done()]
+                sent += 1
+                if not members:
+                    continue
+                sender = random.choice(members)
+                self.seq += 1
+                message, now = f"{prefix}{self.seq}", time.perf_counter()
+                sends.append((message, room, now, sender))
+                sender.send_text(json.dumps({"message": f"{message} {now:.6f}"}).encode())
+            await asyncio.sleep(0.002)
+        return {
+            "sends": [(message, room, sent_at) for message, room, sent_at, _ in sends],
+            "closes": [(self.room_of[socket], at) for socket, at in self.closed_at.items()],
+            "cpu_percent": round(100 * (time.process_time() - cpu) / (time.perf_counter() - started), 1),
+        }
+
+    def count(self, step):
+        return sum(self.received[step.encode()].values())
+
+    def collect(self, step):
+        """What this process's sockets received of ``step``, and which of its sends' senders were closed by the server."""
+        key = step.encode()
+        refused = [message for message, _, _, sender in self.sends.pop(step, []) if sender.close_code is not None]
+        return {
+            "received": {message.decode(): n for message, n in self.received.pop(key, {}).items()},
+            "latencies": self.latencies.pop(key, []),
+            "sender_closed": refused,
+        }
+
+    def close(self):
+        for sockets in self.rooms.values():
+            for socket in sockets:
+                socket.close()
+        self.rooms.clear()
+        self.room_of.clear()
+        self.closed_at.clear()
+
+
+def _serve(index, port, connection):
+    """A client process: run commands from the coordinator until it says stop."""
+
+    async def main():
+        client = _Client(index, port)
+        loop = asyncio.get_running_loop()
+        while True:
+            command, *arguments = await loop.run_in_executor(None, connection.recv)
+            if command == "stop":
+                client.close()
+                await asyncio.sleep(0.1)
+                connection.send(("ok", None))
+                return
+            try:
+                result = getattr(client, command)(*arguments)
+                if asyncio.iscoroutine(result):
+                    result = await result
+            except Exception:  # noqa: BLE001 - the coordinator raises it, with this process's traceback
+                connection.send(("error", traceback.format_exc()))
+            else:
+                connection.send(("ok", result))
+
+    asyncio.run(main())
+
+
+def _answer(reply):
+    """A client process's result, or its failure raised here."""
+    status, value = reply
+    if status == "error":
+        raise RuntimeError(f"benchmark client process failed:\n{value}")
+    return value
+
+
+class Load:
+    """Rooms of sockets on a stack, held by ``processes`` client processes; steps of offered load, counted."""
+
+    def __init__(self, stack, processes=2):
+        self.stack = stack
+        context = multiprocessing.get_context("spawn")
+        self.connections, self.processes = [], []
+        for index in range(processes):
+            ours, theirs = context.Pipe()
+            process = context.Process(target=_serve, args=(index, stack.port, theirs), daemon=True)
+            process.start()
+            self.connections.append(ours)
+            self.processes.append(process)
+        self.members = {}  # room -> [served_by]
+        self.idle = set()  # rooms that only hold sockets: no step sends to them
+        self.steps = 0
+
+    async def _all(self, command, *per_process):
+        """Send ``command`` to every client (with its own arguments) and gather their answers."""
+        for connection, arguments in zip(self.connections, per_process or [()] * len(self.connections)):
+            connection.send((command, *arguments))
+        return [_answer(a) for a in await asyncio.gather(*(asyncio.to_thread(c.recv) for c in self.connections))]
+
+    async def _one(self, index, command, *arguments):
+        """Send ``command`` to one client and wait for its answer."""
+        self.connections[index].send((command, *arguments))
+        return _answer(await asyncio.to_thread(self.connections[index].recv))
+
+    async def add_room(self, name, size, settle=0.5, subprotocol=None, idle=False):
+        shares = [size // len(self.connections) + (i < size % len(self.connections)) for i in range(len(self.connections))]
+        served = await self._all("connect", *[(name, share, subprotocol) for share in shares])
+        self.members[name] = [worker for part in served for worker in part]
+        if idle:
+            self.idle.add(name)
+        await asyncio.sleep(settle)  # joins settle before traffic
+
+    def sockets_per_worker(self):
+        """Open sockets by the worker id that accepted them."""
+        return Counter(worker for members in self.members.values() for worker in members)
+
+    def close(self):
+        """Close every socket; the client processes stay for the next rooms."""
+        for connection in self.connections:
+            connection.send(("close",))
+        for connection in self.connections:
+            _answer(connection.recv())
+        self.members = {}
+        self.idle = set()
+
+    def shutdown(self):
+        """Close every socket and end the client processes."""
+        for connection in self.connections:
+            try:
+                connection.send(("stop",))
+                connection.recv()
+            except (OSError, EOFError):
+                pass  # that process has ended already
+        for process in self.processes:
+            process.join(10)
+            if process.is_alive():
+                process.kill()
+
+    async def add_rooms(self, rooms, subprotocol=None, idle=False):
+        """Many ``(name, size)`` rooms at once, each split over the client processes."""
+        n = len(self.connections)
+        per_process = [[(name, size // n + (i < size % n)) for name, size in rooms] for i in range(n)]
+        served = await self._all("connect_many", *[(part, subprotocol) for part in per_process])
+        for name, _ in rooms:
+            self.members[name] = [worker for part in served for worker in part[name]]
+            if idle:
+                self.idle.add(name)
+        await asyncio.sleep(0.5)  # joins settle before traffic
+
+    async def storm(self, rooms, size):
+        """``rooms`` rooms of ``size`` sockets connecting all at once, then one message in each: joins/s and delivery."""
+        names = [f"storm-{index}" for index in range(rooms)]
+        shares = [size // len(self.connections) + (i < size % len(self.connections)) for i in range(len(self.connections))]
+        started = time.perf_counter()
+        served = await self._all("storm", *[([(name, share) for name in names],) for share in shares])
+        seconds = time.perf_counter() - started
+        for name in names:
+            self.members[name] = [worker for part in served for worker in part[name]]
+        self.steps += 1
+        step = str(self.steps)
+        # Right after the storm: one message per room, from the first client process, owed to every member.
+        reports = [await self._one(0, "say_once", step)]
+        result = await self._settle(step, reports, 1.0, drain=10.0)
+        # A socket the server closed after its handshake (its join failed: 1013, 4503) is owed the message too.
+        closed = sum(len(report["closes"]) for report in reports)
+        expected = rooms * size
+        return {"sockets": expected, "rooms": rooms, "seconds": round(seconds, 3), "joins_per_s": round(expected / seconds),
+                "closed_by_server": closed, "expected": expected, "delivered": result["delivered"],
+                "delivered_ratio": round(result["delivered"] / expected, 5), "p99_ms": result["p99_ms"]}
+
+    async def run_step(self, label, deliveries_per_s, seconds, drain=3.0):
+        """Offer ``deliveries_per_s`` for ``seconds``: delivered ratio, achieved rate, latency and both sides' CPU."""
+        self.steps += 1
+        step = str(self.steps)
+        rooms = [room for room in self.members if room not in self.idle]
+        room_size = sum(len(self.members[room]) for room in rooms) / len(rooms)
+        share = deliveries_per_s / room_size / len(self.connections)
+        pids = self.stack.worker_pids()
+        server_cpu = {pid: cpu_seconds(pid) for pid in pids}
+        started = time.perf_counter()
+        reports = await self._all("run_step", *[(step, share, seconds, rooms)] * len(self.connections))
+        elapsed = time.perf_counter() - started
+        server_cpu = sorted(round(100 * (cpu_seconds(pid) - server_cpu[pid]) / elapsed, 1) for pid in pids)
+        result = await self._settle(step, reports, seconds, drain)
+        result.update(offered_per_s=deliveries_per_s, client_cpu_percent=[report["cpu_percent"] for report in reports],
+                      server_cpu_percent=server_cpu, sockets_closed_by_server=sum(len(r["closes"]) for r in reports))
+        return result
+
+    async def _settle(self, step, reports, seconds, drain):
+        """Wait (up to ``drain`` s) for what ``step``'s sends owe, then count it: delivered ratio and latency."""
+        closes = defaultdict(list)
+        for report in reports:
+            for room, closed_at in report["closes"]:
+                closes[room].append(closed_at)
+        # A socket the server closed (4408: too slow) is owed nothing sent after its close.
+        expected = {message: len(self.members[room]) - sum(at <= sent_at for at in closes[room])
+                    for report in reports for message, room, sent_at in report["sends"]}
+        owed = sum(expected.values())
+        deadline = time.perf_counter() + drain
+        while sum(await self._all("count", *[(step,)] * len(self.connections))) < owed and time.perf_counter() < deadline:
+            await asyncio.sleep(0.05)
+        collected = await self._all("collect", *[(step,)] * len(self.connections))
+        received, latencies, sender_closed = Counter(), [], set()
+        for part in collected:
+            received.update(part["received"])
+            latencies += part["latencies"]
+            sender_closed.update(part["sender_closed"])
+        # A message typed on a socket the server was closing (4408) that reached nobody was never
+        # accepted: it is owed to no one (the sender knows from the close code).
+        refused = {m for m in expected if not received[m] and m in sender_closed}
+        owed = sum(n for m, n in expected.items() if m not in refused)
+        delivered = sum(min(received[m], n) for m, n in expected.items() if m not in refused)
+        return {
+            "messages": len(expected) - len(refused), "not_accepted": len(refused),
+            "expected": owed, "delivered": delivered,
+            "delivered_ratio": round(delivered / owed, 5) if owed else 0.0,
+            "achieved_per_s": round(delivered / seconds), "p50_ms": percentile(latencies, 0.50),
+            "p99_ms": percentile(latencies, 0.99), "max_ms": percentile(latencies, 1.0),
+        }
+
