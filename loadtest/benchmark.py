@@ -591,7 +591,9 @@ def targets(report):
             "measured": f"{overload['delivered_ratio']:.2%} delivered at {overload['offered_per_s']}/s; "
                         f"{missing} missing, {overload.get('counted_drops')} counted (overflow, or not written to a socket closed as too slow: {overload.get('closed_too_slow')}), "
                         f"{overload.get('sequence_gaps')} messages counted as sequence gaps",
-            "met": missing == overload.get("counted_drops"),
+            # Counted can exceed missing: a socket closed as too slow is owed nothing after its close,
+            # yet what it was not written is counted. Silent is a missing delivery nobody counted.
+            "met": missing <= (overload.get("counted_drops") or 0),
         })
     without, check = rate("redis-cluster-nohistory"), report.get("history_cost") or {}
     rows.append({
@@ -627,7 +629,9 @@ def targets(report):
         rows.append({
             "target": "join storm at least 2x channels_redis core's joins/s, every member receiving a message sent right after",
             "measured": f"{ours['sockets']:,} sockets into {ours['rooms']} rooms: {ours['joins_per_s']:,} joins/s against "
-                        f"{core['joins_per_s']:,}/s ({ours['joins_per_s'] / core['joins_per_s']:.1f}x; runs {ours['joins_per_s_per_run']} "
+                        f"{core['joins_per_s']:,}/s (sockets the server closed after the handshake are no joins: "
+                        f"{ours['closed_by_server']} against {core['closed_by_server']}) "
+                        f"({ours['joins_per_s'] / core['joins_per_s']:.1f}x; runs {ours['joins_per_s_per_run']} "
                         f"against {core['joins_per_s_per_run']}); every member reached: {ours['all_delivered']}",
             "met": ours["joins_per_s"] >= 2 * core["joins_per_s"] and ours["all_delivered"],
         })
@@ -740,8 +744,24 @@ def markdown(report):
     return "\n".join(lines)
 
 
+def render(report):
+    """Targets, capacity model, plots and report.md from a report's measurements."""
+    report["targets"] = targets(report)
+    capacity_text = ""
+    if (report["backends"].get("redis-cluster") or {}).get("sustainable"):
+        report["capacity"], capacity_text = capacity.section(report)
+    (OUT / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    plots(report)
+    text = markdown(report) + "\n" + capacity_text
+    (OUT / "report.md").write_text(text)
+    return text
+
+
 async def main(args):
     OUT.mkdir(parents=True, exist_ok=True)
+    if args.render:
+        print(render(json.loads(args.render.read_text())))
+        return 0
     report = {"args": vars(args), "backends": {}}
     started = time.monotonic()
     with LocalCluster() as cluster, standalone_redis() as redis_port:
@@ -767,15 +787,7 @@ async def main(args):
         print("idle memory:", flush=True)
         report["memory"] = await idle_memory(cluster, redis_port, args)
     report["seconds"] = round(time.monotonic() - started)
-    report["targets"] = targets(report)
-    capacity_text = ""
-    if (report["backends"].get("redis-cluster") or {}).get("sustainable"):
-        report["capacity"], capacity_text = capacity.section(report)
-    (OUT / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    plots(report)
-    text = markdown(report) + "\n" + capacity_text
-    (OUT / "report.md").write_text(text)
-    print(text)
+    print(render(report))
     return 0
 
 
@@ -787,7 +799,7 @@ def parse(argv=None):
     parser.add_argument("--room-size", type=int, default=50)
     parser.add_argument("--steps", type=int, nargs="+", help="offered deliveries/s, ascending",
                         default=[2000, 4000, 6000, 8000, 10000, 12000, 15000, 18000, 21000, 25000, 30000, 35000,
-                                 40000, 45000, 50000, 60000])
+                                 40000, 45000, 50000, 55000, 60000, 70000, 80000, 90000, 100000, 120000])
     parser.add_argument("--step-seconds", type=float, default=3.0)
     parser.add_argument("--repeats", type=int, default=3, help="runs per step; the median run decides")
     parser.add_argument("--big-room", type=int, default=1000, help="members of the one big room")
@@ -816,6 +828,8 @@ def parse(argv=None):
     parser.add_argument("--no-overload", dest="overload", action="store_false")
     parser.add_argument("--no-profile", dest="profile", action="store_false")
     parser.add_argument("--smoke", action="store_true", help="a seconds-long run of every part, for CI")
+    parser.add_argument("--render", type=Path, metavar="REPORT_JSON",
+                        help="measure nothing: write report.md, the targets and plots again from a report.json")
     args = parser.parse_args(argv)
     if args.smoke:
         args.rooms, args.room_size, args.steps, args.step_seconds, args.repeats = 1, 6, [300], 1.0, 1

@@ -176,6 +176,19 @@ def parse(argv=None):
     return parser.parse_args(argv)
 
 
+def small_end(costs, report):
+    """The model against runs it was not fitted on: worker cores predicted and used, per run of this report."""
+    rows = []
+    for label, run in (("1,000-member room", report["backends"]["redis-cluster"].get("big_room")),
+                       *((f"scale curve {curve}, x={p['x']}", p) for curve, c in
+                         (report.get("curves") or {}).get("redis-cluster", {}).items() for p in c["points"])):
+        if run and run.get("server_cpu_percent") and run.get("achieved_per_s"):
+            rows.append({"run": label, "deliveries_per_s": run["achieved_per_s"],
+                         "predicted_cores": round(run["achieved_per_s"] * costs["worker_cpu_us_per_delivery"] / 1e6, 3),
+                         "used_cores": round(sum(run["server_cpu_percent"]) / 100, 3)})
+    return rows
+
+
 def section(report, args=None):
     """The model for a benchmark report: (its numbers, its markdown)."""
     args = args or parse([])
@@ -186,7 +199,16 @@ def section(report, args=None):
     result = plan(costs, distributions["zipf"], args)
     skew = [{"shards": shards, **{name: spread(sizes, shards) for name, sizes in distributions.items()}}
             for shards in (3, 6, 12, 24, 48)]
-    return {"costs": costs, **result, "skew": skew}, markdown(costs, result, skew, args)
+    checks = small_end(costs, report)
+    text = markdown(costs, result, skew, args)
+    if checks:
+        text += "\n".join([
+            "", "Checked at the small end, on this run's other parts (worker cores the model predicts from the "
+            "deliveries, against the cores the workers used):", "",
+            "| run | deliveries/s | predicted cores | used cores |", "| --- | --- | --- | --- |",
+            *(f"| {c['run']} | {c['deliveries_per_s']:,} | {c['predicted_cores']} | {c['used_cores']} |" for c in checks),
+        ]) + "\n"
+    return {"costs": costs, **result, "skew": skew, "small_end": checks}, text
 
 
 def main(argv=None):
