@@ -12,13 +12,15 @@ while it was away too.
 import csv
 import json
 import math
+import os
 import statistics
 import time
 from collections import defaultdict
 from pathlib import Path
+from socket import gethostname
 
 
-RECORDS = ("joins", "leaves", "sends", "receipts", "recoveries", "cpu")
+RECORDS = ("joins", "leaves", "sends", "receipts", "recoveries", "cpu", "horizons")
 # A generator process this busy delays its own reads: the latencies it measures are its own, not the server's.
 SATURATED_CPU_PERCENT = 90.0
 
@@ -27,15 +29,17 @@ class Ledger:
     """Records of one process: joins, leaves, sends and receipts."""
 
     def __init__(self):
-        self.joins = []  # (member, room, joined_at, served_by)
+        self.joins = []  # (member, room, joined_at, served_by, generator process)
         self.leaves = []  # (member, left_at)
         self.sends = []  # (nonce, room, sent_at, member)
         self.receipts = []  # (nonce, member, received_at)
         self.recoveries = []  # (member, recovered): how each resume of a member ended
         self.cpu = []  # (generator process, percent of one core): the load generators' own CPU, sampled
+        # (generator process, time): when it handed over its records; later ones may never reach the master
+        self.horizons = []
 
     def join(self, member, room, served_by):
-        self.joins.append((member, room, time.time(), served_by))
+        self.joins.append((member, room, time.time(), served_by, generator()))
 
     def leave(self, member):
         self.leaves.append((member, time.time()))
@@ -54,6 +58,7 @@ class Ledger:
 
     def drain(self):
         """The records gathered since the last drain, as plain lists (for the report to the master)."""
+        self.horizons.append((generator(), time.time()))
         records = {name: getattr(self, name) for name in RECORDS}
         for name in RECORDS:
             setattr(self, name, [])
@@ -63,6 +68,11 @@ class Ledger:
         """Add a worker's drained records."""
         for name in RECORDS:
             getattr(self, name).extend(tuple(record) for record in records.get(name, ()))
+
+
+def generator():
+    """This load-generating process, as the verdict names it."""
+    return f"{gethostname()}:{os.getpid()}"
 
 
 def percentile(values, fraction):
@@ -77,8 +87,13 @@ def verdict(ledger, leave_grace, max_p99_ms, ended_at=None):
     """The run's outcome: counts, cross-worker share, latency percentiles, and why it failed (if it did)."""
     ended_at = ended_at or time.time()
     left = dict(ledger.leaves)
-    members = {member: (room, joined_at, left.get(member, ended_at), served_by)
-               for member, room, joined_at, served_by in ledger.joins}
+    # A worker's records after its last hand-over never reached the master (Locust waits 0.5 s for the
+    # final reports): its members count as gone then, so nothing is owed that could not be reported.
+    horizon = {}
+    for process, at in ledger.horizons:
+        horizon[process] = max(at, horizon.get(process, at))
+    members = {member: (room, joined_at, left.get(member, horizon.get(process[0] if process else None, ended_at)), served_by)
+               for member, room, joined_at, served_by, *process in ledger.joins}
     by_room = defaultdict(list)
     for member, (room, joined_at, left_at, served_by) in members.items():
         by_room[room].append((member, joined_at, left_at, served_by))
@@ -116,7 +131,7 @@ def verdict(ledger, leave_grace, max_p99_ms, ended_at=None):
             else:
                 cross += 1
 
-    workers = sorted({served_by for _, _, _, served_by in ledger.joins})
+    workers = sorted({join[3] for join in ledger.joins})
     p99 = percentile(latencies, 0.99)
     samples = defaultdict(list)
     for process, percent in ledger.cpu:

@@ -15,13 +15,11 @@ ChurnUser, ReconnectStormUser. Options (also as LOADTEST_* environment variables
 import itertools
 import json
 import logging
-import os
 import random
 import sys
 import time
 import uuid
 from pathlib import Path
-from socket import gethostname
 from urllib.parse import urlsplit
 
 import gevent
@@ -30,7 +28,7 @@ from locust import User, constant, events, task
 from locust.runners import MasterRunner, WorkerRunner
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ledger import Ledger, describe, save, verdict  # noqa: E402
+from ledger import Ledger, describe, generator, save, verdict  # noqa: E402
 
 logger = logging.getLogger("loadtest")
 EXIT_STATUS = {"PASS": 0, "FAIL": 1, "INCONCLUSIVE": 2}
@@ -76,7 +74,7 @@ def sample_own_cpu(environment, **_):
     global _sampler
     if isinstance(environment.runner, MasterRunner) or _sampler is not None:
         return
-    name = f"{gethostname()}:{os.getpid()}"
+    name = generator()
 
     def sample():
         cpu, wall = time.process_time(), time.monotonic()
