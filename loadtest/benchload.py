@@ -63,71 +63,54 @@ class _Client:
         if socket in self.room_of:  # not one this process closed itself
             self.closed_at.setdefault(socket, time.perf_counter())
 
-    async def connect(self, room, count, subprotocol=None):
-        for start in range(0, count, 100):
-            sockets = await asyncio.gather(*(
-                wsclient.connect("127.0.0.1", self.port, f"/ws/chat/{room}/", self.on_text, subprotocol=subprotocol)
-                for _ in range(start, min(count, start + 100))
-            ))
-            for socket in sockets:
-                self.track(socket, room)
-        return [socket.served_by for socket in self.rooms[room]]
-
-    async def connect_many(self, rooms, subprotocol=None):
-        """Connect ``(room, count)`` pairs, 200 handshakes at a time; served_by per room."""
+    async def connect(self, rooms, subprotocol=None, batch=200):
+        """Connect ``(room, count)`` pairs, ``batch`` handshakes at a time (None: all at once); served_by per room."""
         wanted = [room for room, count in rooms for _ in range(count)]
-        for start in range(0, len(wanted), 200):
-            batch = wanted[start:start + 200]
+        batch = batch or max(1, len(wanted))
+        for start in range(0, len(wanted), batch):
+            part = wanted[start:start + batch]
             sockets = await asyncio.gather(*(
                 wsclient.connect("127.0.0.1", self.port, f"/ws/chat/{room}/", self.on_text, subprotocol=subprotocol)
-                for room in batch
+                for room in part
             ))
-            for room, socket in zip(batch, sockets):
+            for room, socket in zip(part, sockets):
                 self.track(socket, room)
         return {room: [socket.served_by for socket in self.rooms[room]] for room, _ in rooms}
 
-    async def storm(self, rooms):
-        """Connect every ``(room, count)`` at once, as clients coming back after a deploy; served_by per room."""
-        served = await asyncio.gather(*(self.connect(room, count) for room, count in rooms))
-        return dict(zip((room for room, _ in rooms), served))
+    def say(self, step, room, sender):
+        """Send one numbered, timed message of ``step`` from ``sender`` and note it."""
+        self.seq += 1
+        message, now = f"{step}.{self.index}.{self.seq}", time.perf_counter()
+        self.sends[step].append((message, room, now, sender))
+        sender.send_text(json.dumps({"message": f"{message} {now:.6f}"}).encode())
+
+    def report(self, step, cpu_percent):
+        """The sends of ``step`` and the closes seen so far, for the coordinator."""
+        return {"sends": [(message, room, sent_at) for message, room, sent_at, _ in self.sends[step]],
+                "closes": [(self.room_of[socket], at) for socket, at in self.closed_at.items()],
+                "cpu_percent": cpu_percent}
 
     def say_once(self, step):
         """One message in each room, from one of this process's open sockets there; the step's sends."""
-        sends = self.sends[step]
         for room, sockets in self.rooms.items():
             members = [s for s in sockets if not s.closed.done()]
             if members:
-                self.seq += 1
-                message, now = f"{step}.{self.index}.{self.seq}", time.perf_counter()
-                sends.append((message, room, now, members[0]))
-                members[0].send_text(json.dumps({"message": f"{message} {now:.6f}"}).encode())
-        return {"sends": [(message, room, sent_at) for message, room, sent_at, _ in sends],
-                "closes": [(self.room_of[socket], at) for socket, at in self.closed_at.items()], "cpu_percent": 0.0}
+                self.say(step, room, members[0])
+        return self.report(step, 0.0)
 
     async def run_step(self, step, messages_per_s, seconds, rooms):
         """Send ``messages_per_s`` from random open sockets of random ``rooms`` for ``seconds``; the step's sends."""
-        prefix = f"{step}.{self.index}."
         cpu, started = time.process_time(), time.perf_counter()
         sent = 0
-        sends = self.sends[step]
         while (elapsed := time.perf_counter() - started) < seconds:
             for _ in range(int(messages_per_s * elapsed) - sent):
                 room = random.choice(rooms)
                 members = [s for s in self.rooms[room] if not s.closed.done()]
                 sent += 1
-                if not members:
-                    continue
-                sender = random.choice(members)
-                self.seq += 1
-                message, now = f"{prefix}{self.seq}", time.perf_counter()
-                sends.append((message, room, now, sender))
-                sender.send_text(json.dumps({"message": f"{message} {now:.6f}"}).encode())
+                if members:
+                    self.say(step, room, random.choice(members))
             await asyncio.sleep(0.002)
-        return {
-            "sends": [(message, room, sent_at) for message, room, sent_at, _ in sends],
-            "closes": [(self.room_of[socket], at) for socket, at in self.closed_at.items()],
-            "cpu_percent": round(100 * (time.process_time() - cpu) / (time.perf_counter() - started), 1),
-        }
+        return self.report(step, round(100 * (time.process_time() - cpu) / (time.perf_counter() - started), 1))
 
     def count(self, step):
         return sum(self.received[step.encode()].values())
@@ -212,13 +195,8 @@ class Load:
         self.connections[index].send((command, *arguments))
         return _answer(await asyncio.to_thread(self.connections[index].recv))
 
-    async def add_room(self, name, size, settle=0.5, subprotocol=None, idle=False):
-        shares = [size // len(self.connections) + (i < size % len(self.connections)) for i in range(len(self.connections))]
-        served = await self._all("connect", *[(name, share, subprotocol) for share in shares])
-        self.members[name] = [worker for part in served for worker in part]
-        if idle:
-            self.idle.add(name)
-        await asyncio.sleep(settle)  # joins settle before traffic
+    async def add_room(self, name, size, **options):
+        await self.add_rooms([(name, size)], **options)
 
     def sockets_per_worker(self):
         """Open sockets by the worker id that accepted them."""
@@ -246,23 +224,23 @@ class Load:
             if process.is_alive():
                 process.kill()
 
-    async def add_rooms(self, rooms, subprotocol=None, idle=False):
-        """Many ``(name, size)`` rooms at once, each split over the client processes."""
+    async def add_rooms(self, rooms, settle=0.5, subprotocol=None, idle=False):
+        """``(name, size)`` rooms, each split over the client processes."""
         n = len(self.connections)
         per_process = [[(name, size // n + (i < size % n)) for name, size in rooms] for i in range(n)]
-        served = await self._all("connect_many", *[(part, subprotocol) for part in per_process])
+        served = await self._all("connect", *[(part, subprotocol) for part in per_process])
         for name, _ in rooms:
             self.members[name] = [worker for part in served for worker in part[name]]
             if idle:
                 self.idle.add(name)
-        await asyncio.sleep(0.5)  # joins settle before traffic
+        await asyncio.sleep(settle)  # joins settle before traffic
 
     async def storm(self, rooms, size):
         """``rooms`` rooms of ``size`` sockets connecting all at once, then one message in each: joins/s and delivery."""
         names = [f"storm-{index}" for index in range(rooms)]
         shares = [size // len(self.connections) + (i < size % len(self.connections)) for i in range(len(self.connections))]
         started = time.perf_counter()
-        served = await self._all("storm", *[([(name, share) for name in names],) for share in shares])
+        served = await self._all("connect", *[([(name, share) for name in names], None, None) for share in shares])
         seconds = time.perf_counter() - started
         for name in names:
             self.members[name] = [worker for part in served for worker in part[name]]

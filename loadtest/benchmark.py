@@ -112,6 +112,20 @@ class Stack:
         stop(self.process)
 
 
+@contextmanager
+def loaded(backend, cluster, redis_port, args, **options):
+    """A stack serving ``backend`` and the benchmark client on it, both ended on leaving."""
+    stack = Stack(backend, cluster, redis_port, **{"ws": args.ws, **options})
+    try:
+        load = Load(stack, args.client_processes)
+        try:
+            yield stack, load
+        finally:
+            load.shutdown()
+    finally:
+        stack.close()
+
+
 def passes(result):
     return result["delivered_ratio"] == 1.0 and result["p99_ms"] is not None and result["p99_ms"] <= P99_LIMIT_MS
 
@@ -183,15 +197,10 @@ async def history_cost(cluster, redis_port, args, backends):
     rate = int(off * 0.9)
     if on and on >= rate:
         return {"offered_per_s": rate, "passed": True, "measured_in": "the steps"}
-    stack = Stack("redis-cluster", cluster, redis_port, ws=args.ws)
-    load = Load(stack, args.client_processes)
-    try:
+    with loaded("redis-cluster", cluster, redis_port, args) as (stack, load):
         await add_rooms(load, args)
         steps, sustainable = await step_up(load, "redis-cluster (history) at 90% of history off",
                                            argparse.Namespace(**{**vars(args), "steps": [rate]}), args.repeats)
-    finally:
-        load.shutdown()
-        stack.close()
     return {"offered_per_s": rate, "passed": sustainable is not None, "measured_in": "a step of its own", "step": steps[0]}
 
 
@@ -205,10 +214,8 @@ async def add_rooms(load, args):
 async def bench_backend(backend, cluster, redis_port, args):
     """Sustainable rate, overload and the big room for one backend."""
     # The ceiling is one process holding every socket: what one core can push with no layer at all.
-    stack = Stack(backend, cluster, redis_port, ws=args.ws, workers=1 if backend == "ceiling" else 3)
-    load = Load(stack, args.client_processes)
     result = {"label": BACKENDS[backend]}
-    try:
+    with loaded(backend, cluster, redis_port, args, workers=1 if backend == "ceiling" else 3) as (stack, load):
         result["sockets_per_worker"] = await add_rooms(load, args)
         result["steps"], sustainable = await step_up(load, backend, args, args.repeats)
         result["sustainable"] = sustainable
@@ -237,9 +244,6 @@ async def bench_backend(backend, cluster, redis_port, args):
         result["big_room"] = await load.run_step("big", args.big_room * args.big_room_messages_per_s, args.step_seconds)
         result["big_room"]["workers"] = len(load.sockets_per_worker())
         print(f"  {backend} {args.big_room}-member room: {result['big_room']}", flush=True)
-    finally:
-        load.shutdown()
-        stack.close()
     return result
 
 
@@ -414,14 +418,9 @@ async def server_settings(cluster, redis_port, args):
     results = {}
     for ws in args.ws_implementations:
         for loop in args.loops:
-            stack = Stack("redis-cluster", cluster, redis_port, ws=ws, loop=loop)
-            load = Load(stack, args.client_processes)
-            try:
+            with loaded("redis-cluster", cluster, redis_port, args, ws=ws, loop=loop) as (stack, load):
                 await add_rooms(load, args)
                 steps, sustainable = await step_up(load, f"{ws}/{loop}", args, 1)
-            finally:
-                load.shutdown()
-                stack.close()
             results[f"{ws}/{loop}"] = {"ws": ws, "loop": loop, "sustainable": sustainable, "failed_step": steps[-1]}
     return results
 
@@ -442,16 +441,11 @@ async def scale_curves(cluster, redis_port, args):
         for curve, (axis, points) in CURVES.items():
             rows = []
             for x, (rooms, size), idle in points(args):
-                stack = Stack(backend, cluster, redis_port, ws=args.ws)
-                load = Load(stack, args.client_processes)
-                try:
+                with loaded(backend, cluster, redis_port, args) as (stack, load):
                     if idle:
                         await load.add_rooms([(f"idle-{i}", 50) for i in range(idle // 50)], idle=True)
                     await load.add_rooms([(f"curve-{i}", size) for i in range(rooms)])
                     step = await load.run_step("curve", args.curve_rate, args.step_seconds)
-                finally:
-                    load.shutdown()
-                    stack.close()
                 cpu = sum(step["server_cpu_percent"]) / 100
                 rows.append({"x": x, "rooms": rooms, "room_size": size, "idle": idle,
                              "cpu_us_per_delivery": round(1e6 * cpu / step["achieved_per_s"], 1) if step["achieved_per_s"] else None,
@@ -468,14 +462,9 @@ async def join_storms(cluster, redis_port, args):
     runs = {"redis-cluster": [], "redis": []}
     for _ in range(args.storm_repeats):
         for backend in runs:
-            stack = Stack(backend, cluster, redis_port, ws=args.ws)
-            load = Load(stack, args.client_processes)
-            try:
+            with loaded(backend, cluster, redis_port, args) as (stack, load):
                 runs[backend].append(await load.storm(args.storm_rooms, args.storm_room_size))
                 print(f"  join storm {backend}: {runs[backend][-1]}", flush=True)
-            finally:
-                load.shutdown()
-                stack.close()
     return {backend: {**sorted(measured, key=lambda r: r["joins_per_s"])[len(measured) // 2],
                       "joins_per_s_per_run": [r["joins_per_s"] for r in measured],
                       "all_delivered": all(r["delivered_ratio"] == 1.0 for r in measured)}
@@ -493,9 +482,7 @@ async def idle_memory(cluster, redis_port, args):
         samples = {"bare": [], "chat": []}
         for _ in range(args.idle_repeats):
             for app, backend in (("bare", "ceiling"), ("chat", "redis-cluster")):
-                stack = Stack(backend, cluster, redis_port, ws=ws)
-                load = Load(stack, args.client_processes)
-                try:
+                with loaded(backend, cluster, redis_port, args, ws=ws) as (stack, load):
                     # Every worker's first sockets pay for its one-off setup (layer connections, caches).
                     await load.add_room("warm-up", 150)
                     load.close()
@@ -508,9 +495,6 @@ async def idle_memory(cluster, redis_port, args):
                                             subprotocol="chat.v2" if app == "chat" else None)
                     await asyncio.sleep(3)
                     samples[app].append(round((stack.rss_kib() - before) / args.idle_sockets, 2))
-                finally:
-                    load.shutdown()
-                    stack.close()
         for app, values in samples.items():
             results[f"{app}/{ws}"] = {"app": app, "ws": ws, "sockets": args.idle_sockets,
                                       "kib_per_socket": percentile(values, 0.5), "samples": values}
