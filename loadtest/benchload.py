@@ -22,6 +22,7 @@ from loadtest import wsclient
 from loadtest.ledger import percentile
 
 PREFIX = b'{"message": "'
+CLOSE_TOO_SLOW = 4408
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -29,6 +30,15 @@ def cpu_seconds(pid):
     """User plus system CPU seconds of process ``pid`` so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+class _Member:
+    """A chat.v2 member: the last room message it has, where a resume starts."""
+
+    __slots__ = ("offset", "epoch")
+
+    def __init__(self):
+        self.offset = self.epoch = None
 
 
 class _Client:
@@ -39,19 +49,41 @@ class _Client:
         self.rooms = defaultdict(list)  # room -> [Socket]
         self.room_of = {}  # Socket -> room
         self.closed_at = {}  # Socket -> monotonic time its close was seen
+        self.resuming = {}  # Socket -> _Member, for sockets that resume when closed as too slow
         self.received = defaultdict(Counter)  # step -> message id -> receipts
         self.latencies = defaultdict(list)  # step -> [ms]
         self.sends = defaultdict(list)  # step -> [(message id, room, sent_at, sender)]
         self.seq = 0
+        self.resumes = self.not_recovered = self.duplicates = 0
 
     def on_text(self, payload):
-        now = time.perf_counter()
-        if not payload.startswith(PREFIX):
-            return  # v2's joined frame
-        message, _, sent_at = payload[len(PREFIX):-2].partition(b" ")
-        step = message.partition(b".")[0]
-        self.received[step][message] += 1
-        self.latencies[step].append((now - float(sent_at)) * 1000)
+        if payload.startswith(PREFIX):  # v1: the message is all there is
+            self.on_message(payload[len(PREFIX):-2])
+
+    def on_message(self, text):
+        """A room message ``<id> <sent_at>`` received: counted for its step, with its latency."""
+        message, _, sent_at = text.partition(b" ")
+        self.received[message.partition(b".")[0]][message] += 1
+        self.latencies[message.partition(b".")[0]].append((time.perf_counter() - float(sent_at)) * 1000)
+
+    def resuming_receiver(self, member):
+        """A chat.v2 socket's frames: room messages counted once each, their offset kept for a resume."""
+
+        def on_text(payload):
+            frame = json.loads(payload)
+            kind = frame.get("type")
+            if kind == "message":
+                if frame["epoch"] == member.epoch and frame["offset"] <= member.offset:
+                    self.duplicates += 1
+                    return
+                member.offset, member.epoch = frame["offset"], frame["epoch"]
+                self.on_message(frame["message"].encode())
+            elif kind == "joined" and member.epoch is None:
+                member.offset, member.epoch = frame["offset"], frame["epoch"]
+            elif kind == "recovered" and not frame["recovered"]:
+                self.not_recovered += 1
+
+        return on_text
 
     def track(self, socket, room):
         """Hold ``socket`` as a member of ``room``, noting when the server closes it."""
@@ -60,20 +92,49 @@ class _Client:
         socket.closed.add_done_callback(lambda _: self._closed(socket))
 
     def _closed(self, socket):
-        if socket in self.room_of:  # not one this process closed itself
-            self.closed_at.setdefault(socket, time.perf_counter())
+        if socket not in self.room_of:
+            return  # one this process closed itself
+        member = self.resuming.pop(socket, None)
+        if member is not None and socket.close_code == CLOSE_TOO_SLOW:
+            # As a chat.v2 client does: the same member comes back from where it was, owed all it missed.
+            asyncio.ensure_future(self._resume(socket, member))
+            return
+        self.closed_at.setdefault(socket, time.perf_counter())
 
-    async def connect(self, rooms, subprotocol=None, batch=200):
-        """Connect ``(room, count)`` pairs, ``batch`` handshakes at a time (None: all at once); served_by per room."""
+    async def _resume(self, socket, member):
+        room = self.room_of[socket]
+        try:
+            resumed = await wsclient.connect("127.0.0.1", self.port, f"/ws/chat/{room}/?since={member.offset}&epoch={member.epoch}",
+                                             self.resuming_receiver(member), subprotocol="chat.v2")
+        except (OSError, asyncio.TimeoutError):
+            self.closed_at.setdefault(socket, time.perf_counter())
+            return
+        self.resumes += 1
+        self.rooms[room][self.rooms[room].index(socket)] = resumed
+        del self.room_of[socket]
+        self.room_of[resumed] = room
+        self.resuming[resumed] = member
+        resumed.closed.add_done_callback(lambda _: self._closed(resumed))
+
+    async def connect(self, rooms, subprotocol=None, batch=200, resume=False):
+        """Connect ``(room, count)`` pairs, ``batch`` handshakes at a time (None: all at once); served_by per room.
+
+        With ``resume``, sockets speak chat.v2 and one the server closes as too slow (4408) resumes.
+        """
         wanted = [room for room, count in rooms for _ in range(count)]
         batch = batch or max(1, len(wanted))
         for start in range(0, len(wanted), batch):
             part = wanted[start:start + batch]
+            members = [_Member() if resume else None for _ in part]
             sockets = await asyncio.gather(*(
-                wsclient.connect("127.0.0.1", self.port, f"/ws/chat/{room}/", self.on_text, subprotocol=subprotocol)
-                for room in part
+                wsclient.connect("127.0.0.1", self.port, f"/ws/chat/{room}/",
+                                 self.resuming_receiver(member) if resume else self.on_text,
+                                 subprotocol="chat.v2" if resume else subprotocol)
+                for room, member in zip(part, members)
             ))
-            for room, socket in zip(part, sockets):
+            for room, socket, member in zip(part, sockets, members):
+                if resume:
+                    self.resuming[socket] = member
                 self.track(socket, room)
         return {room: [socket.served_by for socket in self.rooms[room]] for room, _ in rooms}
 
@@ -89,6 +150,10 @@ class _Client:
         return {"sends": [(message, room, sent_at) for message, room, sent_at, _ in self.sends[step]],
                 "closes": [(self.room_of[socket], at) for socket, at in self.closed_at.items()],
                 "cpu_percent": cpu_percent}
+
+    def resumed(self):
+        """Resumes after a 4408 so far, how many said they could not recover everything, duplicates seen."""
+        return {"resumes": self.resumes, "not_recovered": self.not_recovered, "duplicates": self.duplicates}
 
     def say_once(self, step):
         """One message in each room, from one of this process's open sockets there; the step's sends."""
@@ -132,6 +197,8 @@ class _Client:
         self.rooms.clear()
         self.room_of.clear()
         self.closed_at.clear()
+        self.resuming.clear()
+        self.resumes = self.not_recovered = self.duplicates = 0
 
 
 def _serve(index, port, connection):
@@ -224,16 +291,23 @@ class Load:
             if process.is_alive():
                 process.kill()
 
-    async def add_rooms(self, rooms, settle=0.5, subprotocol=None, idle=False):
-        """``(name, size)`` rooms, each split over the client processes."""
+    async def add_rooms(self, rooms, settle=0.5, subprotocol=None, idle=False, resume=False):
+        """``(name, size)`` rooms, each split over the client processes; ``resume``: chat.v2 members that resume."""
         n = len(self.connections)
         per_process = [[(name, size // n + (i < size % n)) for name, size in rooms] for i in range(n)]
-        served = await self._all("connect", *[(part, subprotocol) for part in per_process])
+        served = await self._all("connect", *[(part, subprotocol, 200, resume) for part in per_process])
         for name, _ in rooms:
             self.members[name] = [worker for part in served for worker in part[name]]
             if idle:
                 self.idle.add(name)
         await asyncio.sleep(settle)  # joins settle before traffic
+
+    async def resumed(self):
+        """Resumes after a 4408 over every client process, those not recovered, duplicates seen."""
+        total = Counter()
+        for part in await self._all("resumed"):
+            total.update(part)
+        return dict(total)
 
     async def storm(self, rooms, size):
         """``rooms`` rooms of ``size`` sockets connecting all at once, then one message in each: joins/s and delivery."""
