@@ -24,6 +24,14 @@ class KeyScheme:
         tag = f"{{{self.prefix}:g:{group}}}"
         return [f"{tag}:history", f"{tag}:log", f"{tag}:keys"]
 
+    def group_presence(self, group: str) -> str:
+        """Hash of a group's present members (member channel -> member id and name), in the group's slot."""
+        return f"{{{self.prefix}:g:{group}}}:presence"
+
+    def presence_leases(self) -> str:
+        """Sorted set of the processes that keep presence entries (client prefix -> lease end, ms)."""
+        return f"{{{self.prefix}:presence}}:leases"
+
     def inbox(self, client_prefix: str) -> bytes:
         """Shard channel of one layer instance: direct sends and remote group_add land here."""
         return f"{{{self.prefix}:w:{client_prefix}}}".encode()

@@ -3,6 +3,7 @@
 import asyncio
 import collections
 import hashlib
+import json
 import logging
 import os
 import secrets
@@ -15,7 +16,7 @@ from channels_redis.serializers import registry
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError
 
-from . import history
+from . import history, presence
 from .cluster import RETRYABLE, Publisher, SharedCommandTable, SharedSlotMap, Topology, parse_hosts
 from .keys import KeyScheme
 from .local import LocalChannels
@@ -100,6 +101,9 @@ _discard_member = _Script(DISCARD_MEMBER_SCRIPT)
 _publish_group = _Script(PUBLISH_SCRIPT)
 _send_numbered = _Script(history.SEND_SCRIPT)
 _read_history = _Script(history.READ_SCRIPT)
+_renew_lease = _Script(presence.RENEW_SCRIPT)
+_presence_join = _Script(presence.JOIN_SCRIPT)
+_presence_leave = _Script(presence.LEAVE_SCRIPT)
 
 
 class _Sequences:
@@ -164,6 +168,7 @@ class _LoopState:
         self.poppers = {}
         self.acks = {}  # id -> future of a membership change sent to another process
         self.sweeper = None
+        self.leases = presence.Leases(self, layer.presence_timeout)
         self.started = asyncio.ensure_future(self._start())
         self.listening = None
 
@@ -397,6 +402,7 @@ class _LoopState:
                 logger.warning("messages of a closing event loop's channels are lost: %r", exc)
         if self.sweeper is not None:
             self.sweeper.cancel()
+        self.leases.end()
         for popper in list(self.poppers.values()):
             popper.cancel()
         self.started.cancel()
@@ -425,7 +431,7 @@ def _log_failure(task):
 class RedisClusterChannelLayer(BaseChannelLayer):
     """Channel layer on Redis Cluster: sharded pub/sub for groups and process channels, lists for the rest."""
 
-    extensions = ["groups", "flush", "attach", "history"]
+    extensions = ["groups", "flush", "attach", "history", "presence"]
 
     def __init__(
         self,
@@ -444,6 +450,7 @@ class RedisClusterChannelLayer(BaseChannelLayer):
         history_size=0,
         history_age=300,
         group_history=None,
+        presence_timeout=10.0,
     ):
         super().__init__(expiry=expiry, capacity=capacity)
         self.channel_capacity = self.compile_capacities(channel_capacity or {})
@@ -455,6 +462,7 @@ class RedisClusterChannelLayer(BaseChannelLayer):
         self.socket_timeout = socket_timeout
         self.max_connections = max_connections
         self.health_interval = health_interval
+        self.presence_timeout = presence_timeout
         self.stats = LayerStats()
         self._serializer = registry.get_serializer(
             serializer_format,
@@ -697,6 +705,67 @@ class RedisClusterChannelLayer(BaseChannelLayer):
         full = pushed.count(0)
         if full:
             self.stats.inc("overflow", full)
+
+    async def presence_join(self, group, channel, member, name=None, event=None):
+        """Show ``channel`` in ``group``'s presence as ``member`` (``name`` or None); ``event`` goes to the group too.
+
+        One command. A member is its id: several channels (tabs, or a resume on another process
+        before the old socket's leave) are one member to a reader.
+        """
+        self.require_valid_group_name(group)
+        state = await self._state()
+        await state.leases.start()
+        shard_channel = self.keys.group_channel(group)
+        frame = state.frame(shard_channel, self.serialize(event)) if event is not None else b""
+        try:
+            await _presence_join(state.publisher, self.keys.group_presence(group), channel,
+                                 presence.entry(member, name), self.group_expiry, shard_channel, frame)
+        except RETRYABLE:
+            self.stats.inc("errors")
+            raise
+
+    async def presence_leave(self, group, channels, event=None):
+        """Remove ``channels`` from ``group``'s presence; ``event`` goes to the group when one was there. How many were."""
+        if not channels:
+            return 0
+        state = await self._state()
+        shard_channel = self.keys.group_channel(group)
+        frame = state.frame(shard_channel, self.serialize(event)) if event is not None else b""
+        try:
+            return await _presence_leave(state.publisher, self.keys.group_presence(group), shard_channel, frame, *channels)
+        except RETRYABLE:
+            self.stats.inc("errors")
+            raise
+
+    async def presence(self, group):
+        """``group``'s members now, ``[{"id", "name", "channels"}]``: one per id, none of a process whose lease ended."""
+        self.require_valid_group_name(group)
+        state = await self._state()
+        await state.leases.start()
+        key = self.keys.group_presence(group)
+        try:
+            reply = await state.publisher.execute(key.encode(), "HGETALL", key)
+        except RETRYABLE:
+            self.stats.inc("errors")
+            raise
+        pairs = reply.items() if isinstance(reply, dict) else zip(reply[::2], reply[1::2])
+        members, stale = {}, []
+        for channel, value in pairs:
+            channel = channel.decode()
+            if self.owner_of(channel) in state.leases.ended:
+                stale.append(channel)
+                continue
+            member, name = json.loads(value)
+            members.setdefault(member, {"id": member, "name": name, "channels": []})["channels"].append(channel)
+        if stale:  # entries of a process that died: whoever reads them first removes them
+            state.background(self.presence_leave(group, stale))
+        return list(members.values())
+
+    async def on_processes_gone(self, listener):
+        """Have ``listener(prefixes)`` called in this loop when processes' leases end (they died without leaving)."""
+        state = await self._state()
+        await state.leases.start()
+        state.leases.listeners.append(listener)
 
     async def group_history(self, group, since=None, epoch=None, last=0):
         """The messages of ``group`` after offset ``since`` of ``epoch`` (or its ``last`` ones), as ``GroupHistory``.
