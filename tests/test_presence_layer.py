@@ -49,17 +49,20 @@ async def test_members_are_read_from_another_process_and_counted_once_per_id(mak
     assert await alice_side.presence_leave("room", [second]) == 0  # gone already: nothing to say
 
 
-async def test_join_and_leave_events_reach_the_group_only_when_something_changed(make_layer):
-    layer = make_layer(presence_timeout=TIMEOUT)
-    watcher, member = await layer.new_channel(), await layer.new_channel()
-    await layer.group_add("room", watcher)
+async def test_join_and_leave_events_reach_watchers_only_when_something_changed(make_layer):
+    layer, watching = make_layer(presence_timeout=TIMEOUT), make_layer(presence_timeout=TIMEOUT)
+    events = asyncio.Queue()
+    await watching.presence_watch("room", events.put_nowait)
+    member = await layer.new_channel()
     await layer.presence_join("room", member, "m1", "M", event={"type": "presence.join", "id": "m1"})
-    assert await asyncio.wait_for(layer.receive(watcher), 5) == {"type": "presence.join", "id": "m1"}
+    assert await asyncio.wait_for(events.get(), 5) == {"type": "presence.join", "id": "m1"}
     await layer.presence_leave("room", [member], event={"type": "presence.leave", "id": "m1"})
     await layer.presence_leave("room", [member], event={"type": "presence.leave", "id": "again"})
-    await layer.group_send("room", {"type": "marker"})
-    assert await asyncio.wait_for(layer.receive(watcher), 5) == {"type": "presence.leave", "id": "m1"}
-    assert await asyncio.wait_for(layer.receive(watcher), 5) == {"type": "marker"}
+    await layer.presence_join("room", member, "m2", "M", event={"type": "marker"})
+    assert await asyncio.wait_for(events.get(), 5) == {"type": "presence.leave", "id": "m1"}
+    assert await asyncio.wait_for(events.get(), 5) == {"type": "marker"}
+    await watching.presence_unwatch("room", events.put_nowait)
+    assert watching.keys.presence_channel("room") not in (await watching._state()).presence_watchers
 
 
 async def test_members_of_a_sigkilled_process_are_gone_within_the_timeout(make_layer, cluster_hosts):

@@ -28,6 +28,10 @@ class KeyScheme:
         """Hash of a group's present members (member channel -> member id and name), in the group's slot."""
         return f"{{{self.prefix}:g:{group}}}:presence"
 
+    def presence_channel(self, group: str) -> bytes:
+        """Shard channel of a group's presence events, in the group's slot: watched once per process, not per socket."""
+        return f"{{{self.prefix}:g:{group}}}:presence".encode()
+
     def presence_leases(self) -> str:
         """Sorted set of the processes that keep presence entries (client prefix -> lease end, ms)."""
         return f"{{{self.prefix}:presence}}:leases"

@@ -161,6 +161,7 @@ class _LoopState:
         self.local = LocalChannels(layer.expiry, layer.group_expiry, layer.get_capacity, layer.stats)
         self.inbox = layer.keys.inbox(self.client_prefix)
         self.group_of = {}  # shard channel -> group name, for subscribed groups
+        self.presence_watchers = {}  # presence shard channel -> [callback(event, or None after a gap)]
         self.delivered = {}  # shard channel -> (epoch, offset) of the last numbered message fanned out here
         self.echoes = {}  # (shard channel, sequence) -> future of a group message sent here, set when it is back
         self.sent = _Sequences()
@@ -264,6 +265,11 @@ class _LoopState:
         if shard_channel == self.inbox:
             self.on_inbox(message)
             return
+        watchers = self.presence_watchers.get(shard_channel)
+        if watchers is not None:
+            for watcher in list(watchers):
+                presence.call(watcher, message)
+            return
         group = self.group_of.get(shard_channel)
         if group is not None:
             if kind == NUMBERED:
@@ -276,6 +282,8 @@ class _LoopState:
         Without this, messages published while no subscription existed are noticed by a member only
         when a later one arrives with a gap; the last ones before a quiet spell would never be.
         """
+        for watcher in list(self.presence_watchers.get(shard_channel, ())):
+            presence.call(watcher, None)  # events may have been missed: read the members again
         group = self.group_of.get(shard_channel)
         if group is not None and shard_channel in self.delivered and self.layer.history.bound(group).size:
             self.background(self.resync(group, shard_channel))
@@ -715,7 +723,7 @@ class RedisClusterChannelLayer(BaseChannelLayer):
         self.require_valid_group_name(group)
         state = await self._state()
         await state.leases.start()
-        shard_channel = self.keys.group_channel(group)
+        shard_channel = self.keys.presence_channel(group)
         frame = state.frame(shard_channel, self.serialize(event)) if event is not None else b""
         try:
             await _presence_join(state.publisher, self.keys.group_presence(group), channel,
@@ -729,7 +737,7 @@ class RedisClusterChannelLayer(BaseChannelLayer):
         if not channels:
             return 0
         state = await self._state()
-        shard_channel = self.keys.group_channel(group)
+        shard_channel = self.keys.presence_channel(group)
         frame = state.frame(shard_channel, self.serialize(event)) if event is not None else b""
         try:
             return await _presence_leave(state.publisher, self.keys.group_presence(group), shard_channel, frame, *channels)
@@ -760,6 +768,30 @@ class RedisClusterChannelLayer(BaseChannelLayer):
         if stale:  # entries of a process that died: whoever reads them first removes them
             state.background(self.presence_leave(group, stale))
         return list(members.values())
+
+    async def presence_watch(self, group, watcher):
+        """Call ``watcher(event)`` in this loop for ``group``'s presence events, ``watcher(None)`` after a
+        subscription gap (events may be missing: read the members again); one subscription per process."""
+        self.require_valid_group_name(group)
+        state = await self._state()
+        shard_channel = self.keys.presence_channel(group)
+        watchers = state.presence_watchers.setdefault(shard_channel, [])
+        watchers.append(watcher)
+        try:
+            await state.subscriber.subscribe(shard_channel)
+        except BaseException:
+            await self.presence_unwatch(group, watcher)
+            raise
+
+    async def presence_unwatch(self, group, watcher):
+        """Stop calling ``watcher``; the last one out unsubscribes."""
+        state = await self._state()
+        shard_channel = self.keys.presence_channel(group)
+        watchers = state.presence_watchers.get(shard_channel, [])
+        if watcher in watchers:
+            watchers.remove(watcher)
+        if not watchers and state.presence_watchers.pop(shard_channel, None) is not None:
+            await state.subscriber.unsubscribe(shard_channel)
 
     async def on_processes_gone(self, listener):
         """Have ``listener(prefixes)`` called in this loop when processes' leases end (they died without leaving)."""

@@ -1,7 +1,8 @@
 """Presence: who is in a group, read from any process in one command, gone within a bound when its process dies.
 
 A group's entries are a hash in the group's slot (member channel -> member id and name), written on
-join and leave. Each process that uses presence holds a lease in one sorted set (client prefix ->
+join and leave together with an event on the group's presence shard channel, which each process
+watching the group subscribes once. Each process that uses presence holds a lease in one sorted set (client prefix ->
 lease end), renewed every third of ``presence_timeout``: one command per process per beat, not per
 socket. An entry's process is its channel's prefix; a reader hides the entries of processes whose
 lease ended, so a member of a SIGKILLed process is gone for every reader within ``presence_timeout``.
@@ -38,6 +39,14 @@ for i = 3, #ARGV do removed = removed + redis.call('HDEL', KEYS[1], ARGV[i]) end
 if removed > 0 and ARGV[2] ~= '' then redis.call('SPUBLISH', ARGV[1], ARGV[2]) end
 return removed
 """
+
+
+def call(watcher, event):
+    """``watcher(event)``; one that raises must not stop the reader that feeds every other subscription."""
+    try:
+        watcher(event)
+    except Exception:  # noqa: BLE001
+        logger.exception("a presence watcher failed")
 
 
 def entry(member, name):

@@ -13,9 +13,10 @@ from channels_redis_cluster.consumer import LayerPushMixin
 from channels_redis_cluster.history import EPOCH, OFFSET
 from chatsite.identity import worker_id
 
-from . import metrics, tokens
+from . import metrics, presence, tokens
 from .limits import IdentityQuota, TokenBucket, WorkerSockets
 from .protocol import (
+    CLOSE_BAD_REQUEST,
     CLOSE_FORBIDDEN,
     CLOSE_NOT_FOUND,
     CLOSE_TOO_MANY,
@@ -71,6 +72,9 @@ def _frame(event, version, room, live=True):
     return text
 
 
+_LEAVING = set()  # presence leaves waiting out their grace
+
+
 def _ignore_result(task):
     if not task.cancelled():
         task.exception()
@@ -90,6 +94,9 @@ class ChatConsumer(LayerPushMixin, AsyncWebsocketConsumer):
     claimed = False  # holds a place in IdentityQuota
     token_timer = None  # closes the socket when its token ends
     bucket = None  # messages per second, made at the first message
+    member = None  # this socket's member id in the room's presence, once recorded there
+    member_key = None  # an anonymous member's secret, for its resumes
+    watching = False  # a v2 client that asked for presence
 
     async def dispatch(self, message):
         """Channels' dispatch without its per-message close of old database connections.
@@ -119,6 +126,7 @@ class ChatConsumer(LayerPushMixin, AsyncWebsocketConsumer):
             resume = None
             if self.version == 2 and hasattr(self.channel_layer, "group_history"):
                 resume = Resume(query)
+            self.presence_query(query)
         except BadFrame as bad:
             await self.accept(subprotocol)
             return await self.refuse(bad, True)
@@ -132,6 +140,7 @@ class ChatConsumer(LayerPushMixin, AsyncWebsocketConsumer):
             await self.accept(subprotocol)
             return await self.refuse(BadFrame(CLOSE_UNAVAILABLE, "unavailable", "chat is unavailable, try again"), True)
         self.room_group_name = group
+        listed = await self.join_presence()
         found = None
         if resume is not None:
             # The seam is read after joining and before accepting: a message numbered above it arrives
@@ -152,6 +161,66 @@ class ChatConsumer(LayerPushMixin, AsyncWebsocketConsumer):
             self.token_timer = loop.call_at(loop.time() + self.identity.expires_at - time.time(), self.token_ended)
         if found is not None:
             await self.replay(resume, found)
+        if listed is not None:
+            await self.send(text_data=presence.snapshot_frame(listed))
+
+    def presence_query(self, query):
+        """``?presence=1`` (v2 only) and an anonymous member's ``member_key``; the member's id."""
+        if "presence" not in getattr(self.channel_layer, "extensions", ()):
+            return
+        asked = query.get("presence", "0")
+        if asked not in ("0", "1"):
+            raise BadFrame(CLOSE_BAD_REQUEST, "bad_presence", "presence must be 0 or 1")
+        self.watching = asked == "1" and self.version == 2
+        key = None
+        if self.identity is None:
+            key = query.get("member_key")
+            if key is not None and not presence.MEMBER_KEY.fullmatch(key):
+                raise BadFrame(CLOSE_BAD_REQUEST, "bad_member_key", "member_key must be the 32 hex digits a joined frame gave")
+            key = self.member_key = key or presence.new_member_key()
+        self.member = presence.member_of(self.identity, key)
+
+    async def join_presence(self):
+        """Record this socket in the room's presence; for a watcher, the members listed now (else None)."""
+        if self.member is None:
+            return None
+        name = self.identity.name if self.identity is not None else None
+        layer, group = self.channel_layer, self.room_group_name
+        try:
+            await layer.presence_join(group, self.channel_name, self.member, name,
+                                      event=presence.join_event(self.channel_name, self.member, name))
+            if self.watching:
+                listed = await presence.watch(self, layer, group)
+                # Its own join may reach the view after this read: a watcher is listed from the start.
+                if not any(entry["id"] == self.member for entry in listed):
+                    listed.append({"id": self.member, "name": name})
+                return listed
+        except Exception as exc:  # noqa: BLE001 - the chat goes on; the room's list lacks this socket
+            metrics.LAYER_ERRORS.labels("presence").inc()
+            logger.warning("presence join failed for %s: %r", group, exc)
+            self.watching = False
+        return None
+
+    def presence_frame_soon(self, frame):
+        """A join or leave frame from the room's view, in order with room messages."""
+        self._push({"type": "presence.frame", "text": frame})
+
+    async def presence_frame(self, event):
+        if not self.closing:
+            await self.send(text_data=event["text"])
+
+    async def leave_presence(self, close_code):
+        """Leave the room's presence: at once after a goodbye, else after the grace a resume comes back within."""
+        group, channel, member = self.room_group_name, self.channel_name, self.member
+        name = self.identity.name if self.identity is not None else None
+        grace = 0 if close_code in (1000, 1001) else settings.CHAT_PRESENCE_GRACE
+        if grace:
+            await asyncio.sleep(grace)
+        try:
+            await self.channel_layer.presence_leave(group, [channel], event=presence.leave_event(channel, member, name))
+        except Exception as exc:  # noqa: BLE001 - the entry then goes with this worker's lease, or the group's expiry
+            metrics.LAYER_ERRORS.labels("presence").inc()
+            logger.warning("presence leave failed for %s: %r", group, exc)
 
     async def identify(self, token):
         """Check the socket's token, that it names this room, and that its identity is within its limits."""
@@ -181,7 +250,8 @@ class ChatConsumer(LayerPushMixin, AsyncWebsocketConsumer):
         The group was joined before ``found`` was read, so live messages wait behind this and those
         already replayed are dropped by offset: no gap and no duplicate across the seam.
         """
-        await self.send(text_data=joined_frame(self.room_name, found.offset, found.epoch))
+        member = None if self.member is None else {"id": self.member, "name": self.identity.name if self.identity else None}
+        await self.send(text_data=joined_frame(self.room_name, found.offset, found.epoch, member, self.member_key))
         await self.send_history(found)
         if resume.since is not None:
             metrics.RESUMES.labels(str(found.recovered).lower()).inc()
@@ -234,6 +304,13 @@ class ChatConsumer(LayerPushMixin, AsyncWebsocketConsumer):
                 logger.warning("identity quota release failed: %r", exc)
         if self.room_group_name is None:
             return
+        if self.watching:
+            self.watching = False
+            presence.unwatch(self, self.room_group_name)
+        if self.member is not None:
+            # In the background: the grace outlives the connection, and the socket's slot is free already.
+            _LEAVING.add(leaving := asyncio.ensure_future(self.leave_presence(close_code)))
+            leaving.add_done_callback(_LEAVING.discard)
         metrics.CONNECTIONS.dec()
         try:
             await self.channel_layer.group_discard(self.room_group_name, self.channel_name)

@@ -101,9 +101,17 @@ class Resume:
         self.history = 0 if history is None else int(history)
 
 
-def joined_frame(room, offset, epoch):
-    """The v2 frame sent right after accept: the room's current top."""
-    return json.dumps({"type": "joined", "room": room, "offset": offset, "epoch": epoch})
+def joined_frame(room, offset, epoch, member=None, member_key=None):
+    """The v2 frame sent right after accept: the room's current top, and who this socket is in its presence.
+
+    ``member_key`` (anonymous sockets only) is the secret a resume passes back to stay the same member.
+    """
+    frame = {"type": "joined", "room": room, "offset": offset, "epoch": epoch}
+    if member is not None:
+        frame["member"] = member
+    if member_key is not None:
+        frame["member_key"] = member_key
+    return json.dumps(frame)
 
 
 def recovered_frame(recovered, offset, epoch):

@@ -77,6 +77,10 @@ CHAT_MESSAGE_BURST = float(os.environ.get("CHAT_MESSAGE_BURST") or "30")
 CHAT_MAX_SOCKETS_PER_WORKER = int(os.environ.get("CHAT_MAX_SOCKETS_PER_WORKER") or "10000")
 CHAT_MAX_ROOMS_PER_IDENTITY = int(os.environ.get("CHAT_MAX_ROOMS_PER_IDENTITY") or "10")
 CHAT_MAX_SOCKETS_PER_IDENTITY = int(os.environ.get("CHAT_MAX_SOCKETS_PER_IDENTITY") or "20")
+# Presence: a member whose socket ended without a goodbye (1000 or 1001) stays listed this long, so a
+# resume is not seen as a leave and a join; a dead worker's members go within CHAT_PRESENCE_TIMEOUT.
+CHAT_PRESENCE_GRACE = float(os.environ.get("CHAT_PRESENCE_GRACE") or "5")
+CHAT_PRESENCE_TIMEOUT = float(os.environ.get("CHAT_PRESENCE_TIMEOUT") or "10")
 
 # Identity: off (anyone may post, as in the tutorial), nickname (this site signs a token for a name typed
 # into its form) or token (tokens come from your app, see docs/security.md). With either of the last two,
@@ -107,7 +111,7 @@ def channel_layers():
             hosts = [{"address": host, "ssl_ca_certs": tls_ca} for host in hosts]
         # Room history, for resuming clients and recent messages on open; 0 turns it off.
         history = {"size": int(os.environ.get("CHAT_HISTORY_SIZE") or "500"), "age": int(os.environ.get("CHAT_HISTORY_AGE") or "300")}
-        config = {"hosts": hosts, "group_history": {"chat_*": history}, **common}
+        config = {"hosts": hosts, "group_history": {"chat_*": history}, "presence_timeout": CHAT_PRESENCE_TIMEOUT, **common}
         return {"BACKEND": "channels_redis_cluster.RedisClusterChannelLayer", "CONFIG": config}
     if kind in ("redis", "redis-pubsub"):
         backend = "channels_redis.core.RedisChannelLayer" if kind == "redis" else "channels_redis.pubsub.RedisPubSubChannelLayer"

@@ -1,0 +1,161 @@
+"""Who is in a room, for v2 clients that ask (``?presence=1``): one view per room and worker, kept by events.
+
+Every socket is recorded in the layer's presence of its room (one command on join, one on leave).
+The sockets of a worker that watch a room share one view of it: the members the first of them read,
+then the room's presence events, which reach the worker once (not once per socket). A member is its
+id, so the view turns socket events into ``join`` and ``leave`` frames only when a member's first
+socket comes or its last goes: a client that resumes on another worker within the grace period is
+never seen to leave.
+"""
+
+import asyncio
+import hashlib
+import json
+import logging
+import re
+import secrets
+
+logger = logging.getLogger(__name__)
+
+MEMBER_KEY = re.compile(r"[0-9a-f]{32}")
+
+
+def member_of(identity, key):
+    """The member id: the identity's (its tabs are one member), else one derived from the client's secret key."""
+    if identity is not None:
+        return "u-" + identity.key[:16]
+    return "a-" + hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def new_member_key():
+    return secrets.token_hex(16)
+
+
+def snapshot_frame(members):
+    return json.dumps({"type": "presence", "count": len(members), "members": members})
+
+
+def change_frame(kind, member):
+    return json.dumps({"type": kind, "member": member})
+
+
+def join_event(channel, member, name):
+    return {"type": "presence.join", "channel": channel, "id": member, "name": name}
+
+
+def leave_event(channel, member, name):
+    return {"type": "presence.leave", "channel": channel, "id": member, "name": name}
+
+
+class RoomView:
+    """A room's members as this worker knows them (id -> name and sockets), and the sockets here that watch it."""
+
+    __slots__ = ("layer", "group", "members", "watchers", "ready")
+
+    def __init__(self, layer, group):
+        self.layer, self.group = layer, group
+        self.members = {}  # id -> {"name": name, "channels": set()}
+        self.watchers = set()  # consumers of this worker watching the room
+        self.ready = asyncio.ensure_future(self._start())
+
+    async def _start(self):
+        # Watch first, then read: an event from before the read changes nothing it did not already show.
+        await self.layer.presence_watch(self.group, self.on_event)
+        self.load(await self.layer.presence(self.group))
+
+    def load(self, entries):
+        """Take a read of the room's members; the frames that tell watchers what changed since the view's last."""
+        known = {entry["id"]: entry for entry in entries}
+        frames = [change_frame("leave", {"id": m, "name": s["name"]}) for m, s in self.members.items() if m not in known]
+        frames += [change_frame("join", {"id": m, "name": e["name"]}) for m, e in known.items() if m not in self.members]
+        self.members = {m: {"name": e["name"], "channels": set(e["channels"])} for m, e in known.items()}
+        return frames
+
+    def listed(self):
+        return [{"id": member, "name": state["name"]} for member, state in self.members.items()]
+
+    def on_event(self, event):
+        """A presence event of the room (None after a subscription gap: read the members again)."""
+        if event is None:
+            asyncio.ensure_future(self.reload())
+            return
+        member, channel = event["id"], event["channel"]
+        if event["type"] == "presence.join":
+            state = self.members.get(member)
+            if state is None:
+                state = self.members[member] = {"name": event["name"], "channels": set()}
+                self.tell(change_frame("join", {"id": member, "name": event["name"]}))
+            state["channels"].add(channel)
+        else:
+            self.forget(member, channel)
+
+    async def reload(self):
+        try:
+            frames = self.load(await self.layer.presence(self.group))
+        except Exception as exc:  # noqa: BLE001 - the next event or gap reads again
+            logger.warning("presence of %s not read again: %r", self.group, exc)
+            return
+        for frame in frames:
+            self.tell(frame)
+
+    def forget(self, member, channel):
+        """One socket of ``member`` is gone; its watchers hear of it when it was the member's last."""
+        state = self.members.get(member)
+        if state is None or channel not in state["channels"]:
+            return
+        state["channels"].discard(channel)
+        if not state["channels"]:
+            del self.members[member]
+            self.tell(change_frame("leave", {"id": member, "name": state["name"]}))
+
+    def processes_gone(self, prefixes):
+        """Forget the sockets of processes that died without saying goodbye."""
+        for member, state in list(self.members.items()):
+            for channel in [c for c in state["channels"] if self.layer.owner_of(c) in prefixes]:
+                self.forget(member, channel)
+
+    def tell(self, frame):
+        """Queue ``frame`` for every watcher, in order with its room messages."""
+        if not self.ready.done():
+            return  # the first read, which comes next, shows it
+        for watcher in list(self.watchers):
+            watcher.presence_frame_soon(frame)
+
+    async def close(self):
+        self.ready.cancel()
+        try:
+            await self.layer.presence_unwatch(self.group, self.on_event)
+        except Exception as exc:  # noqa: BLE001 - only unwanted traffic remains, which is ignored
+            logger.debug("presence unwatch of %s failed: %r", self.group, exc)
+
+
+VIEWS = {}  # group -> RoomView, for rooms with watchers on this worker
+_listening = set()  # layers whose process-gone events reach the views
+
+
+async def watch(consumer, layer, group):
+    """Add ``consumer`` to the worker's view of ``group``; the members it lists now."""
+    if id(layer) not in _listening:
+        _listening.add(id(layer))
+        await layer.on_processes_gone(lambda prefixes: [view.processes_gone(prefixes) for view in list(VIEWS.values())])
+    view = VIEWS.get(group)
+    if view is None:
+        view = VIEWS[group] = RoomView(layer, group)
+    view.watchers.add(consumer)
+    try:
+        await asyncio.shield(view.ready)
+    except BaseException:
+        unwatch(consumer, group)
+        raise
+    return view.listed()
+
+
+def unwatch(consumer, group):
+    """Remove ``consumer`` from the view at once; the last watcher out closes it in the background."""
+    view = VIEWS.get(group)
+    if view is None:
+        return
+    view.watchers.discard(consumer)
+    if not view.watchers:
+        del VIEWS[group]
+        asyncio.ensure_future(view.close())
