@@ -119,13 +119,20 @@ async def test_nickname_pages_chat_under_their_names_and_resume_when_their_token
                 await page.fill("#nickname-input", name)
                 await page.press("#room-name-input", "Enter")
                 await expect(page.locator("#chat-status")).to_have_text("connected", timeout=20_000)
+            # Each page lists who is here, itself included, updated live.
+            await expect(pages["Alice"].locator("#chat-member-count")).to_have_text("2", timeout=10_000)
+            await expect(pages["Alice"].locator("#chat-member-list li")).to_have_text(["Alice (you)", "Bob"])
             await pages["Alice"].fill("#chat-message-input", "hi")
             await pages["Alice"].click("#chat-message-submit")
             await expect(pages["Bob"].locator("#chat-log")).to_have_value("Alice: hi\n", timeout=10_000)
             # The tokens end: each socket is closed with 4401, the page gets a new token and resumes.
             await expect(pages["Bob"].locator("#chat-status")).to_have_text("resumed", timeout=20_000)
+            await expect(pages["Bob"].locator("#chat-member-list li")).to_have_text(["Alice", "Bob (you)"])
             await pages["Bob"].fill("#chat-message-input", "still here")
             await pages["Bob"].click("#chat-message-submit")
             await expect(pages["Alice"].locator("#chat-log")).to_have_value("Alice: hi\nBob: still here\n", timeout=20_000)
             await pages["Alice"].screenshot(path=SCREENSHOTS / "nickname.png")
+            await pages["Bob"].close()  # a page closed says goodbye: Bob leaves Alice's list at once
+            await expect(pages["Alice"].locator("#chat-member-list li")).to_have_text(["Alice (you)"], timeout=5_000)
+            await expect(pages["Alice"].locator("#chat-member-count")).to_have_text("1")
             await browser.close()
