@@ -18,8 +18,14 @@ V2 = "chat.v2"
 class Member:
     """One member of ``room`` at ``base`` (ws://host:port); ``v2`` resumes, otherwise it rejoins as v1."""
 
-    def __init__(self, base, room, v2=True, origin=None, backoff=(0.05, 2.0), token=None):
+    def __init__(self, base, room, v2=True, origin=None, backoff=(0.05, 2.0), token=None, presence=False, member_key=None):
         self.base, self.room, self.v2, self.token = base, room, v2, token
+        self.presence = presence  # v2: ask for the room's members (?presence=1) and keep them in .present
+        self.member_key = member_key  # v2 without identity: the key that keeps this member one across resumes
+        self.member = None  # v2: this member's id in the room's presence
+        self.present = {}  # member id -> name, as the join, leave and presence frames say
+        self.presence_frames = []  # (type, member id) of every join and leave frame
+        self.served_by = None  # X-Served-By of the current connection
         self.origin = origin or base.replace("ws://", "http://", 1)
         self.backoff = backoff
         self.offset = self.epoch = None
@@ -38,6 +44,10 @@ class Member:
         query = {"token": self.token} if self.token else {}
         if self.v2 and self.epoch is not None:
             query.update(since=self.offset, epoch=self.epoch)
+        if self.v2 and self.presence:
+            query["presence"] = 1
+        if self.v2 and self.member_key:
+            query["member_key"] = self.member_key
         return f"{self.base}/ws/chat/{self.room}/" + (f"?{urlencode(query)}" if query else "")
 
     async def start(self):
@@ -53,6 +63,7 @@ class Member:
                 async with connect(self.url(), origin=self.origin, subprotocols=[V2] if self.v2 else None,
                                    open_timeout=10, close_timeout=2) as socket:
                     self.socket = socket
+                    self.served_by = socket.response.headers.get("x-served-by")
                     self.connections += 1
                     delay = self.backoff[0]
                     if not self.v2:
@@ -82,7 +93,17 @@ class Member:
             self.messages.append((frame["offset"], frame["epoch"], frame["message"]))
             self.offset, self.epoch = frame["offset"], frame["epoch"]
             self.pending.pop(frame.get("nonce"), None)
+        elif kind == "presence":
+            self.present = {member["id"]: member["name"] for member in frame["members"]}
+        elif kind in ("join", "leave"):
+            self.presence_frames.append((kind, frame["member"]["id"]))
+            if kind == "join":
+                self.present[frame["member"]["id"]] = frame["member"]["name"]
+            else:
+                self.present.pop(frame["member"]["id"], None)
         elif kind == "joined":
+            self.member = frame.get("member", {}).get("id")
+            self.member_key = frame.get("member_key", self.member_key)
             if self.epoch is None:
                 self.joined_at = frame["offset"]
                 self.offset, self.epoch = frame["offset"], frame["epoch"]

@@ -1,0 +1,58 @@
+"""Presence through a crash on the `make run` topology: the members of a SIGKILLed worker leave every
+other member's list within CHAT_PRESENCE_TIMEOUT, no one else does, and they come back, once each,
+when they reconnect elsewhere."""
+
+import asyncio
+import collections
+import os
+import signal
+import time
+
+from conftest import local_stack
+from loadtest.member import Member, until
+
+TIMEOUT = 3.0  # CHAT_PRESENCE_TIMEOUT of this stack
+ON_VICTIM = 100  # members on the worker that is killed
+
+
+async def test_members_of_a_sigkilled_worker_leave_within_the_bound_and_come_back_once():
+    with local_stack(CHAT_PRESENCE_TIMEOUT=str(TIMEOUT), CHAT_PRESENCE_GRACE="1", CHAT_MESSAGES_PER_S="0") as stack:
+        room, members, watchers = "presence-crash", [], []
+        try:
+            # The workers share one listening socket: connections made at once spread over them.
+            # Watchers until two workers hold one: whichever is killed, one watches from elsewhere.
+            while len({w.served_by for w in watchers}) < 2:
+                assert len(watchers) < 30, "every watcher landed on one worker"
+                watchers += await asyncio.gather(*(Member(stack["ws"], room, presence=True).start() for _ in range(6)))
+            # Members until one worker holds ON_VICTIM of them.
+            while max(collections.Counter(m.served_by for m in members).values(), default=0) < ON_VICTIM:
+                assert len(members) < 6 * ON_VICTIM, "no worker got enough members"
+                members += await asyncio.gather(*(Member(stack["ws"], room).start() for _ in range(50)))
+            victim = collections.Counter(m.served_by for m in members).most_common(1)[0][0]
+            doomed = [m for m in (*members, *watchers) if m.served_by == victim]
+            watcher = next(w for w in watchers if w.served_by != victim)
+            everyone = {m.member for m in (*members, *watchers)}
+            await until(lambda: set(watcher.present) == everyone, 15, "the watcher listing everyone")
+            for member in doomed:
+                member.stopping = True  # they stay away until the test brings them back
+            seen_before = len(watcher.presence_frames)
+            os.kill(int(victim.rpartition(":")[2]), signal.SIGKILL)
+            killed_at = time.monotonic()
+            survivors = everyone - {m.member for m in doomed}
+            await until(lambda: set(watcher.present) == survivors, TIMEOUT + 5, "the dead worker's members leaving")
+            gone_after = time.monotonic() - killed_at
+            assert gone_after <= TIMEOUT + 1, f"{len(doomed)} members of a dead worker listed for {gone_after:.1f} s"
+            left = [member for kind, member in watcher.presence_frames[seen_before:] if kind == "leave"]
+            assert sorted(left) == sorted(everyone - survivors), "someone else left, or someone left twice"
+            # They come back elsewhere as the same members: one join each, no duplicate in the list.
+            back = [await Member(stack["ws"], room, member_key=m.member_key).start() for m in doomed]
+            assert {m.member for m in back} == {m.member for m in doomed}
+            await until(lambda: set(watcher.present) == everyone, 15, "the members back")
+            joins = collections.Counter(member for kind, member in watcher.presence_frames[seen_before:] if kind == "join")
+            assert joins == collections.Counter(m.member for m in doomed), "a member came back more than once, or one that never left"
+            print(f"{len(doomed)} members of a SIGKILLed worker left every list after {gone_after:.2f} s (bound {TIMEOUT} s)")
+            members += back
+        finally:
+            for member in (*members, *watchers):
+                if member.task is not None and not member.task.done():
+                    await member.stop()
