@@ -8,7 +8,7 @@ import signal
 from pathlib import Path
 
 from conftest import ROOT, UNLIMITED_TYPING, local_stack
-from loadtest.member import Conversation, until
+from loadtest.member import Conversation, Member, until
 
 ARTIFACTS = ROOT / "artifacts"
 
@@ -32,6 +32,17 @@ def gunicorn_workers(stack_process):
     return children(master)
 
 
+async def presence_in_redis(stack, group):
+    """The room's members as a fresh layer instance reads them from the stack's cluster."""
+    from channels_redis_cluster import RedisClusterChannelLayer
+
+    layer = RedisClusterChannelLayer(hosts=[f"redis://127.0.0.1:{port}" for port in stack["ports"][1:]])
+    try:
+        return await layer.presence(group)
+    finally:
+        await layer.close()
+
+
 def save(name, report):
     """Write a lifecycle report to artifacts/ and print it."""
     ARTIFACTS.mkdir(exist_ok=True)
@@ -39,9 +50,13 @@ def save(name, report):
     print(f"{name}:", json.dumps(report))
 
 
+PRESENCE = {"CHAT_PRESENCE_GRACE": "1", "CHAT_PRESENCE_TIMEOUT": "3"}
+
+
 async def test_rolling_restart_loses_nothing_for_resuming_members():
-    with local_stack(DRAIN_SECONDS="1", **UNLIMITED_TYPING) as stack:
+    with local_stack(DRAIN_SECONDS="1", **UNLIMITED_TYPING, **PRESENCE) as stack:
         room = await Conversation(stack["ws"], "rolling").start()
+        watcher = await Member(stack["ws"], "rolling", presence=True).start()
         await room.typed_more(25)
         originals = gunicorn_workers(stack["process"])
         assert len(originals) == 3
@@ -50,6 +65,15 @@ async def test_rolling_restart_loses_nothing_for_resuming_members():
             await until(lambda: pid not in gunicorn_workers(stack["process"]) and len(gunicorn_workers(stack["process"])) == 3,
                         30, f"worker {pid} to be replaced")
         await room.typed_more(50)
+        # Presence after every worker was replaced: each socket open now is listed once, no one else.
+        # Resuming members kept their ids; a v1 socket is a new member after each reconnect.
+        expected = {m.member for m in (*room.members, room.sender, watcher)}
+        everyone = len(expected) + len(room.plain)
+        await until(lambda: expected <= set(watcher.present) and len(watcher.present) == everyone, 15, "the list to settle")
+        listed = await presence_in_redis(stack, "chat_rolling")
+        assert len(listed) == everyone and all(len(entry["channels"]) == 1 for entry in listed), listed
+        assert watcher.connections >= 2
+        await watcher.stop()
         await room.finish()
     report = room.report()
     save("rolling_restart", report)
