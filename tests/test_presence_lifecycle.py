@@ -1,6 +1,6 @@
-"""Presence through a crash on the `make run` topology: the members of a SIGKILLed worker leave every
-other member's list within CHAT_PRESENCE_TIMEOUT, no one else does, and they come back, once each,
-when they reconnect elsewhere."""
+"""Presence through a crash and a join storm on the `make run` topology: the members of a SIGKILLed worker
+leave every other member's list within CHAT_PRESENCE_TIMEOUT, no one else does, and they come back,
+once each, when they reconnect elsewhere; 3,000 sockets joining at once are each listed once."""
 
 import asyncio
 import collections
@@ -9,6 +9,7 @@ import signal
 import time
 
 from conftest import local_stack
+from loadtest import wsclient
 from loadtest.member import Member, until
 
 TIMEOUT = 3.0  # CHAT_PRESENCE_TIMEOUT of this stack
@@ -56,3 +57,35 @@ async def test_members_of_a_sigkilled_worker_leave_within_the_bound_and_come_bac
             for member in (*members, *watchers):
                 if member.task is not None and not member.task.done():
                     await member.stop()
+
+
+STORM = 3000  # sockets joining at once
+
+
+async def test_presence_stays_exact_through_a_join_storm():
+    from test_rolling_restart import presence_in_redis
+
+    with local_stack(CHAT_PRESENCE_TIMEOUT=str(TIMEOUT), CHAT_PRESENCE_GRACE="1") as stack:
+        room = "presence-storm"
+        watcher = await Member(stack["ws"], room, presence=True).start()
+        port = int(stack["url"].rpartition(":")[2])
+        sockets = []
+        try:
+            started = time.monotonic()
+            for batch in range(0, STORM, 1000):  # a thousand handshakes in flight at a time
+                sockets += await asyncio.gather(*(
+                    wsclient.connect("127.0.0.1", port, f"/ws/chat/{room}/", lambda _: None) for _ in range(1000)))
+            joined_in = time.monotonic() - started
+            await until(lambda: len(watcher.present) == STORM + 1, 30, "every socket in the watcher's list")
+            joins = [member for kind, member in watcher.presence_frames if kind == "join"]
+            assert len(joins) == len(set(joins)) == STORM, "a join was shown twice, or missed"
+            listed = await presence_in_redis(stack, f"chat_{room}")
+            assert len(listed) == STORM + 1 and sum(len(entry["channels"]) for entry in listed) == STORM + 1
+            for socket in sockets[:STORM // 2]:
+                socket.close()  # a goodbye (1000): gone at once
+            await until(lambda: len(watcher.present) == STORM - STORM // 2 + 1, 30, "half of them leaving")
+            print(f"{STORM} sockets joined in {joined_in:.1f} s; the watcher listed each once, then saw half leave")
+        finally:
+            for socket in sockets:
+                socket.close()
+            await watcher.stop()
