@@ -15,6 +15,7 @@ import asyncio
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 import threading
@@ -304,6 +305,59 @@ def redis_cost(commands, layer="redis-cluster"):
     slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / sum((x - mean_x) ** 2 for x in xs)
     return {"us_per_send": round(mean_y - slope * mean_x, 2), "us_per_subscriber": round(max(slope, 0.0), 2),
             "measured": {f"room {r['room_size']}, {r['workers']} workers": r["redis_us_per_send"] for r in rows}}
+
+
+async def presence_cost(cluster, args):
+    """Presence on this layer against room size: Redis commands (MONITOR) and median latency per join and per
+    leave (each with its event), per read of the room's members, and per lease renewal (a worker's heartbeat)."""
+    from channels_redis_cluster import RedisClusterChannelLayer
+    from channels_redis_cluster.layer import _renew_lease
+
+    primaries = [redis.Redis(port=int(node.rsplit(":", 1)[1])) for node in cluster.startup_nodes]
+    primaries = [c for c in primaries if c.info("replication")["role"] == "master"]
+    layer = RedisClusterChannelLayer(hosts=[f"redis://{n}" for n in cluster.startup_nodes], prefix=f"pres{random.randrange(10**6)}")
+    timed = args.presence_calls
+
+    async def median_us(calls):
+        times = []
+        for call in calls:
+            started = time.perf_counter()
+            await call
+            times.append((time.perf_counter() - started) * 1e6)
+        return round(statistics.median(times), 1)
+
+    results = {}
+    try:
+        state = await layer._state()
+        for size in args.presence_room_sizes:
+            group = f"presence-{size}"
+            channels = [await layer.new_channel() for _ in range(size + timed)]
+            for start in range(0, size, 500):
+                await asyncio.gather(*(layer.presence_join(group, c, f"m{i}", None) for i, c in enumerate(channels[start:size], start)))
+            fresh = channels[size:]
+            logs = [CommandLog(node) for node in primaries]
+            for log in logs:
+                log.start()
+                log.listening.wait(10)
+            join_us = await median_us(layer.presence_join(group, c, f"n{i}", "N", event={"type": "presence.join"}) for i, c in enumerate(fresh))
+            leave_us = await median_us(layer.presence_leave(group, [c], event={"type": "presence.leave"}) for c in fresh)
+            calls = Counter()
+            for log in logs:
+                await asyncio.to_thread(log.end)
+                calls.update(log.sent)
+            for command in ("replconf", "hello", "client", "auth", "select"):
+                calls.pop(command, None)
+            read_us = await median_us(layer.presence(group) for _ in range(20))
+            results[str(size)] = {"room_size": size, "commands_per_join_and_leave": round(sum(calls.values()) / (2 * timed), 2),
+                                  "by_command": dict(calls), "join_us": join_us, "leave_us": leave_us, "read_us": read_us}
+            print(f"  presence room {size}: {results[str(size)]}", flush=True)
+        now = int(time.time() * 1000)
+        renew_us = await median_us(_renew_lease(state.publisher, layer.keys.presence_leases(), now, now + 5000,
+                                                state.client_prefix, 86400000) for _ in range(timed))
+    finally:
+        await layer.flush()
+        await layer.close()
+    return {"rooms": results, "renew_us": renew_us, "renewals_per_worker_per_s": round(3 / layer.presence_timeout, 2)}
 
 
 async def commands_per_send(cluster, redis_port, args):
@@ -715,6 +769,17 @@ def markdown(report):
         for backend, r in report["storms"].items():
             lines.append(f"| {BACKENDS[backend]} | {r['joins_per_s']:,} | {r['seconds']} | {r['joins_per_s_per_run']} | "
                          f"{r['closed_by_server']} | {r['delivered']} of {r['expected']} | {r['p99_ms']} |")
+    if report.get("presence"):
+        pres = report["presence"]
+        lines += ["", f"## Presence cost against room size ({args['presence_calls']} joins and leaves each, with their event; "
+                  "MONITOR of every primary; median latency from the caller)", "",
+                  "| members in the room | Redis commands per join or leave | join µs | leave µs | read of the members µs |",
+                  "| --- | --- | --- | --- | --- |"]
+        for r in pres["rooms"].values():
+            lines.append(f"| {r['room_size']:,} | {r['commands_per_join_and_leave']} ({', '.join(f'{k} {v}' for k, v in r['by_command'].items())}) "
+                         f"| {r['join_us']} | {r['leave_us']} | {r['read_us']} |")
+        lines += ["", f"A worker's heartbeat (its presence lease): one command every third of `presence_timeout` "
+                  f"({pres['renewals_per_worker_per_s']} per second at the default), {pres['renew_us']} µs each, whatever its sockets."]
     if report.get("redis_cost"):
         cost = report["redis_cost"]
         lines += ["", "## Redis CPU per group_send (INFO commandstats, history on)", "",
@@ -780,6 +845,8 @@ async def main(args):
         if args.curves:
             print("scale curves:", flush=True)
             report["curves"] = await scale_curves(cluster, redis_port, args)
+        print("presence:", flush=True)
+        report["presence"] = await presence_cost(cluster, args)
         print("join storms:", flush=True)
         report["storms"] = await join_storms(cluster, redis_port, args)
         print("idle memory:", flush=True)
@@ -812,6 +879,8 @@ def parse(argv=None):
     parser.add_argument("--curve-room-sizes", type=int, nargs="+", default=[2, 10, 100, 1000, 5000])
     parser.add_argument("--curve-idle-sockets", type=int, nargs="+", default=[0, 5000, 20000])
     parser.add_argument("--no-curves", dest="curves", action="store_false", help="skip the scale curves")
+    parser.add_argument("--presence-room-sizes", type=int, nargs="+", default=[10, 100, 1000, 5000])
+    parser.add_argument("--presence-calls", type=int, default=200, help="joins, leaves and lease renewals timed per room size")
     parser.add_argument("--storm-rooms", type=int, default=300, help="rooms of the join storm")
     parser.add_argument("--storm-room-size", type=int, default=10, help="sockets per room of the join storm")
     parser.add_argument("--storm-repeats", type=int, default=3, help="storms per backend, alternating; the median is reported")
@@ -834,6 +903,7 @@ def parse(argv=None):
         args.big_room, args.command_room_sizes, args.command_workers, args.cost_sends = 12, [10], [1, 2], 50
         args.sync_calls, args.sync_repeats = 100, 1
         args.storm_rooms, args.storm_room_size, args.storm_repeats = 20, 4, 1
+        args.presence_room_sizes, args.presence_calls = [10, 100], 20
         args.curve_rate, args.curve_rooms, args.curve_room_sizes, args.curve_idle_sockets = 300, [2, 20], [2, 10], [0, 100]
         args.idle_sockets, args.idle_repeats, args.ws_implementations, args.profile = 60, 1, [WS_DEFAULT], False
         args.loops = ["uvloop"]

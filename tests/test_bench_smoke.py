@@ -55,3 +55,6 @@ def test_benchmark_smoke_writes_the_report_with_every_part():
     assert all(p["delivered_ratio"] == 1.0 and p["sockets_closed_by_server"] == 0 for p in points)
     assert all(us > 0 for us in report["redis_cost"]["measured"].values()) and report["capacity"]["pods"]["count"] >= 2
     assert (out / "scale_curves.png").stat().st_size > 0 and "## Capacity model" in (out / "report.md").read_text()
+    # Presence: one command per join or leave, its event included, whatever the room size.
+    assert all(r["commands_per_join_and_leave"] == 1.0 for r in report["presence"]["rooms"].values()), report["presence"]
+    assert report["presence"]["renew_us"] > 0 and "## Presence cost" in (out / "report.md").read_text()
