@@ -20,6 +20,15 @@ async def say(client, text):
     await client.send_json_to({"message": text})
 
 
+async def watcher_and_member(application, room):
+    """Alice watching ``room`` and Bob in it, once Alice was told he came."""
+    alice = await join(application, room, v2=True, query="?presence=1")
+    await next_frame(alice)
+    bob = await join(application, room, v2=True)
+    assert await next_frame(alice) == {"type": "join", "member": bob.joined["member"]}
+    return alice, bob
+
+
 async def leaves_settled():
     """Every presence leave waiting out its grace has gone through."""
     await asyncio.gather(*list(consumers._LEAVING))
@@ -48,10 +57,7 @@ async def test_a_watcher_gets_the_members_then_their_joins_and_leaves(applicatio
 
 async def test_a_resume_within_the_grace_shows_neither_a_leave_nor_a_join(application):
     with override_settings(CHAT_PRESENCE_GRACE=1):
-        alice = await join(application, "pres-b", v2=True, query="?presence=1")
-        await next_frame(alice)
-        bob = await join(application, "pres-b", v2=True)
-        assert (await next_frame(alice))["type"] == "join"
+        alice, bob = await watcher_and_member(application, "pres-b")
         await bob.disconnect(code=1006)  # the network dropped: bob comes back where he was
         query = f"?since={bob.joined['offset']}&epoch={bob.joined['epoch']}&member_key={bob.joined['member_key']}"
         back = await join(application, "pres-b", v2=True, query=query)
@@ -66,10 +72,7 @@ async def test_a_resume_within_the_grace_shows_neither_a_leave_nor_a_join(applic
 
 async def test_a_socket_gone_without_goodbye_leaves_after_the_grace(application):
     with override_settings(CHAT_PRESENCE_GRACE=1):
-        alice = await join(application, "pres-c", v2=True, query="?presence=1")
-        await next_frame(alice)
-        bob = await join(application, "pres-c", v2=True)
-        await next_frame(alice)
+        alice, bob = await watcher_and_member(application, "pres-c")
         await bob.disconnect(code=1006)
         gone_at = time.monotonic()
         assert await next_frame(alice, timeout=5) == {"type": "leave", "member": bob.joined["member"]}
