@@ -184,6 +184,12 @@ def test_drain_fits_in_the_graceful_timeout_and_the_grace_period(default_objects
     assert int(config["CHAT_HISTORY_SIZE"]) > 0, "room history is on in every deployment"
 
 
+def test_presence_settings_reach_the_workers(default_objects):
+    """A drained pod's clients resume within the grace, so a deploy does not show everyone leaving and coming back."""
+    config = one(default_objects, "ConfigMap", "channels-chat")["data"]
+    assert int(config["CHAT_PRESENCE_GRACE"]) > 0 and int(config["CHAT_PRESENCE_TIMEOUT"]) >= 3
+
+
 def test_helm_test_pod_checks_fanout_through_the_service(default_objects):
     pod = one(default_objects, "Pod", "test-fanout")
     assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
