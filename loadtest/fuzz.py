@@ -25,13 +25,13 @@ from hypothesis import strategies as st
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
-# What the protocol documents (docs/protocol.md); the server's WebSocket library adds 1007 (a text frame
+# What the protocol documents (the README's protocol section); the server's WebSocket library adds 1007 (a text frame
 # that is no UTF-8) and 1009 (a frame over its size limit) before the chat sees the frame.
 V1_CLOSES = {4400, 4401, 4403, 4404, 4413, 4415, 4429, 4503, 1013, 1007, 1009}
 V2_ERRORS = {"bad_json", "bad_frame", "unknown_field", "bad_message", "message_too_long", "frame_too_large",
              "bad_nonce", "binary_frame", "rate_limited", "bad_room", "bad_resume", "bad_history", "token_missing",
              "token_invalid", "token_expired", "room_forbidden", "too_many_rooms", "too_many_sockets", "worker_full",
-             "unavailable"}
+             "unavailable", "bad_presence", "bad_member_key"}
 HANDSHAKE_STATUSES = {403, 404}  # a foreign or missing Origin; not a WebSocket path at all
 ANSWER_S = 5.0
 
@@ -61,7 +61,7 @@ frames = st.one_of(
     st.lists(st.text(max_size=30), min_size=2, max_size=5).map(lambda parts: ("fragments", parts)),
 )
 query_values = st.one_of(st.text(max_size=30), st.integers(-5, 10**20).map(str), st.sampled_from(["0", "1", "abc", "00ff"]))
-queries = st.dictionaries(st.sampled_from(["since", "epoch", "history", "token", "presence", "x"]), query_values, max_size=4)
+queries = st.dictionaries(st.sampled_from(["since", "epoch", "history", "token", "presence", "member_key", "x"]), query_values, max_size=4)
 http_paths = st.one_of(
     st.sampled_from(["/", "/chat/", "/chat/lobby/", "/chat/bad%20room/", "/auth/token", "/healthz", "/readyz", "/metrics",
                      "/ws/chat/lobby/", "/static/x.js", "/chat/" + "a" * 300 + "/"]),
