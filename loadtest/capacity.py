@@ -10,6 +10,7 @@ a Zipf law and reports each shard's share of the work, and what one hot room doe
 """
 
 import argparse
+import functools
 import json
 import math
 import random
@@ -21,6 +22,7 @@ from redis.crc import key_slot
 
 ROOT = Path(__file__).resolve().parent.parent
 SLOTS = 16384
+MAX_SHARDS = 1000  # past this, a shard count is no plan
 
 
 def measured_costs(report):
@@ -63,11 +65,16 @@ def zipf_rooms(rooms, sockets, exponent, largest, rng):
     return sizes
 
 
+@functools.lru_cache(maxsize=4)
+def room_slots(rooms, prefix):
+    """The hash slot of each of ``rooms`` rooms' keys."""
+    return tuple(key_slot(f"{{{prefix}:g:chat_room-{index}}}".encode()) for index in range(rooms))
+
+
 def spread(sizes, shards, prefix="chat"):
     """Each shard's share of messages (rooms' sizes, each member sending at the same rate) and of subscriptions."""
     per_shard = Counter()
-    for index, size in enumerate(sizes):
-        slot = key_slot(f"{{{prefix}:g:chat_room-{index}}}".encode())
+    for slot, size in zip(room_slots(len(sizes), prefix), sizes):
         # A shard's Redis work is its rooms' messages, and a room's messages grow with its members.
         per_shard[slot * shards // SLOTS] += size
     loads = [per_shard[s] for s in range(shards)]
@@ -104,15 +111,20 @@ def plan(costs, sizes, args):
         us = [costs["redis_us_per_send"] + costs["redis_us_per_subscriber"] * h for h in holders]
         redis_cores = rate * sum(s * u for s, u in zip(sizes, us)) / 1e6
         # The busiest shard sets the count: its share, simulated for each count tried, until the count holds.
-        shards, skew = 3, 1.0
-        while True:
+        # More shards spread rooms less evenly, so the count can grow without end where a room's slot
+        # alone is too much for a core: it stops at MAX_SHARDS, and the report says it did not converge.
+        shards, skew, converged = 3, 1.0, False
+        for _ in range(100):
+            if shards > MAX_SHARDS:
+                break
             skew = spread(sizes, shards)["max_over_mean"]
             needed = max(3, math.ceil(redis_cores * skew / args.redis_core_budget))
             if needed <= shards:
+                converged = True
                 break
             shards = needed
         hot_us = costs["redis_us_per_send"] + costs["redis_us_per_subscriber"] * distinct_pods(largest, pods)
-        result["redis"] = {"cores": round(redis_cores, 2), "shards": shards, "busiest_over_mean": skew,
+        result["redis"] = {"cores": round(redis_cores, 2), "shards": shards, "converged": converged, "busiest_over_mean": skew,
                            "subscriptions_per_primary": round(sum(holders) / shards),
                            "hot_room_us_per_message": round(hot_us, 1),
                            "one_room_max_messages_per_s": round(args.redis_core_budget * 1e6 / hot_us)}
@@ -142,7 +154,7 @@ def markdown(costs, result, skew, args):
     if "redis" in result:
         r = result["redis"]
         lines += [
-            f"| Redis shards (primaries) | **{r['shards']}** | {r['cores']} cores of Redis; the busiest shard has "
+            f"| Redis shards (primaries) | **{r['shards']}**{'' if r['converged'] else ' (no count holds: the busiest shard grows with it)'} | {r['cores']} cores of Redis; the busiest shard has "
             f"{r['busiest_over_mean']}x the mean (simulated) and may use {args.redis_core_budget:.0%} of a core; "
             f"{r['subscriptions_per_primary']:,} subscriptions each |",
             f"| the largest room | {h['members']:,} members, {h['messages_per_s']:,} messages/s | {r['hot_room_us_per_message']} µs "

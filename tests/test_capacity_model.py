@@ -50,6 +50,14 @@ def test_more_messages_need_more_pods_and_shards():
     assert redis["cores"] * redis["busiest_over_mean"] / redis["shards"] <= args.redis_core_budget
 
 
+def test_a_shard_count_that_never_holds_ends_the_search_and_says_so():
+    """Redis so slow per message that no count covers the busiest shard: the search stops, it does not spin."""
+    args = capacity.parse(["--sockets", "100000", "--rooms", "10000"])
+    costs = {**capacity.measured_costs(REPORT), "redis_us_per_send": 1e6}
+    redis = capacity.plan(costs, [10] * 10_000, args)["redis"]
+    assert not redis["converged"] and redis["shards"] > capacity.MAX_SHARDS
+
+
 def test_the_section_renders_from_a_report():
     numbers, text = capacity.section(REPORT, capacity.parse(["--sockets", "20000", "--rooms", "2000"]))
     assert numbers["pods"]["count"] >= 2 and "| Redis shards (primaries) |" in text
