@@ -18,11 +18,11 @@ import traceback
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from chat.protocol import CLOSE_TOO_SLOW
 from loadtest import wsclient
 from loadtest.ledger import percentile
 
 PREFIX = b'{"message": "'
-CLOSE_TOO_SLOW = 4408
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -63,8 +63,9 @@ class _Client:
     def on_message(self, text):
         """A room message ``<id> <sent_at>`` received: counted for its step, with its latency."""
         message, _, sent_at = text.partition(b" ")
-        self.received[message.partition(b".")[0]][message] += 1
-        self.latencies[message.partition(b".")[0]].append((time.perf_counter() - float(sent_at)) * 1000)
+        step = message.partition(b".")[0]
+        self.received[step][message] += 1
+        self.latencies[step].append((time.perf_counter() - float(sent_at)) * 1000)
 
     def resuming_receiver(self, member):
         """A chat.v2 socket's frames: room messages counted once each, their offset kept for a resume."""
