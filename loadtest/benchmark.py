@@ -311,7 +311,6 @@ async def presence_cost(cluster, args):
     """Presence on this layer against room size: Redis commands (MONITOR) and median latency per join and per
     leave (each with its event), per read of the room's members, and per lease renewal (a worker's heartbeat)."""
     from channels_redis_cluster import RedisClusterChannelLayer
-    from channels_redis_cluster.layer import _renew_lease
 
     primaries = [redis.Redis(port=int(node.rsplit(":", 1)[1])) for node in cluster.startup_nodes]
     primaries = [c for c in primaries if c.info("replication")["role"] == "master"]
@@ -351,9 +350,7 @@ async def presence_cost(cluster, args):
             results[str(size)] = {"room_size": size, "commands_per_join_and_leave": round(sum(calls.values()) / (2 * timed), 2),
                                   "by_command": dict(calls), "join_us": join_us, "leave_us": leave_us, "read_us": read_us}
             print(f"  presence room {size}: {results[str(size)]}", flush=True)
-        now = int(time.time() * 1000)
-        renew_us = await median_us(_renew_lease(state.publisher, layer.keys.presence_leases(), now, now + 5000,
-                                                state.client_prefix, 86400000) for _ in range(timed))
+        renew_us = await median_us(state.leases.renew() for _ in range(timed))
     finally:
         await layer.flush()
         await layer.close()

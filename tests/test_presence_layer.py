@@ -1,5 +1,6 @@
 """Presence in the layer: a group's members read from any process in one command, gone within the bound
-after their process is SIGKILLed, and one member however many channels it has."""
+after their process is SIGKILLed (and then removed from Redis by a live process), one member however
+many channels it has, and written back when a failover or a lost lease made Redis forget them."""
 
 import asyncio
 import json
@@ -10,27 +11,49 @@ import textwrap
 import time
 import uuid
 
+from channels_redis_cluster import RedisClusterChannelLayer
 from conftest import ROOT
 
 TIMEOUT = 3.0  # presence_timeout of these tests: the bound on a dead process's members
 
-# A process that shows 100 members in a room, says so, then waits to be killed.
+# A process that shows 100 members in each of its rooms ("room" unless named), says so, then waits to be killed.
 HOLDER = textwrap.dedent(
     """
     import asyncio, json, sys
     from channels_redis_cluster import RedisClusterChannelLayer
 
-    async def main(hosts, prefix):
+    async def main(hosts, prefix, rooms):
         layer = RedisClusterChannelLayer(hosts=hosts, prefix=prefix, presence_timeout=%s)
         channels = [await layer.new_channel() for _ in range(100)]
-        for index, channel in enumerate(channels):
-            await layer.presence_join("room", channel, f"member-{index}", f"Member {index}")
+        for room in rooms:
+            for index, channel in enumerate(channels):
+                await layer.presence_join(room, channel, f"member-{index}", f"Member {index}")
         print(json.dumps({"channels": channels}), flush=True)
         await asyncio.sleep(120)
 
-    asyncio.run(main(json.loads(sys.argv[1]), sys.argv[2]))
+    asyncio.run(main(json.loads(sys.argv[1]), sys.argv[2], sys.argv[3:] or ["room"]))
     """ % TIMEOUT
 )
+
+
+async def start_holder(hosts, prefix, *rooms):
+    """The holder process and its channels, once they are all shown."""
+    holder = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", HOLDER, json.dumps(hosts), prefix, *rooms,
+        cwd=ROOT / "services", stdout=subprocess.PIPE, env={"PYTHONPATH": str(ROOT / "services"), "PATH": ""},
+    )
+    try:
+        return holder, json.loads(await asyncio.wait_for(holder.stdout.readline(), 60))["channels"]
+    except BaseException:
+        holder.kill()
+        await holder.wait()
+        raise
+
+
+async def command(layer, key, *args):
+    """One command on the primary of ``key``'s slot, through ``layer``'s connections."""
+    state = await layer._state()
+    return await state.publisher.execute(key.encode(), *args)
 
 
 async def test_members_are_read_from_another_process_and_counted_once_per_id(make_layer):
@@ -68,12 +91,8 @@ async def test_join_and_leave_events_reach_watchers_only_when_something_changed(
 async def test_members_of_a_sigkilled_process_are_gone_within_the_timeout(make_layer, cluster_hosts):
     prefix = f"pr{uuid.uuid4().hex[:6]}"
     reader = make_layer(prefix=prefix, presence_timeout=TIMEOUT)
-    holder = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", HOLDER, json.dumps(cluster_hosts), prefix,
-        cwd=ROOT / "services", stdout=subprocess.PIPE, env={"PYTHONPATH": str(ROOT / "services"), "PATH": ""},
-    )
+    holder, channels = await start_holder(cluster_hosts, prefix)
     try:
-        channels = json.loads(await asyncio.wait_for(holder.stdout.readline(), 60))["channels"]
         gone = asyncio.get_running_loop().create_future()
         assert len(await reader.presence("room")) == 100
         await reader.on_processes_gone(lambda prefixes: gone.done() or gone.set_result(prefixes))
@@ -85,16 +104,105 @@ async def test_members_of_a_sigkilled_process_are_gone_within_the_timeout(make_l
             await asyncio.sleep(0.05)
         hidden_after = time.monotonic() - killed_at
         assert await asyncio.wait_for(gone, TIMEOUT) == {reader.owner_of(channels[0])}
-        # The reader that met them removed them: nobody pays for them again.
+        # Removed from Redis too (by the reader that met them or by the live process that reaps them).
         key = reader.keys.group_presence("room")
-        state = await reader._state()
         for _ in range(100):
-            if not await state.publisher.execute(key.encode(), "HLEN", key):
+            if not await command(reader, key, "HLEN", key):
                 break
             await asyncio.sleep(0.05)
-        assert not await state.publisher.execute(key.encode(), "HLEN", key)
+        assert not await command(reader, key, "HLEN", key)
         print(f"100 members of a SIGKILLed process hidden after {hidden_after:.2f} s (bound {TIMEOUT} s)")
     finally:
         if holder.returncode is None:
             holder.kill()
             await holder.wait()
+
+
+async def test_a_dead_process_entries_are_removed_by_a_live_one_without_a_read(make_layer, cluster_hosts):
+    prefix = f"pr{uuid.uuid4().hex[:6]}"
+    # Ended leases are forgotten after group_expiry: 4 s here, so the test sees that happen too.
+    live = make_layer(prefix=prefix, presence_timeout=TIMEOUT, group_expiry=4)
+    await live.on_processes_gone(lambda prefixes: None)  # a live process that renews its lease and never reads
+    holder, channels = await start_holder(cluster_hosts, prefix, "room", "hall")
+    dead = live.owner_of(channels[0])
+    keys = [live.keys.group_presence(room) for room in ("room", "hall")]
+    groups = live.keys.presence_groups(dead)
+    assert [await command(live, key, "HLEN", key) for key in keys] == [100, 100]
+    assert sorted(await command(live, groups, "SMEMBERS", groups)) == [b"hall", b"room"]
+    holder.send_signal(signal.SIGKILL)
+    killed_at = time.monotonic()
+    await holder.wait()
+    bound = TIMEOUT + TIMEOUT / 3 + 1  # the lease ends, a renewal sees it, the reap runs
+    while any([await command(live, key, "HLEN", key) for key in keys]):
+        assert time.monotonic() - killed_at <= bound, "a dead process's entries stayed in Redis"
+        await asyncio.sleep(0.05)
+    reaped_after = time.monotonic() - killed_at
+    assert live.stats["presence_reaped"] == 200
+    assert not await command(live, groups, "EXISTS", groups)
+    reaping, leases = live.keys.presence_reaping(), live.keys.presence_leases()
+    assert await command(live, reaping, "HGET", reaping, dead) == b"done"
+    # Once forgotten, the lease's mark goes with it: nothing of a dead process stays, and nothing returns.
+    while await command(live, leases, "ZSCORE", leases, dead) is not None:
+        assert time.monotonic() - killed_at <= bound + 4 + TIMEOUT, "an ended lease was never forgotten"
+        await asyncio.sleep(0.1)
+    assert not await command(live, reaping, "HEXISTS", reaping, dead)
+    assert await live.presence("room") == [] and await live.presence("hall") == []
+    print(f"200 entries of a SIGKILLed process removed from Redis after {reaped_after:.2f} s (bound {bound:.1f} s)")
+
+
+async def test_entries_lost_with_a_lease_are_written_back(make_layer):
+    holder = make_layer(presence_timeout=TIMEOUT)
+    channels = [await holder.new_channel() for _ in range(20)]
+    for index, channel in enumerate(channels):
+        await holder.presence_join("room", channel, f"m{index}", None)
+    await holder.presence_leave("room", channels[:5])
+    key, leases, groups = holder.keys.group_presence("room"), holder.keys.presence_leases(), None
+    groups = holder.keys.presence_groups((await holder._state()).client_prefix)
+    # The node of the leases came back empty, and the room's entries were lost as well.
+    for name in (leases, groups, key):
+        await command(holder, name, "DEL", name)
+    lost_at = time.monotonic()
+    while await command(holder, key, "HLEN", key) < 15:
+        assert time.monotonic() - lost_at <= TIMEOUT / 3 + 1, "entries of a lost lease were not written back"
+        await asyncio.sleep(0.05)
+    assert {m["id"] for m in await holder.presence("room")} == {f"m{index}" for index in range(5, 20)}
+    assert await command(holder, groups, "SMEMBERS", groups) == [b"room"]
+    assert holder.stats["presence_restored"] == 15
+
+
+async def test_entries_a_failover_lost_are_written_back_and_shown(own_cluster):
+    hosts = [f"redis://{node}" for node in own_cluster.startup_nodes]
+    holder = RedisClusterChannelLayer(hosts=hosts, prefix="pf", presence_timeout=TIMEOUT)
+    watcher = RedisClusterChannelLayer(hosts=hosts, prefix="pf", presence_timeout=TIMEOUT)
+    try:
+        channels = [await holder.new_channel() for _ in range(50)]
+        for index, channel in enumerate(channels):
+            await holder.group_add("room", channel)  # as a chat socket is: the process subscribes the room's slot
+            await holder.presence_join("room", channel, f"m{index}", None,
+                                       event={"type": "presence.join", "channel": channel})
+        events = asyncio.Queue()
+        await watcher.presence_watch("room", events.put_nowait)
+        key = holder.keys.group_presence("room")
+        victim = own_cluster.primary_for(key)
+        # What asynchronous replication loses in a failover is what the replica never got; deleting it on
+        # the primary and waiting for the replica to apply that leaves the replica as such a loss would.
+        primary = own_cluster.client(victim)
+        primary.delete(key)
+        assert primary.execute_command("WAIT", 1, 5000) == 1
+        own_cluster.kill(victim)
+        killed_at = time.monotonic()
+        # A watcher's view after the gap: a read of the members, then the join events that follow it.
+        while (gap := await asyncio.wait_for(events.get(), own_cluster.node_timeout_ms / 1000 + 10)) is not None:
+            pass
+        shown = {m["id"] for m in await watcher.presence("room")}
+        bound = own_cluster.node_timeout_ms / 1000 + 10
+        while len(shown) < 50:
+            event = await asyncio.wait_for(events.get(), bound - (time.monotonic() - killed_at))
+            shown.add(f"m{channels.index(event['channel'])}")
+        assert gap is None and shown == {f"m{index}" for index in range(50)}
+        assert holder.stats["presence_restored"] == 50
+        assert {m["id"] for m in await watcher.presence("room")} == shown
+        print(f"50 entries lost in a failover written back and shown {time.monotonic() - killed_at:.2f} s after the kill")
+    finally:
+        await holder.close()
+        await watcher.close()

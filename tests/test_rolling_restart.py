@@ -32,12 +32,16 @@ def gunicorn_workers(stack_process):
     return children(master)
 
 
-async def presence_in_redis(stack, group):
-    """The room's members as a fresh layer instance reads them from the stack's cluster."""
+async def presence_in_redis(stack, group, every_channel=False):
+    """The room's members as a fresh layer instance reads them from the stack's cluster; with
+    ``every_channel``, the channels its hash holds, those a reader hides included."""
     from channels_redis_cluster import RedisClusterChannelLayer
 
     layer = RedisClusterChannelLayer(hosts=[f"redis://127.0.0.1:{port}" for port in stack["ports"][1:]])
     try:
+        if every_channel:
+            key, state = layer.keys.group_presence(group), await layer._state()
+            return [channel.decode() for channel in await state.publisher.execute(key.encode(), "HKEYS", key)]
         return await layer.presence(group)
     finally:
         await layer.close()

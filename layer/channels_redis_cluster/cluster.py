@@ -3,6 +3,7 @@
 import asyncio
 import bisect
 import collections
+import hashlib
 import logging
 import re
 from urllib.parse import unquote, urlsplit
@@ -13,6 +14,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import (
     AskError,
     ClusterDownError,
+    NoScriptError,
     RedisClusterException,
     ResponseError,
     TryAgainError,
@@ -353,3 +355,27 @@ class Publisher:
         pipelines, self.pipelines = list(self.pipelines.values()), {}
         for pipeline in pipelines:
             await pipeline.close()
+
+
+WRITER = object()  # stands for the run id of the server process that runs a script
+
+
+class Script:
+    """A Lua script run by EVALSHA, loaded on first NOSCRIPT."""
+
+    def __init__(self, source):
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+    async def __call__(self, publisher, keys, *args):
+        """Run on the primary of the keys' slot; ``WRITER`` among ``args`` becomes its server's run id."""
+        if isinstance(keys, str):
+            keys = (keys,)
+
+        def command(verb, script):
+            return lambda run_id: (verb, script, len(keys), *keys, *(run_id if a is WRITER else a for a in args))
+
+        try:
+            return await publisher.execute_as(keys[0].encode(), command("EVALSHA", self.sha))
+        except NoScriptError:
+            return await publisher.execute_as(keys[0].encode(), command("EVAL", self.source))

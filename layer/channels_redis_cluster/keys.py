@@ -36,6 +36,14 @@ class KeyScheme:
         """Sorted set of the processes that keep presence entries (client prefix -> lease end, ms)."""
         return f"{{{self.prefix}:presence}}:leases"
 
+    def presence_reaping(self) -> str:
+        """Hash beside the leases: an ended lease's prefix -> when its claim to remove its entries ends, or 'done'."""
+        return f"{{{self.prefix}:presence}}:reaping"
+
+    def presence_groups(self, client_prefix: str) -> str:
+        """Set beside the leases of the groups one process has presence entries in: what to clean when it dies."""
+        return f"{{{self.prefix}:presence}}:groups:{client_prefix}"
+
     def inbox(self, client_prefix: str) -> bytes:
         """Shard channel of one layer instance: direct sends and remote group_add land here."""
         return f"{{{self.prefix}:w:{client_prefix}}}".encode()

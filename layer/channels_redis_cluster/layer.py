@@ -2,7 +2,6 @@
 
 import asyncio
 import collections
-import hashlib
 import json
 import logging
 import os
@@ -14,10 +13,9 @@ from channels.exceptions import ChannelFull
 from channels.layers import BaseChannelLayer
 from channels_redis.serializers import registry
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import NoScriptError
 
 from . import history, presence
-from .cluster import RETRYABLE, Publisher, SharedCommandTable, SharedSlotMap, Topology, parse_hosts
+from .cluster import RETRYABLE, WRITER, Publisher, Script, SharedCommandTable, SharedSlotMap, Topology, parse_hosts
 from .keys import KeyScheme
 from .local import LocalChannels
 from .metrics import LayerStats
@@ -71,39 +69,12 @@ ECHO_SECONDS = 1.0  # the longest a group_send waits for its own message to reac
 SWEEP_SECONDS = 30.0
 
 
-WRITER = object()  # stands for the run id of the server process that runs a script
-
-
-class _Script:
-    """A Lua script run by EVALSHA, loaded on first NOSCRIPT."""
-
-    def __init__(self, source):
-        self.source = source
-        self.sha = hashlib.sha1(source.encode()).hexdigest()
-
-    async def __call__(self, publisher, keys, *args):
-        """Run on the primary of the keys' slot; ``WRITER`` among ``args`` becomes its server's run id."""
-        if isinstance(keys, str):
-            keys = (keys,)
-
-        def command(verb, script):
-            return lambda run_id: (verb, script, len(keys), *keys, *(run_id if a is WRITER else a for a in args))
-
-        try:
-            return await publisher.execute_as(keys[0].encode(), command("EVALSHA", self.sha))
-        except NoScriptError:
-            return await publisher.execute_as(keys[0].encode(), command("EVAL", self.source))
-
-
-_push = _Script(PUSH_SCRIPT)
-_add_member = _Script(ADD_MEMBER_SCRIPT)
-_discard_member = _Script(DISCARD_MEMBER_SCRIPT)
-_publish_group = _Script(PUBLISH_SCRIPT)
-_send_numbered = _Script(history.SEND_SCRIPT)
-_read_history = _Script(history.READ_SCRIPT)
-_renew_lease = _Script(presence.RENEW_SCRIPT)
-_presence_join = _Script(presence.JOIN_SCRIPT)
-_presence_leave = _Script(presence.LEAVE_SCRIPT)
+_push = Script(PUSH_SCRIPT)
+_add_member = Script(ADD_MEMBER_SCRIPT)
+_discard_member = Script(DISCARD_MEMBER_SCRIPT)
+_publish_group = Script(PUBLISH_SCRIPT)
+_send_numbered = Script(history.SEND_SCRIPT)
+_read_history = Script(history.READ_SCRIPT)
 
 
 class _Sequences:
@@ -162,6 +133,7 @@ class _LoopState:
         self.inbox = layer.keys.inbox(self.client_prefix)
         self.group_of = {}  # shard channel -> group name, for subscribed groups
         self.presence_watchers = {}  # presence shard channel -> [callback(event, or None after a gap)]
+        self.watched = {}  # presence shard channel -> group, for watched groups
         self.delivered = {}  # shard channel -> (epoch, offset) of the last numbered message fanned out here
         self.echoes = {}  # (shard channel, sequence) -> future of a group message sent here, set when it is back
         self.sent = _Sequences()
@@ -282,6 +254,9 @@ class _LoopState:
         Without this, messages published while no subscription existed are noticed by a member only
         when a later one arrives with a gap; the last ones before a quiet spell would never be.
         """
+        group = self.group_of.get(shard_channel) or self.watched.get(shard_channel)
+        if group in self.leases.own:  # the slot's new primary may lack entries written here
+            self.background(self.leases.restore([group]))
         for watcher in list(self.presence_watchers.get(shard_channel, ())):
             presence.call(watcher, None)  # events may have been missed: read the members again
         group = self.group_of.get(shard_channel)
@@ -717,18 +692,23 @@ class RedisClusterChannelLayer(BaseChannelLayer):
     async def presence_join(self, group, channel, member, name=None, event=None):
         """Show ``channel`` in ``group``'s presence as ``member`` (``name`` or None); ``event`` goes to the group too.
 
-        One command. A member is its id: several channels (tabs, or a resume on another process
-        before the old socket's leave) are one member to a reader.
+        One command (two for this process's first entry in ``group``). A member is its id: several
+        channels (tabs, or a resume on another process before the old socket's leave) are one member.
         """
         self.require_valid_group_name(group)
         state = await self._state()
         await state.leases.start()
-        shard_channel = self.keys.presence_channel(group)
-        frame = state.frame(shard_channel, self.serialize(event)) if event is not None else b""
+        shard_channel, key = self.keys.presence_channel(group), self.keys.group_presence(group)
+        body, value = self.serialize(event) if event is not None else b"", presence.entry(member, name)
+        commands = [presence.join(state.publisher, key, channel, value, self.group_expiry, shard_channel,
+                                  state.frame(shard_channel, body) if body else b"")]
+        if state.leases.joined(group, channel, value, body):
+            groups = self.keys.presence_groups(state.client_prefix)
+            commands.append(state.publisher.execute(groups.encode(), "SADD", groups, group))
         try:
-            await _presence_join(state.publisher, self.keys.group_presence(group), channel,
-                                 presence.entry(member, name), self.group_expiry, shard_channel, frame)
+            await asyncio.gather(*commands)
         except RETRYABLE:
+            state.leases.left(group, [channel])
             self.stats.inc("errors")
             raise
 
@@ -739,8 +719,12 @@ class RedisClusterChannelLayer(BaseChannelLayer):
         state = await self._state()
         shard_channel = self.keys.presence_channel(group)
         frame = state.frame(shard_channel, self.serialize(event)) if event is not None else b""
+        commands = [presence.leave(state.publisher, self.keys.group_presence(group), shard_channel, frame, *channels)]
+        if state.leases.left(group, channels):
+            groups = self.keys.presence_groups(state.client_prefix)
+            commands.append(state.publisher.execute(groups.encode(), "SREM", groups, group))
         try:
-            return await _presence_leave(state.publisher, self.keys.group_presence(group), shard_channel, frame, *channels)
+            return (await asyncio.gather(*commands))[0]
         except RETRYABLE:
             self.stats.inc("errors")
             raise
@@ -776,6 +760,7 @@ class RedisClusterChannelLayer(BaseChannelLayer):
         state = await self._state()
         shard_channel = self.keys.presence_channel(group)
         watchers = state.presence_watchers.setdefault(shard_channel, [])
+        state.watched[shard_channel] = group
         watchers.append(watcher)
         try:
             await state.subscriber.subscribe(shard_channel)
@@ -791,6 +776,7 @@ class RedisClusterChannelLayer(BaseChannelLayer):
         if watcher in watchers:
             watchers.remove(watcher)
         if not watchers and state.presence_watchers.pop(shard_channel, None) is not None:
+            state.watched.pop(shard_channel, None)
             await state.subscriber.unsubscribe(shard_channel)
 
     async def on_processes_gone(self, listener):

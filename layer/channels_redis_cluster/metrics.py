@@ -18,6 +18,8 @@ EVENTS = {
     "resynced": "Group messages published while a subscription was being moved, delivered here from the group's history",
     "errors": "Layer operations that failed after retrying",
     "epoch_rotations": "Group histories given a new epoch: new, lost, or written by another server process since",
+    "presence_restored": "Presence entries of this process written again after Redis lost them (a failover, a lost lease)",
+    "presence_reaped": "Presence entries of processes whose lease ended, removed by this one",
     "duplicates_suppressed": "Group sends not published again because their idempotency key was in the history",
 }
 

@@ -6,6 +6,12 @@ watching the group subscribes once. Each process that uses presence holds a leas
 lease end), renewed every third of ``presence_timeout``: one command per process per beat, not per
 socket. An entry's process is its channel's prefix; a reader hides the entries of processes whose
 lease ended, so a member of a SIGKILLed process is gone for every reader within ``presence_timeout``.
+
+Redis may lose writes: a primary that dies before its replica got them, or the node of the leases.
+So each process remembers its own entries and writes back those missing when its subscription to a
+group's slot moves (a failover there) or when it finds its own lease gone; and one live process
+removes the entries of each process whose lease ended (the groups it had entries in are a set beside
+the leases), so ended leases can be forgotten without their entries coming back.
 """
 
 import asyncio
@@ -13,15 +19,31 @@ import json
 import logging
 import time
 
+from .cluster import RETRYABLE, Script
+
 logger = logging.getLogger(__name__)
 
-# KEYS[1] the leases; ARGV: now (ms), this process's lease end (ms), its prefix, how long an ended lease is kept (ms).
-# Returns the processes whose lease ended: their entries are hidden, and removed where a reader meets them.
+CLAIM_SECONDS = 60  # how long a process that took a dead one's entries to remove has before another may
+
+# KEYS: the leases, the reaping marks; ARGV: now (ms), this process's lease end (ms), its prefix, how long an
+# ended lease is kept (ms). Returns whether this process's lease had ended or was missing, then the
+# processes whose lease ended: their entries are hidden until removed.
 RENEW_SCRIPT = """
 local now = tonumber(ARGV[1])
+local before = redis.call('ZSCORE', KEYS[1], ARGV[3])
+local lost = 0
+if not before or tonumber(before) < now then
+  lost = 1
+  redis.call('HDEL', KEYS[2], ARGV[3])
+end
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[4]))
-return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
+for _, prefix in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[4]))) do
+  redis.call('ZREM', KEYS[1], prefix)
+  redis.call('HDEL', KEYS[2], prefix)
+end
+local ended = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
+table.insert(ended, 1, lost)
+return ended
 """
 
 # KEYS[1] the group's entries; ARGV: channel, entry, expiry (s), shard channel, frame (or ''). The join and its event in one command.
@@ -40,6 +62,55 @@ if removed > 0 and ARGV[2] ~= '' then redis.call('SPUBLISH', ARGV[1], ARGV[2]) e
 return removed
 """
 
+# KEYS[1] the group's entries; ARGV: expiry (s), then channel, entry pairs. Writes the missing ones; returns their channels.
+RESTORE_SCRIPT = """
+local restored = {}
+for i = 2, #ARGV, 2 do
+  if redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) == 1 then restored[#restored + 1] = ARGV[i] end
+end
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+return restored
+"""
+
+# KEYS[1] the reaping marks (prefix -> claim end in ms, or 'done'); ARGV: now (ms), claim end (ms), prefixes.
+# Returns the prefixes this caller is to reap, and those already reaped.
+CLAIM_SCRIPT = """
+local claimed, done = {}, {}
+for i = 3, #ARGV do
+  local mark = redis.call('HGET', KEYS[1], ARGV[i])
+  if mark == 'done' then
+    done[#done + 1] = ARGV[i]
+  elseif not mark or tonumber(mark) < tonumber(ARGV[1]) then
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[2])
+    claimed[#claimed + 1] = ARGV[i]
+  end
+end
+return {claimed, done}
+"""
+
+# KEYS[1] a group's entries; ARGV[1] a dead process's prefix. Removes that process's channels (owner as owner_of reads it).
+REAP_SCRIPT = """
+local prefix, removed = ARGV[1], 0
+local dotted = '.' .. prefix
+for _, channel in ipairs(redis.call('HKEYS', KEYS[1])) do
+  local bang = string.find(channel, '!', 1, true)
+  if bang then
+    local head = string.sub(channel, 1, bang - 1)
+    if head == prefix or string.sub(head, -#dotted) == dotted then
+      removed = removed + redis.call('HDEL', KEYS[1], channel)
+    end
+  end
+end
+return removed
+"""
+
+renew_lease = Script(RENEW_SCRIPT)
+join = Script(JOIN_SCRIPT)
+leave = Script(LEAVE_SCRIPT)
+restore = Script(RESTORE_SCRIPT)
+claim = Script(CLAIM_SCRIPT)
+reap = Script(REAP_SCRIPT)
+
 
 def call(watcher, event):
     """``watcher(event)``; one that raises must not stop the reader that feeds every other subscription."""
@@ -55,11 +126,14 @@ def entry(member, name):
 
 
 class Leases:
-    """This process's lease and what it knows of the others': renewed in the background while presence is used."""
+    """This process's lease, its own entries, and what it knows of the other processes' leases."""
 
     def __init__(self, state, timeout):
         self.state, self.timeout = state, timeout
+        self.own = {}  # group -> {channel: (entry, event body or b"")}: written back if Redis loses them
         self.ended = set()  # client prefixes whose lease ended
+        self.reaped = set()  # ended prefixes whose entries are removed
+        self.reaping = set()  # ended prefixes being removed here
         self.renewing = None
         self.renewed = None  # a future set once the first renewal is back
         self.listeners = []  # callables(prefixes) told of processes whose lease just ended
@@ -71,30 +145,103 @@ class Leases:
             self.renewing = asyncio.ensure_future(self._renew())
         await asyncio.shield(self.renewed)
 
-    async def _renew(self):
-        from .layer import RETRYABLE, _renew_lease
+    async def renew(self):
+        """One renewal: whether this process's lease had ended or was lost, and the prefixes whose lease ended."""
+        layer, now = self.state.layer, int(time.time() * 1000)
+        reply = await renew_lease(
+            self.state.publisher, (layer.keys.presence_leases(), layer.keys.presence_reaping()),
+            now, now + int(2 * self.timeout / 3 * 1000), self.state.client_prefix, int(layer.group_expiry * 1000),
+        )
+        return bool(reply[0]), {prefix.decode() for prefix in reply[1:]}
 
+    async def _renew(self):
         layer = self.state.layer
-        beat = self.timeout / 3
         while True:
-            now = int(time.time() * 1000)
             try:
-                ended = await _renew_lease(
-                    self.state.publisher, layer.keys.presence_leases(), now, now + int(2 * beat * 1000),
-                    self.state.client_prefix, int(layer.group_expiry * 1000),
-                )
+                lost, ended = await self.renew()
             except RETRYABLE as exc:
                 layer.stats.inc("errors")
                 logger.warning("presence lease not renewed: %r", exc)
             else:
-                ended = {prefix.decode() for prefix in ended}
+                if lost and self.own:  # another process may have removed this one's entries meanwhile
+                    self.state.background(self.restore(list(self.own), registered=False))
                 gone, self.ended = ended - self.ended, ended
+                self.reaped &= ended
                 if gone:
                     for listener in list(self.listeners):
                         listener(gone)
+                unreaped = ended - self.reaped - self.reaping
+                if unreaped:
+                    self.state.background(self.reap(unreaped))
             if not self.renewed.done():
                 self.renewed.set_result(None)  # tried once: readers go on with what they know
-            await asyncio.sleep(beat)
+            await asyncio.sleep(self.timeout / 3)
+
+    def joined(self, group, channel, entry, body):
+        """Remember one of this process's entries; whether it is its first in ``group``."""
+        own = self.own.setdefault(group, {})
+        own[channel] = (entry, body)
+        return len(own) == 1
+
+    def left(self, group, channels):
+        """Forget entries of this process; whether ``group`` has none of them left."""
+        own = self.own.get(group)
+        if own is None:
+            return False
+        for channel in channels:
+            own.pop(channel, None)
+        if own:
+            return False
+        del self.own[group]
+        return True
+
+    async def restore(self, groups, registered=True):
+        """Write back this process's entries missing from ``groups``, with their join events; and the groups
+        to this process's set when it may be lost (``registered`` False)."""
+        state, layer = self.state, self.state.layer
+        groups = [group for group in groups if group in self.own]
+        if not registered and groups:
+            key = layer.keys.presence_groups(state.client_prefix)
+            await state.publisher.execute(key.encode(), "SADD", key, *groups)
+        for group in groups:
+            entries = list(self.own.get(group, {}).items())
+            pairs = [value for channel, (entry, _) in entries for value in (channel, entry)]
+            if not pairs:
+                continue
+            restored = await restore(state.publisher, layer.keys.group_presence(group), layer.group_expiry, *pairs)
+            restored = [channel.decode() for channel in restored]
+            if not restored:
+                continue
+            layer.stats.inc("presence_restored", len(restored))
+            logger.warning("%d presence entries of %s written again", len(restored), group)
+            own, shard_channel = self.own.get(group, {}), layer.keys.presence_channel(group)
+            for channel in restored:
+                if channel not in own:  # left while being restored
+                    await leave(state.publisher, layer.keys.group_presence(group), shard_channel, b"", channel)
+                elif own[channel][1]:
+                    await state.publish(shard_channel, own[channel][1])
+
+    async def reap(self, prefixes):
+        """Remove the entries of processes whose lease ended, those this process is first to claim."""
+        state, layer = self.state, self.state.layer
+        self.reaping |= prefixes
+        try:
+            now, reaping = int(time.time() * 1000), layer.keys.presence_reaping()
+            claimed, done = await claim(state.publisher, reaping, now, now + CLAIM_SECONDS * 1000, *sorted(prefixes))
+            self.reaped |= {prefix.decode() for prefix in done}
+            for prefix in (prefix.decode() for prefix in claimed):
+                groups_key = layer.keys.presence_groups(prefix)
+                for group in await state.publisher.execute(groups_key.encode(), "SMEMBERS", groups_key):
+                    removed = await reap(state.publisher, layer.keys.group_presence(group.decode()), prefix)
+                    layer.stats.inc("presence_reaped", removed)
+                await state.publisher.execute(reaping.encode(), "HSET", reaping, prefix, "done")
+                await state.publisher.execute(groups_key.encode(), "DEL", groups_key)
+                self.reaped.add(prefix)
+        except RETRYABLE as exc:
+            layer.stats.inc("errors")
+            logger.warning("entries of ended presence leases not removed: %r", exc)
+        finally:
+            self.reaping -= prefixes
 
     def end(self):
         """Stop renewing: the lease ends by itself within the timeout."""

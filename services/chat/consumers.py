@@ -180,11 +180,16 @@ class ChatConsumer(LayerPushMixin, AsyncWebsocketConsumer):
             key = self.member_key = key or presence.new_member_key()
         self.member = presence.member_of(self.identity, key)
 
+    @property
+    def member_name(self):
+        """The name presence shows for this socket's member: its identity's, or None."""
+        return self.identity.name if self.identity is not None else None
+
     async def join_presence(self):
         """Record this socket in the room's presence; for a watcher, the members listed now (else None)."""
         if self.member is None:
             return None
-        name = self.identity.name if self.identity is not None else None
+        name = self.member_name
         layer, group = self.channel_layer, self.room_group_name
         try:
             await layer.presence_join(group, self.channel_name, self.member, name,
@@ -211,8 +216,7 @@ class ChatConsumer(LayerPushMixin, AsyncWebsocketConsumer):
 
     async def leave_presence(self, close_code):
         """Leave the room's presence: at once after a goodbye, else after the grace a resume comes back within."""
-        group, channel, member = self.room_group_name, self.channel_name, self.member
-        name = self.identity.name if self.identity is not None else None
+        group, channel, member, name = self.room_group_name, self.channel_name, self.member, self.member_name
         grace = 0 if close_code in (1000, 1001) else settings.CHAT_PRESENCE_GRACE
         if grace:
             await asyncio.sleep(grace)
@@ -250,7 +254,7 @@ class ChatConsumer(LayerPushMixin, AsyncWebsocketConsumer):
         The group was joined before ``found`` was read, so live messages wait behind this and those
         already replayed are dropped by offset: no gap and no duplicate across the seam.
         """
-        member = None if self.member is None else {"id": self.member, "name": self.identity.name if self.identity else None}
+        member = None if self.member is None else {"id": self.member, "name": self.member_name}
         await self.send(text_data=joined_frame(self.room_name, found.offset, found.epoch, member, self.member_key))
         await self.send_history(found)
         if resume.since is not None:

@@ -14,6 +14,7 @@ import json
 import logging
 import re
 import secrets
+import weakref
 
 logger = logging.getLogger(__name__)
 
@@ -130,13 +131,13 @@ class RoomView:
 
 
 VIEWS = {}  # group -> RoomView, for rooms with watchers on this worker
-_listening = set()  # layers whose process-gone events reach the views
+_listening = weakref.WeakSet()  # layers whose process-gone events reach the views
 
 
 async def watch(consumer, layer, group):
     """Add ``consumer`` to the worker's view of ``group``; the members it lists now."""
-    if id(layer) not in _listening:
-        _listening.add(id(layer))
+    if layer not in _listening:
+        _listening.add(layer)
         await layer.on_processes_gone(lambda prefixes: [view.processes_gone(prefixes) for view in list(VIEWS.values())])
     view = VIEWS.get(group)
     if view is None:
