@@ -61,7 +61,8 @@ return normal_members(KEYS[1], ARGV[3])
 SENDER_BYTES = 12  # hex client prefix of the sending process, then an 8-byte sequence number, then a kind
 SEQ_END = SENDER_BYTES + 8
 HEADER_BYTES = SEQ_END + 1
-PLAIN, NUMBERED, SKIPPED = b"p", b"h", b"s"  # kinds: a message; one with epoch and offset; none (a duplicate)
+# Kinds: a message; one with epoch and offset; none (a duplicate); a presence change watchers must read again.
+PLAIN, NUMBERED, SKIPPED, REREAD = b"p", b"h", b"s", b"r"
 EPOCH_END = HEADER_BYTES + history.EPOCH_CHARS
 OFFSET_END = EPOCH_END + history.OFFSET_CHARS
 BLOCK_SECONDS = 1  # BLPOP timeout; far below socket_timeout so the two never race
@@ -223,6 +224,10 @@ class _LoopState:
                 echo.set_result(None)
         kind = data[SEQ_END:HEADER_BYTES]
         if kind == SKIPPED:
+            return
+        if kind == REREAD:
+            for watcher in list(self.presence_watchers.get(shard_channel, ())):
+                presence.call(watcher, None)
             return
         try:
             if kind == NUMBERED:
@@ -699,10 +704,10 @@ class RedisClusterChannelLayer(BaseChannelLayer):
         state = await self._state()
         await state.leases.start()
         shard_channel, key = self.keys.presence_channel(group), self.keys.group_presence(group)
-        body, value = self.serialize(event) if event is not None else b"", presence.entry(member, name)
-        commands = [presence.join(state.publisher, key, channel, value, self.group_expiry, shard_channel,
-                                  state.frame(shard_channel, body) if body else b"")]
-        if state.leases.joined(group, channel, value, body):
+        value = presence.entry(member, name)
+        frame = state.frame(shard_channel, self.serialize(event)) if event is not None else b""
+        commands = [presence.join(state.publisher, key, channel, value, self.group_expiry, shard_channel, frame)]
+        if state.leases.joined(group, channel, value):
             groups = self.keys.presence_groups(state.client_prefix)
             commands.append(state.publisher.execute(groups.encode(), "SADD", groups, group))
         try:
@@ -754,8 +759,8 @@ class RedisClusterChannelLayer(BaseChannelLayer):
         return list(members.values())
 
     async def presence_watch(self, group, watcher):
-        """Call ``watcher(event)`` in this loop for ``group``'s presence events, ``watcher(None)`` after a
-        subscription gap (events may be missing: read the members again); one subscription per process."""
+        """Call ``watcher(event)`` in this loop for ``group``'s presence events, ``watcher(None)`` when it must
+        read the members again (after a subscription gap, or entries written back); one subscription per process."""
         self.require_valid_group_name(group)
         state = await self._state()
         shard_channel = self.keys.presence_channel(group)

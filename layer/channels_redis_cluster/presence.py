@@ -130,7 +130,7 @@ class Leases:
 
     def __init__(self, state, timeout):
         self.state, self.timeout = state, timeout
-        self.own = {}  # group -> {channel: (entry, event body or b"")}: written back if Redis loses them
+        self.own = {}  # group -> {channel: entry}: written back if Redis loses them
         self.ended = set()  # client prefixes whose lease ended
         self.reaped = set()  # ended prefixes whose entries are removed
         self.reaping = set()  # ended prefixes being removed here
@@ -177,10 +177,10 @@ class Leases:
                 self.renewed.set_result(None)  # tried once: readers go on with what they know
             await asyncio.sleep(self.timeout / 3)
 
-    def joined(self, group, channel, entry, body):
+    def joined(self, group, channel, entry):
         """Remember one of this process's entries; whether it is its first in ``group``."""
         own = self.own.setdefault(group, {})
-        own[channel] = (entry, body)
+        own[channel] = entry
         return len(own) == 1
 
     def left(self, group, channels):
@@ -196,30 +196,30 @@ class Leases:
         return True
 
     async def restore(self, groups, registered=True):
-        """Write back this process's entries missing from ``groups``, with their join events; and the groups
-        to this process's set when it may be lost (``registered`` False)."""
+        """Write back this process's entries missing from ``groups`` and have their watchers read them again;
+        and the groups to this process's set when it may be lost (``registered`` False)."""
+        from .layer import REREAD
+
         state, layer = self.state, self.state.layer
         groups = [group for group in groups if group in self.own]
         if not registered and groups:
             key = layer.keys.presence_groups(state.client_prefix)
             await state.publisher.execute(key.encode(), "SADD", key, *groups)
         for group in groups:
-            entries = list(self.own.get(group, {}).items())
-            pairs = [value for channel, (entry, _) in entries for value in (channel, entry)]
+            pairs = [value for pair in self.own.get(group, {}).items() for value in pair]
             if not pairs:
                 continue
-            restored = await restore(state.publisher, layer.keys.group_presence(group), layer.group_expiry, *pairs)
-            restored = [channel.decode() for channel in restored]
+            key, shard_channel = layer.keys.group_presence(group), layer.keys.presence_channel(group)
+            restored = [channel.decode() for channel in await restore(state.publisher, key, layer.group_expiry, *pairs)]
             if not restored:
                 continue
             layer.stats.inc("presence_restored", len(restored))
             logger.warning("%d presence entries of %s written again", len(restored), group)
-            own, shard_channel = self.own.get(group, {}), layer.keys.presence_channel(group)
-            for channel in restored:
-                if channel not in own:  # left while being restored
-                    await leave(state.publisher, layer.keys.group_presence(group), shard_channel, b"", channel)
-                elif own[channel][1]:
-                    await state.publish(shard_channel, own[channel][1])
+            gone = [channel for channel in restored if channel not in self.own.get(group, {})]
+            if gone:  # left while being written back
+                await leave(state.publisher, key, shard_channel, b"", *gone)
+            # One frame, not one join each: watchers that read before this write read again.
+            await state.publisher.execute(shard_channel, "SPUBLISH", shard_channel, state.frame(shard_channel, kind=REREAD))
 
     async def reap(self, prefixes):
         """Remove the entries of processes whose lease ended, those this process is first to claim."""

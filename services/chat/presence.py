@@ -76,7 +76,7 @@ class RoomView:
         return [{"id": member, "name": state["name"]} for member, state in self.members.items()]
 
     def on_event(self, event):
-        """A presence event of the room (None after a subscription gap: read the members again)."""
+        """A presence event of the room (None: read the members again, after a gap or entries written back)."""
         if event is None:
             asyncio.ensure_future(self.reload())
             return
