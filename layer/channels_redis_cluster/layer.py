@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import secrets
+import sys
 import time
 import weakref
 
@@ -809,7 +810,7 @@ class RedisClusterChannelLayer(BaseChannelLayer):
             raise
         if rotated:
             self.stats.inc("epoch_rotations")
-        current = current.decode()
+        current = sys.intern(current.decode())  # callers keep it per channel: one string per epoch
         messages = []
         for offset, entry in enumerate(entries, first):
             message = self.deserialize(entry[history.TIME_CHARS:])

@@ -3,6 +3,7 @@
 import asyncio
 import json
 import logging
+import sys
 import time
 
 from channels.generic.websocket import AsyncWebsocketConsumer
@@ -130,7 +131,7 @@ class ChatConsumer(LayerPushMixin, AsyncWebsocketConsumer):
         except BadFrame as bad:
             await self.accept(subprotocol)
             return await self.refuse(bad, True)
-        group = f"chat_{self.room_name}"
+        group = sys.intern(f"chat_{self.room_name}")  # one string per room, not one per socket
         try:
             # Join before the handshake completes, so a connected client misses nothing sent to the room.
             await self.channel_layer.group_add(group, self.channel_name)
@@ -256,6 +257,7 @@ class ChatConsumer(LayerPushMixin, AsyncWebsocketConsumer):
         """
         member = None if self.member is None else {"id": self.member, "name": self.member_name}
         await self.send(text_data=joined_frame(self.room_name, found.offset, found.epoch, member, self.member_key))
+        self.member_key = None  # the client holds it now; its resumes bring it back
         await self.send_history(found)
         if resume.since is not None:
             metrics.RESUMES.labels(str(found.recovered).lower()).inc()

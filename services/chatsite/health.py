@@ -31,12 +31,17 @@ class OpsPortSplit:
     def __init__(self, app, port):
         self.app, self.port = app, port
 
-    async def __call__(self, scope, receive, send):
+    def __call__(self, scope, receive, send):
+        """The inner app's coroutine, not awaited here: no frame of this one stays alive per socket."""
         if self.port is None or scope["type"] not in ("http", "websocket"):
-            return await self.app(scope, receive, send)
+            return self.app(scope, receive, send)
         on_ops_port = (scope.get("server") or (None, None))[1] == self.port
         if (scope["path"] in OPS_PATHS) == on_ops_port:
-            return await self.app(scope, receive, send)
+            return self.app(scope, receive, send)
+        return self.not_here(scope, send)
+
+    @staticmethod
+    async def not_here(scope, send):
         if scope["type"] == "websocket":
             return await send({"type": "websocket.close", "code": 1008, "reason": "not on this port"})
         await send({"type": "http.response.start", "status": 404, "headers": [(b"content-type", b"text/plain")]})
