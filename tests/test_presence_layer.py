@@ -138,9 +138,12 @@ async def test_a_dead_process_entries_are_removed_by_a_live_one_without_a_read(m
         await asyncio.sleep(0.05)
     reaped_after = time.monotonic() - killed_at
     assert live.stats["presence_reaped"] == 200
-    assert not await command(live, groups, "EXISTS", groups)
     reaping, leases = live.keys.presence_reaping(), live.keys.presence_leases()
-    assert await command(live, reaping, "HGET", reaping, dead) == b"done"
+    # Marked reaped, and its group set deleted, in one script run just after the last group's removal.
+    while await command(live, reaping, "HGET", reaping, dead) != b"done":
+        assert time.monotonic() - killed_at <= bound + 1, "the dead process was never marked reaped"
+        await asyncio.sleep(0.05)
+    assert not await command(live, groups, "EXISTS", groups)
     # Once forgotten, the lease's mark goes with it: nothing of a dead process stays, and nothing returns.
     while await command(live, leases, "ZSCORE", leases, dead) is not None:
         assert time.monotonic() - killed_at <= bound + 4 + TIMEOUT, "an ended lease was never forgotten"
@@ -204,3 +207,32 @@ async def test_entries_a_failover_lost_are_written_back_and_shown(own_cluster):
     finally:
         await holder.close()
         await watcher.close()
+
+
+async def test_a_process_paused_past_its_lease_comes_back_listed(make_layer, cluster_hosts):
+    prefix = f"pr{uuid.uuid4().hex[:6]}"
+    live = make_layer(prefix=prefix, presence_timeout=TIMEOUT)
+    await live.on_processes_gone(lambda prefixes: None)  # renews, and so reaps
+    holder, channels = await start_holder(cluster_hosts, prefix)
+    key, reaping = live.keys.group_presence("room"), live.keys.presence_reaping()
+    try:
+        holder.send_signal(signal.SIGSTOP)  # a frozen VM, a debugger: alive, but its lease ends
+        paused_at = time.monotonic()
+        while await command(live, key, "HLEN", key):
+            assert time.monotonic() - paused_at <= TIMEOUT + TIMEOUT / 3 + 1, "a paused process's entries were never reaped"
+            await asyncio.sleep(0.05)
+        holder.send_signal(signal.SIGCONT)
+        resumed_at = time.monotonic()
+        # Its next renewal finds its lease ended: it writes its entries back, and again on the next beats,
+        # since readers that still take it for dead may remove them until they see it renewed.
+        while len(await live.presence("room")) != 100:
+            assert time.monotonic() - resumed_at <= TIMEOUT + 2, "a process back from a pause stayed unlisted"
+            await asyncio.sleep(0.1)
+        back_after = time.monotonic() - resumed_at
+        await asyncio.sleep(TIMEOUT)  # a window for a late reaper or reader to remove them again; nothing to await
+        assert len(await live.presence("room")) == 100 and await command(live, key, "HLEN", key) == 100
+        assert await command(live, reaping, "HGET", reaping, live.owner_of(channels[0])) is None  # reaped again if it dies
+        print(f"100 entries of a process paused past its lease listed again {back_after:.2f} s after it resumed")
+    finally:
+        holder.kill()
+        await holder.wait()

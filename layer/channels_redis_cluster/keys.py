@@ -1,5 +1,13 @@
 """Key and shard-channel names: every name carries a hash tag so each command touches one slot."""
 
+import functools
+
+
+@functools.lru_cache(maxsize=10_000)
+def shared(text: str) -> str:
+    """One string object for equal names held per socket (group names, epochs): bounded, unlike sys.intern."""
+    return text
+
 
 class KeyScheme:
     """Builds the Redis names of one layer prefix; the braces pick the slot."""

@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import secrets
-import sys
 import time
 import weakref
 
@@ -17,7 +16,7 @@ from redis.asyncio.cluster import RedisCluster
 
 from . import history, presence
 from .cluster import RETRYABLE, WRITER, Publisher, Script, SharedCommandTable, SharedSlotMap, Topology, parse_hosts
-from .keys import KeyScheme
+from .keys import KeyScheme, shared
 from .local import LocalChannels
 from .metrics import LayerStats
 from .subscriber import ShardedSubscriber
@@ -810,7 +809,7 @@ class RedisClusterChannelLayer(BaseChannelLayer):
             raise
         if rotated:
             self.stats.inc("epoch_rotations")
-        current = sys.intern(current.decode())  # callers keep it per channel: one string per epoch
+        current = shared(current.decode())  # callers keep it per channel: one string per epoch
         messages = []
         for offset, entry in enumerate(entries, first):
             message = self.deserialize(entry[history.TIME_CHARS:])

@@ -72,20 +72,35 @@ redis.call('EXPIRE', KEYS[1], ARGV[1])
 return restored
 """
 
-# KEYS[1] the reaping marks (prefix -> claim end in ms, or 'done'); ARGV: now (ms), claim end (ms), prefixes.
-# Returns the prefixes this caller is to reap, and those already reaped.
+# KEYS: the reaping marks (prefix -> claim end in ms, or 'done'), the leases; ARGV: now (ms), claim end (ms),
+# prefixes. Returns the prefixes this caller is to reap (only those whose lease is still ended), and those reaped.
 CLAIM_SCRIPT = """
 local claimed, done = {}, {}
+local now = tonumber(ARGV[1])
 for i = 3, #ARGV do
   local mark = redis.call('HGET', KEYS[1], ARGV[i])
+  local lease = tonumber(redis.call('ZSCORE', KEYS[2], ARGV[i]) or now)
   if mark == 'done' then
     done[#done + 1] = ARGV[i]
-  elseif not mark or tonumber(mark) < tonumber(ARGV[1]) then
+  elseif lease <= now and (not mark or tonumber(mark) < now) then
     redis.call('HSET', KEYS[1], ARGV[i], ARGV[2])
     claimed[#claimed + 1] = ARGV[i]
   end
 end
 return {claimed, done}
+"""
+
+# KEYS: the reaping marks, the leases, the reaped process's group set; ARGV: now (ms), its prefix. Marks it reaped
+# unless its lease was renewed meanwhile (it came back: its mark goes, so its next death is reaped too).
+REAPED_SCRIPT = """
+local lease = tonumber(redis.call('ZSCORE', KEYS[2], ARGV[2]) or ARGV[1])
+if lease > tonumber(ARGV[1]) then
+  redis.call('HDEL', KEYS[1], ARGV[2])
+  return 0
+end
+redis.call('HSET', KEYS[1], ARGV[2], 'done')
+redis.call('DEL', KEYS[3])
+return 1
 """
 
 # KEYS[1] a group's entries; ARGV[1] a dead process's prefix. Removes that process's channels (owner as owner_of reads it).
@@ -109,6 +124,7 @@ join = Script(JOIN_SCRIPT)
 leave = Script(LEAVE_SCRIPT)
 restore = Script(RESTORE_SCRIPT)
 claim = Script(CLAIM_SCRIPT)
+reaped = Script(REAPED_SCRIPT)
 reap = Script(REAP_SCRIPT)
 
 
@@ -134,6 +150,7 @@ class Leases:
         self.ended = set()  # client prefixes whose lease ended
         self.reaped = set()  # ended prefixes whose entries are removed
         self.reaping = set()  # ended prefixes being removed here
+        self.restoring = 0  # renewals left that write back this process's entries after its lease was lost
         self.renewing = None
         self.renewed = None  # a future set once the first renewal is back
         self.listeners = []  # callables(prefixes) told of processes whose lease just ended
@@ -163,8 +180,11 @@ class Leases:
                 layer.stats.inc("errors")
                 logger.warning("presence lease not renewed: %r", exc)
             else:
-                if lost and self.own:  # another process may have removed this one's entries meanwhile
+                if lost:  # others may have removed this process's entries, and may until they see it renewed
+                    self.restoring = 3
+                if self.restoring and self.own:  # now and on the next two beats
                     self.state.background(self.restore(list(self.own), registered=False))
+                self.restoring = max(self.restoring - 1, 0)
                 gone, self.ended = ended - self.ended, ended
                 self.reaped &= ended
                 if gone:
@@ -227,16 +247,16 @@ class Leases:
         self.reaping |= prefixes
         try:
             now, reaping = int(time.time() * 1000), layer.keys.presence_reaping()
-            claimed, done = await claim(state.publisher, reaping, now, now + CLAIM_SECONDS * 1000, *sorted(prefixes))
+            leases = layer.keys.presence_leases()
+            claimed, done = await claim(state.publisher, (reaping, leases), now, now + CLAIM_SECONDS * 1000, *sorted(prefixes))
             self.reaped |= {prefix.decode() for prefix in done}
             for prefix in (prefix.decode() for prefix in claimed):
                 groups_key = layer.keys.presence_groups(prefix)
                 for group in await state.publisher.execute(groups_key.encode(), "SMEMBERS", groups_key):
                     removed = await reap(state.publisher, layer.keys.group_presence(group.decode()), prefix)
                     layer.stats.inc("presence_reaped", removed)
-                await state.publisher.execute(reaping.encode(), "HSET", reaping, prefix, "done")
-                await state.publisher.execute(groups_key.encode(), "DEL", groups_key)
-                self.reaped.add(prefix)
+                if await reaped(state.publisher, (reaping, leases, groups_key), int(time.time() * 1000), prefix):
+                    self.reaped.add(prefix)
         except RETRYABLE as exc:
             layer.stats.inc("errors")
             logger.warning("entries of ended presence leases not removed: %r", exc)

@@ -3,7 +3,6 @@
 import asyncio
 import json
 import logging
-import sys
 import time
 
 from channels.generic.websocket import AsyncWebsocketConsumer
@@ -12,6 +11,7 @@ from django.conf import settings
 
 from channels_redis_cluster.consumer import LayerPushMixin
 from channels_redis_cluster.history import EPOCH, OFFSET
+from channels_redis_cluster.keys import shared
 from chatsite.identity import worker_id
 
 from . import metrics, presence, tokens
@@ -131,7 +131,7 @@ class ChatConsumer(LayerPushMixin, AsyncWebsocketConsumer):
         except BadFrame as bad:
             await self.accept(subprotocol)
             return await self.refuse(bad, True)
-        group = sys.intern(f"chat_{self.room_name}")  # one string per room, not one per socket
+        group = shared(f"chat_{self.room_name}")  # one string per room, not one per socket
         try:
             # Join before the handshake completes, so a connected client misses nothing sent to the room.
             await self.channel_layer.group_add(group, self.channel_name)

@@ -7,6 +7,7 @@ from urllib.parse import urlparse
 from channels.security.websocket import AllowedHostsOriginValidator, WebsocketDenier
 
 from . import consumers
+from .protocol import ROOM_NAME
 
 ROOM_PATH = re.compile(r"/ws/chat/(?P<room_name>[^/]*)/")
 
@@ -32,14 +33,18 @@ class WebsocketRouter:
             return consumers.NotFoundConsumer()(scope, receive, send)
         # Set in the server's scope rather than a copy (0.2 KiB per open socket), to a route shared by
         # the room's sockets (0.45 KiB more): nothing outside this app reads either, nor changes them.
-        scope["url_route"] = _url_route(route["room_name"])
+        room_name = route["room_name"]
+        # Only valid names are cached: junk paths must not fill the cache or push rooms out of it.
+        scope["url_route"] = _url_route(room_name) if ROOM_NAME.fullmatch(room_name) else _route(room_name)
         return consumers.ChatConsumer()(scope, receive, send)
 
 
-@functools.lru_cache(maxsize=10_000)
-def _url_route(room_name):
+def _route(room_name):
     """``scope["url_route"]`` of a room, as URLRouter makes it."""
     return {"args": (), "kwargs": {"room_name": room_name}}
+
+
+_url_route = functools.lru_cache(maxsize=10_000)(_route)
 
 
 def _origin(scope):
