@@ -159,7 +159,7 @@ async def test_entries_lost_with_a_lease_are_written_back(make_layer):
     for index, channel in enumerate(channels):
         await holder.presence_join("room", channel, f"m{index}", None)
     await holder.presence_leave("room", channels[:5])
-    key, leases, groups = holder.keys.group_presence("room"), holder.keys.presence_leases(), None
+    key, leases = holder.keys.group_presence("room"), holder.keys.presence_leases()
     groups = holder.keys.presence_groups((await holder._state()).client_prefix)
     # The node of the leases came back empty, and the room's entries were lost as well.
     for name in (leases, groups, key):

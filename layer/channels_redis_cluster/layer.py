@@ -199,11 +199,15 @@ class _LoopState:
         self.sent.set(shard_channel, seq)
         return b"".join((self.sender, seq.to_bytes(8, "big"), kind, body))
 
-    async def publish(self, shard_channel, body):
+    async def publish(self, shard_channel, body, kind=PLAIN):
         """SPUBLISH once; returns how many subscribers the shard's primary reached."""
         return await self.publisher.execute(
-            shard_channel, "SPUBLISH", shard_channel, self.frame(shard_channel, body)
+            shard_channel, "SPUBLISH", shard_channel, self.frame(shard_channel, body, kind)
         )
+
+    async def ask_reread(self, shard_channel):
+        """Have the watchers of a presence shard channel, in every process, read the group's members again."""
+        return await self.publish(shard_channel, b"", REREAD)
 
     # Incoming pub/sub
 
@@ -226,8 +230,7 @@ class _LoopState:
         if kind == SKIPPED:
             return
         if kind == REREAD:
-            for watcher in list(self.presence_watchers.get(shard_channel, ())):
-                presence.call(watcher, None)
+            self.tell_watchers(shard_channel, None)
             return
         try:
             if kind == NUMBERED:
@@ -242,10 +245,8 @@ class _LoopState:
         if shard_channel == self.inbox:
             self.on_inbox(message)
             return
-        watchers = self.presence_watchers.get(shard_channel)
-        if watchers is not None:
-            for watcher in list(watchers):
-                presence.call(watcher, message)
+        if shard_channel in self.presence_watchers:
+            self.tell_watchers(shard_channel, message)
             return
         group = self.group_of.get(shard_channel)
         if group is not None:
@@ -259,14 +260,18 @@ class _LoopState:
         Without this, messages published while no subscription existed are noticed by a member only
         when a later one arrives with a gap; the last ones before a quiet spell would never be.
         """
-        group = self.group_of.get(shard_channel) or self.watched.get(shard_channel)
-        if group in self.leases.own:  # the slot's new primary may lack entries written here
-            self.background(self.leases.restore([group]))
-        for watcher in list(self.presence_watchers.get(shard_channel, ())):
-            presence.call(watcher, None)  # events may have been missed: read the members again
         group = self.group_of.get(shard_channel)
+        present = group or self.watched.get(shard_channel)  # the group of a group or presence shard channel
+        if present in self.leases.own:  # the slot's new primary may lack entries written here
+            self.background(self.leases.restore([present]))
+        self.tell_watchers(shard_channel, None)  # events may have been missed: read the members again
         if group is not None and shard_channel in self.delivered and self.layer.history.bound(group).size:
             self.background(self.resync(group, shard_channel))
+
+    def tell_watchers(self, shard_channel, event):
+        """Call the presence watchers of ``shard_channel`` with ``event`` (None: read the members again)."""
+        for watcher in list(self.presence_watchers.get(shard_channel, ())):
+            presence.call(watcher, event)
 
     async def resync(self, group, shard_channel):
         """Fan out the group's history after the last message delivered here, skipping what arrived live since."""
@@ -708,8 +713,7 @@ class RedisClusterChannelLayer(BaseChannelLayer):
         frame = state.frame(shard_channel, self.serialize(event)) if event is not None else b""
         commands = [presence.join(state.publisher, key, channel, value, self.group_expiry, shard_channel, frame)]
         if state.leases.joined(group, channel, value):
-            groups = self.keys.presence_groups(state.client_prefix)
-            commands.append(state.publisher.execute(groups.encode(), "SADD", groups, group))
+            commands.append(state.leases.note_groups("SADD", group))
         try:
             await asyncio.gather(*commands)
         except RETRYABLE:
@@ -726,8 +730,7 @@ class RedisClusterChannelLayer(BaseChannelLayer):
         frame = state.frame(shard_channel, self.serialize(event)) if event is not None else b""
         commands = [presence.leave(state.publisher, self.keys.group_presence(group), shard_channel, frame, *channels)]
         if state.leases.left(group, channels):
-            groups = self.keys.presence_groups(state.client_prefix)
-            commands.append(state.publisher.execute(groups.encode(), "SREM", groups, group))
+            commands.append(state.leases.note_groups("SREM", group))
         try:
             return (await asyncio.gather(*commands))[0]
         except RETRYABLE:

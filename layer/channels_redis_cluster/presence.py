@@ -215,16 +215,18 @@ class Leases:
         del self.own[group]
         return True
 
+    async def note_groups(self, verb, *groups):
+        """``SADD`` or ``SREM`` ``groups`` in this process's set of groups with its entries (what a reaper cleans)."""
+        key = self.state.layer.keys.presence_groups(self.state.client_prefix)
+        return await self.state.publisher.execute(key.encode(), verb, key, *groups)
+
     async def restore(self, groups, registered=True):
         """Write back this process's entries missing from ``groups`` and have their watchers read them again;
         and the groups to this process's set when it may be lost (``registered`` False)."""
-        from .layer import REREAD
-
         state, layer = self.state, self.state.layer
         groups = [group for group in groups if group in self.own]
         if not registered and groups:
-            key = layer.keys.presence_groups(state.client_prefix)
-            await state.publisher.execute(key.encode(), "SADD", key, *groups)
+            await self.note_groups("SADD", *groups)
         for group in groups:
             pairs = [value for pair in self.own.get(group, {}).items() for value in pair]
             if not pairs:
@@ -238,8 +240,7 @@ class Leases:
             gone = [channel for channel in restored if channel not in self.own.get(group, {})]
             if gone:  # left while being written back
                 await leave(state.publisher, key, shard_channel, b"", *gone)
-            # One frame, not one join each: watchers that read before this write read again.
-            await state.publisher.execute(shard_channel, "SPUBLISH", shard_channel, state.frame(shard_channel, kind=REREAD))
+            await state.ask_reread(shard_channel)  # one frame, not one join each: watchers that read before this read again
 
     async def reap(self, prefixes):
         """Remove the entries of processes whose lease ended, those this process is first to claim."""
