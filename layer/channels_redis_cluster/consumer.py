@@ -73,6 +73,10 @@ class LayerPushMixin:
             return False
         return True
 
+    def dispatch_now(self, message):
+        """Handle a layer message without a coroutine if the consumer can; True when it did, else it is dispatched."""
+        return False
+
     def layer_backlog_full(self):
         """Called when a layer message is dropped because the backlog is full; the layer counts it as overflow."""
 
@@ -82,6 +86,8 @@ class LayerPushMixin:
     def _dispatch_in_order(self, messages):
         """Dispatch ``messages`` one after another; one that suspends holds back the rest until it is done."""
         for index, message in enumerate(messages):
+            if self.dispatch_now(message):
+                continue
             try:
                 task = start_eagerly(self.dispatch(message))
             except Exception as exc:  # noqa: BLE001 - handled as Channels would end the connection

@@ -73,6 +73,8 @@ def _frame(event, version, room, live=True):
     return text
 
 
+SENT, GAP = "sent", "gap"  # where a room message falls in a v2 client's stream (ChatConsumer.place)
+
 _LEAVING = set()  # presence leaves waiting out their grace
 
 
@@ -368,17 +370,45 @@ class ChatConsumer(LayerPushMixin, AsyncWebsocketConsumer):
         if self.closing:
             metrics.DROPPED_CLOSING.inc()
             return
-        if self.epoch is not None and OFFSET in event:
-            offset = event[OFFSET]
-            if event[EPOCH] != self.epoch or offset > self.offset + 1:
-                # Published before this read, so the read covers it (or it was lost with its epoch).
-                await self.catch_up()
-                return
-            if offset <= self.offset:
-                return  # sent already, from the room's history
-            self.offset = offset
+        place = self.place(event)
+        if place is SENT:
+            return
+        if place is GAP:
+            await self.catch_up()
+            return
         # Channels' send() only wraps this in two more coroutines, paid once per recipient.
         await self.base_send({"type": "websocket.send", "text": _frame(event, self.version, self.room_name)})
+        self.written(event)
+
+    def dispatch_now(self, event):
+        """A room message the socket takes at once is written here, with no coroutine per recipient."""
+        if event["type"] != "chat.message" or self.closing:
+            return False
+        place = self.place(event)
+        if place is SENT:
+            return True
+        # The server's direct write (chatsite.worker) when it runs this app; else the ASGI send.
+        send_text_now = getattr(getattr(self.base_send, "__self__", None), "send_text_now", None)
+        if place is GAP or send_text_now is None or not send_text_now(_frame(event, self.version, self.room_name)):
+            return False
+        self.written(event)
+        return True
+
+    def place(self, event):
+        """Where a room message falls in a v2 client's stream: next (None), SENT already, or after a GAP."""
+        if self.epoch is None or OFFSET not in event:
+            return None
+        offset = event[OFFSET]
+        if event[EPOCH] != self.epoch or offset > self.offset + 1:
+            return GAP  # published before this client's read of the history, or lost with its epoch
+        if offset <= self.offset:
+            return SENT  # from the room's history
+        return None
+
+    def written(self, event):
+        """A room message went to the client: its offset is the client's."""
+        if self.epoch is not None and OFFSET in event:
+            self.offset = event[OFFSET]
         metrics.MESSAGES_OUT.inc()
 
     def layer_messages_dropped(self, count):

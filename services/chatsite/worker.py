@@ -11,6 +11,7 @@ from uvicorn.server import Server
 from uvicorn_worker import UvicornWorker
 from wsproto.connection import ConnectionState
 from wsproto.events import CloseConnection
+from wsproto.frame_protocol import FrameProtocol
 
 from . import health
 
@@ -51,21 +52,40 @@ class DrainingServer(Server):
         await super().shutdown()
 
 
-class WSProtocolSayingWhy(WSProtocol):
-    """uvicorn's wsproto protocol, which answers a frame it cannot parse with its close code.
+class ChatWSProtocol(WSProtocol):
+    """uvicorn's wsproto protocol, which says why it closes and writes room messages without a coroutine.
 
-    wsproto reports such a frame (a text frame that is no UTF-8: 1007; a bad frame: 1002) as if the
-    client had closed with that code, and uvicorn then drops the connection with no close frame at all.
+    wsproto reports a frame it cannot parse (a text frame that is no UTF-8: 1007; a bad frame: 1002) as
+    if the client had closed with that code, and uvicorn then drops the connection with no close frame
+    at all: this one answers with the close code.
     """
+
+    # Server frames are unmasked and carry no extension here (no per-message deflate), so a text goes
+    # out as the same bytes on every socket: a room message is framed once per worker, not per member.
+    _framed_text = _frame_bytes = None
+    _framer = FrameProtocol(client=False, extensions=[])
 
     def handle_close(self, event):
         if not self.close_sent and self.conn.state == ConnectionState.OPEN:
             self.transport.write(self.conn.send(CloseConnection(code=event.code, reason=event.reason[:120])))
         super().handle_close(event)
 
+    def send_text_now(self, text):
+        """Write a text frame at once if the socket takes it without waiting; False: use the ASGI send."""
+        if not (self.writable.is_set() and self.handshake_complete and not self.close_sent and not self.disconnected
+                and not self.response_started and self.conn.state is ConnectionState.OPEN
+                and not self.transport.is_closing()):
+            return False
+        protocol = ChatWSProtocol
+        if text is not protocol._framed_text:
+            protocol._frame_bytes = protocol._framer.send_data(text, True)
+            protocol._framed_text = text
+        self.transport.write(protocol._frame_bytes)
+        return True
+
 
 def _ws_protocol(name):
-    return WSProtocolSayingWhy if name == "wsproto" else name
+    return ChatWSProtocol if name == "wsproto" else name
 
 
 class ChatUvicornWorker(UvicornWorker):
