@@ -116,3 +116,25 @@ async def test_what_was_published_while_a_subscription_moved_is_delivered_from_h
     assert receiver.stats["resynced"] == 1 and receiver.stats["resubscribes"] > before
     await sender.group_send("quiet", {"type": "m", "n": 3})
     assert (await asyncio.wait_for(receiver.receive(channel), 5))["n"] == 3, "nothing twice"
+
+
+async def test_history_keys_outlive_every_write_by_their_bound_and_not_by_much_more(make_layer, redis_cluster):
+    import redis
+
+    layer = make_layer(history_size=10, history_age=20, expiry=60, group_expiry=40)
+    client = redis.RedisCluster(host="127.0.0.1", port=redis_cluster.ports[0])
+    meta, log, keys = layer.keys.group_history("kept")
+    await layer.group_send("kept", {"type": "m"})
+    assert 20_000 - 500 < client.pttl(log) <= 20_000 * 17 // 16
+    assert 40_000 - 500 < client.pttl(meta) <= 40_000 * 17 // 16
+    assert client.pttl(keys) == -2, "no idempotency key sent: no key set"
+    # A write within the bound leaves the expiry alone: no PEXPIRE for replicas to apply per message.
+    client.pexpire(log, 20_500)
+    await layer.group_send("kept", {"type": "m"}, idempotency_key="k1")
+    assert 20_000 < client.pttl(log) <= 20_500
+    assert 20_000 - 500 < client.pttl(keys) <= 20_000 * 17 // 16
+    # Under the bound, it is pushed out again: the log outlives this write by 20 s at least.
+    client.pexpire(log, 19_000)
+    await layer.group_send("kept", {"type": "m"})
+    assert client.pttl(log) > 20_000
+    client.close()

@@ -14,6 +14,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import (
     AskError,
     ClusterDownError,
+    DataError,
     NoScriptError,
     RedisClusterException,
     ResponseError,
@@ -227,6 +228,29 @@ class Topology:
 RUN_ID = re.compile(rb"run_id:(\w+)")
 
 
+def pack_commands(commands):
+    """The RESP bytes of ``commands``, as redis-py's encoder makes them, in a fraction of its time.
+
+    Every group message is one EVALSHA of about twenty arguments; redis-py's packer costs more than
+    the rest of group_send together.
+    """
+    out = []
+    for args in commands:
+        out.append(b"*%d\r\n" % len(args))
+        for arg in args:
+            kind = type(arg)
+            if kind is str:
+                arg = arg.encode()
+            elif kind is int or kind is float:
+                arg = repr(arg).encode()
+            elif kind is not bytes:
+                if not isinstance(arg, (bytes, bytearray, memoryview)) or kind is bool:
+                    raise DataError(f"Invalid input of type: {kind.__name__!r}. Convert to a bytes, string, int or float first.")
+                arg = bytes(arg)
+            out.append(b"$%d\r\n%s\r\n" % (len(arg), arg))
+    return b"".join(out)
+
+
 class NodePipeline:
     """One connection to one primary: commands from any task go out in batches, replies return in order.
 
@@ -265,7 +289,7 @@ class NodePipeline:
                 self.wakeup.clear()
                 batch = list(self.pending)
                 self.pending.clear()
-                packed = self.connection.pack_commands(args for args, _ in batch)
+                packed = pack_commands(args for args, _ in batch)
                 await self.connection.send_packed_command(packed, check_health=False)
                 for _, future in batch:
                     try:

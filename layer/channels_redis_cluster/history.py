@@ -70,10 +70,18 @@ end
 drop_expired(log, now)
 """
 
+# A key's expiry is pushed out only when it is under ``ttl``, to 17/16 of it: the key still outlives every
+# write by ``ttl`` at least, and replicas apply one PEXPIRE per sixteenth of ``ttl`` instead of one per message.
+OUTLIVE = """
+local function outlive(key, ttl)
+  if redis.call('PTTL', key) < ttl then redis.call('PEXPIRE', key, ttl + math.floor(ttl / 16)) end
+end
+"""
+
 # KEYS[4] the group's normal channels. ARGV[6] size, ARGV[7] shard channel, ARGV[8] frame prefix (sender,
 # sequence number, kind), ARGV[9] body, ARGV[10] idempotency key or '', ARGV[11] the membership cutoff.
 # Returns {offset, epoch, rotated, duplicate, normal channels to push to}.
-SEND_SCRIPT = _PROLOGUE + NORMAL_MEMBERS + """
+SEND_SCRIPT = _PROLOGUE + NORMAL_MEMBERS + OUTLIVE + """
 local size, channel, prefix, body, key = tonumber(ARGV[6]), ARGV[7], ARGV[8], ARGV[9], ARGV[10]
 if key ~= '' then
   local seen = redis.call('ZSCORE', keys, key)
@@ -93,11 +101,11 @@ if length > size then
 end
 if key ~= '' then
   redis.call('ZADD', keys, top, key)
+  outlive(keys, age)
 end
 redis.call('ZREMRANGEBYSCORE', keys, '-inf', top - length)
-redis.call('PEXPIRE', log, age)
-redis.call('PEXPIRE', keys, age)
-redis.call('PEXPIRE', meta, keep)
+outlive(log, age)
+outlive(meta, tonumber(keep))
 redis.call('SPUBLISH', channel, prefix .. epoch .. string.format('%016d', top) .. body)
 return {top, epoch, rotated, 0, normal_members(KEYS[4], ARGV[11])}
 """

@@ -187,11 +187,13 @@ class _LoopState:
     async def await_echo(self, key):
         """Wait for a frame's return; bounded, since a subscription that moved meanwhile never echoes it."""
         future = self.echoes.get(key)
-        if future is not None:
+        if future is not None and not future.done():
+            # A timer instead of asyncio.wait_for, which costs a task's worth of futures per group_send.
+            timer = self.loop.call_later(ECHO_SECONDS, _set_if_pending, future)
             try:
-                await asyncio.wait_for(future, ECHO_SECONDS)
-            except asyncio.TimeoutError:
-                pass
+                await future
+            finally:
+                timer.cancel()
 
     def frame(self, shard_channel, body=b"", kind=PLAIN):
         """Prefix ``body`` with this sender's id, its next number on ``shard_channel`` and the frame's kind."""
@@ -869,3 +871,8 @@ class RedisClusterChannelLayer(BaseChannelLayer):
         state = self._states.pop(loop, None)
         if state is not None:
             await state.close()
+
+
+def _set_if_pending(future):
+    if not future.done():
+        future.set_result(None)

@@ -6,7 +6,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 
 class Tally:
-    """A counter bumped once per delivered frame, written to Prometheus once per event loop turn.
+    """A counter bumped once per frame, written to Prometheus once per event loop turn.
 
     Each increment of a multiprocess counter is a locked write to its file; a room message fans out
     to every local member within one turn, so one write per turn instead of one per recipient.
@@ -26,7 +26,7 @@ class Tally:
 
 
 CONNECTIONS = Gauge("chat_connections", "Open chat WebSockets", multiprocess_mode="livesum")
-MESSAGES_IN = Counter("chat_messages_in_total", "Chat messages accepted from clients")
+MESSAGES_IN = Tally(Counter("chat_messages_in_total", "Chat messages accepted from clients"))
 MESSAGES_OUT = Tally(Counter("chat_messages_out_total", "Chat messages written to clients"))
 REJECTED = Counter("chat_rejected_total", "Client frames or connections refused", ["reason"])
 LAYER_ERRORS = Counter("chat_layer_errors_total", "Channel layer calls that failed", ["operation"])

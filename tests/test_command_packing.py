@@ -1,0 +1,25 @@
+"""The layer packs its commands itself: byte for byte what redis-py's packer makes, and the same refusals."""
+
+import pytest
+from redis.asyncio.connection import Connection
+from redis.exceptions import DataError
+
+from channels_redis_cluster.cluster import pack_commands
+
+COMMANDS = [
+    ("EVALSHA", "a" * 40, 4, "k1", b"k2", "{p:g:room}:log", -7, 1732838400123, 0.25, "é ü", b"", bytearray(b"ba"), memoryview(b"mv")),
+    ("SPUBLISH", "chan", b"\x00\xff" * 300),
+    ("PING",),
+]
+
+
+def test_commands_pack_as_redis_py_packs_them():
+    assert pack_commands(COMMANDS) == b"".join(Connection().pack_commands(COMMANDS))
+
+
+@pytest.mark.parametrize("bad", [True, None, object(), ["list"]])
+def test_an_argument_redis_py_refuses_is_refused(bad):
+    with pytest.raises(DataError):
+        Connection().pack_commands([("SET", "k", bad)])
+    with pytest.raises(DataError):
+        pack_commands([("SET", "k", bad)])
