@@ -55,6 +55,11 @@ def test_benchmark_smoke_writes_the_report_with_every_part():
     assert all(p["delivered_ratio"] == 1.0 and p["sockets_closed_by_server"] == 0 for p in points)
     assert all(us > 0 for us in report["redis_cost"]["measured"].values()) and report["capacity"]["pods"]["count"] >= 2
     assert (out / "scale_curves.png").stat().st_size > 0 and "## Capacity model" in (out / "report.md").read_text()
+    # Where the gap to the ceiling is: both sides' costs per recipient and per message, from the room-size curve.
+    ceiling_points = report["curves"]["ceiling"]["room_size"]["points"]
+    assert [p["x"] for p in ceiling_points] == report["args"]["curve_room_sizes"] and all(p["delivered_ratio"] == 1.0 for p in ceiling_points)
+    assert all(report["gap"][side]["split"]["per_message_us"] > 0 for side in ("redis-cluster", "ceiling"))
+    assert "## Why this layer stops short of the ceiling" in (out / "report.md").read_text()
     # Presence: one command per join or leave, its event included, whatever the room size.
     assert all(r["commands_per_join_and_leave"] == 1.0 for r in report["presence"]["rooms"].values()), report["presence"]
     assert report["presence"]["renew_us"] > 0 and "## Presence cost" in (out / "report.md").read_text()
