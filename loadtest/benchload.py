@@ -22,6 +22,7 @@ from chat.protocol import CLOSE_TOO_SLOW
 from loadtest import wsclient
 from loadtest.ledger import percentile
 
+RESUME_ATTEMPTS = 8  # handshakes a member closed as too slow tries before it counts as gone
 PREFIX = b'{"message": "'
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -54,7 +55,7 @@ class _Client:
         self.latencies = defaultdict(list)  # step -> [ms]
         self.sends = defaultdict(list)  # step -> [(message id, room, sent_at, sender)]
         self.seq = 0
-        self.resumes = self.not_recovered = self.duplicates = 0
+        self.resumes = self.resumes_refused = self.not_recovered = self.duplicates = 0
 
     def on_text(self, payload):
         if payload.startswith(PREFIX):  # v1: the message is all there is
@@ -104,10 +105,17 @@ class _Client:
 
     async def _resume(self, socket, member):
         room = self.room_of[socket]
-        try:
-            resumed = await wsclient.connect("127.0.0.1", self.port, f"/ws/chat/{room}/?since={member.offset}&epoch={member.epoch}",
-                                             self.resuming_receiver(member), subprotocol="chat.v2")
-        except (OSError, asyncio.TimeoutError):
+        # As a chat.v2 client does (docs/resume.md): an overloaded server may refuse a handshake, so it
+        # tries again with exponential backoff and full jitter; bounded here, then it counts as gone.
+        for attempt in range(RESUME_ATTEMPTS):
+            try:
+                resumed = await wsclient.connect("127.0.0.1", self.port, f"/ws/chat/{room}/?since={member.offset}&epoch={member.epoch}",
+                                                 self.resuming_receiver(member), subprotocol="chat.v2")
+                break
+            except (OSError, asyncio.TimeoutError):
+                self.resumes_refused += 1
+                await asyncio.sleep(random.uniform(0, min(1.0, 0.05 * 2 ** attempt)))
+        else:
             self.closed_at.setdefault(socket, time.perf_counter())
             return
         self.resumes += 1
@@ -154,7 +162,8 @@ class _Client:
 
     def resumed(self):
         """Resumes after a 4408 so far, how many said they could not recover everything, duplicates seen."""
-        return {"resumes": self.resumes, "not_recovered": self.not_recovered, "duplicates": self.duplicates}
+        return {"resumes": self.resumes, "resumes_refused": self.resumes_refused, "not_recovered": self.not_recovered,
+                "duplicates": self.duplicates}
 
     def say_once(self, step):
         """One message in each room, from one of this process's open sockets there; the step's sends."""
@@ -199,7 +208,7 @@ class _Client:
         self.room_of.clear()
         self.closed_at.clear()
         self.resuming.clear()
-        self.resumes = self.not_recovered = self.duplicates = 0
+        self.resumes = self.resumes_refused = self.not_recovered = self.duplicates = 0
 
 
 def _serve(index, port, connection):

@@ -686,7 +686,8 @@ def targets(report):
         rows.append({
             "target": "no silent drop at 2x overload",
             "measured": f"{overload['delivered_ratio']:.2%} delivered at {overload['offered_per_s']}/s to chat.v2 members; "
-                        f"{overload.get('closed_too_slow')} sockets closed as too slow (4408), {overload.get('resumes')} resumes, "
+                        f"{overload.get('closed_too_slow')} sockets closed as too slow (4408), {overload.get('resumes')} resumes "
+                        f"({overload.get('resumes_refused', 0)} handshakes refused and tried again), "
                         f"{overload.get('not_recovered')} of them not recovered, {overload.get('duplicates')} duplicates; "
                         f"{missing} missing, {overload.get('counted_drops')} not written and counted, "
                         f"{overload.get('sequence_gaps')} messages counted as sequence gaps",
