@@ -511,9 +511,9 @@ async def scale_curves(cluster, redis_port, args):
                         await load.add_rooms([(f"idle-{i}", 50) for i in range(idle // 50)], idle=True)
                     await load.add_rooms([(f"curve-{i}", size) for i in range(rooms)])
                     step = await load.run_step("curve", args.curve_rate, args.step_seconds)
-                cpu = sum(step["server_cpu_percent"]) / 100
+                cost = capacity.worker_us_per_delivery(step)
                 rows.append({"x": x, "rooms": rooms, "room_size": size, "idle": idle,
-                             "cpu_us_per_delivery": round(1e6 * cpu / step["achieved_per_s"], 1) if step["achieved_per_s"] else None,
+                             "cpu_us_per_delivery": round(cost, 1) if cost is not None else None,
                              **{k: step[k] for k in ("delivered_ratio", "achieved_per_s", "p50_ms", "p99_ms", "server_cpu_percent",
                                                      "sockets_closed_by_server")}})
                 print(f"  curve {curve} {backend} x={x}: {rows[-1]}", flush=True)
@@ -527,15 +527,15 @@ def cost_split(points):
     Least squares of the relative error: the small rooms' costs are ten times the large ones', and an
     absolute fit would let them set the per-recipient cost too.
     """
-    rows = [(1 / p["room_size"], p["cpu_us_per_delivery"]) for p in points if p["cpu_us_per_delivery"]]
-    if len(rows) < 2:
+    import numpy
+
+    points = [p for p in points if p["cpu_us_per_delivery"]]
+    if len(points) < 2:
         return None
-    weights = [1 / y ** 2 for _, y in rows]
-    sw, sx, sy = sum(weights), sum(w * x for w, (x, _) in zip(weights, rows)), sum(w * y for w, (_, y) in zip(weights, rows))
-    sxx = sum(w * x * x for w, (x, _) in zip(weights, rows))
-    sxy = sum(w * x * y for w, (x, y) in zip(weights, rows))
-    slope = (sw * sxy - sx * sy) / (sw * sxx - sx * sx)
-    return {"per_recipient_us": round((sy - slope * sx) / sw, 1), "per_message_us": round(slope, 1)}
+    costs = [p["cpu_us_per_delivery"] for p in points]
+    # polyfit weighs each residual by w: 1 / cost makes it the relative error.
+    slope, intercept = numpy.polyfit([1 / p["room_size"] for p in points], costs, 1, w=[1 / cost for cost in costs])
+    return {"per_recipient_us": round(float(intercept), 1), "per_message_us": round(float(slope), 1)}
 
 
 def at_top_step(result):
@@ -544,7 +544,7 @@ def at_top_step(result):
     if not step:
         return None
     return {"offered_per_s": step["offered_per_s"],
-            "worker_us_per_delivery": round(1e4 * sum(step["server_cpu_percent"]) / step["achieved_per_s"], 1),
+            "worker_us_per_delivery": round(capacity.worker_us_per_delivery(step), 1),
             "client_cpu_percent": step["client_cpu_percent"], "server_cpu_percent": step["server_cpu_percent"]}
 
 

@@ -25,16 +25,22 @@ SLOTS = 16384
 MAX_SHARDS = 1000  # past this, a shard count is no plan
 
 
+def worker_us_per_delivery(step):
+    """All workers' CPU µs per frame a step delivered (None when it delivered nothing)."""
+    if not step["achieved_per_s"]:
+        return None
+    return 1e4 * sum(step["server_cpu_percent"]) / step["achieved_per_s"]
+
+
 def measured_costs(report):
     """The unit costs a report measured: CPU seconds per delivery, KiB per idle socket, Redis µs per send."""
     ours = report["backends"]["redis-cluster"]
     step = ours["sustainable"]
-    cpu_seconds = sum(step["server_cpu_percent"]) / 100
     redis = report.get("redis_cost") or {}
     memory = report["memory"][f"chat/{report['args']['ws']}"]
     return {
         "deliveries_per_s_measured": step["achieved_per_s"],
-        "worker_cpu_us_per_delivery": round(1e6 * cpu_seconds / step["achieved_per_s"], 2),
+        "worker_cpu_us_per_delivery": round(worker_us_per_delivery(step), 2),
         "kib_per_socket": memory["kib_per_socket"],
         "redis_us_per_send": redis.get("us_per_send"),
         "redis_us_per_subscriber": redis.get("us_per_subscriber"),
