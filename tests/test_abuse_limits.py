@@ -1,6 +1,9 @@
 """Abuse limits through the whole ASGI app: messages per socket, sockets per worker, per identity."""
 
+import asyncio
+import base64
 import json
+import os
 import time
 
 from channels.testing import WebsocketCommunicator
@@ -10,6 +13,7 @@ from prometheus_client import REGISTRY
 from chat.limits import IdentityQuota, TokenBucket, WorkerSockets
 from chat.tokens import Identity, mint
 from conftest import ORIGIN, join
+from loadtest.member import Member, until
 
 SECRET = "s" * 40
 IDENTITY_ON = {"ALLOWED_HOSTS": ["testserver", "127.0.0.1"], "CHAT_IDENTITY": "nickname", "CHAT_TOKEN_SECRET": SECRET, "CHAT_TOKEN_AUDIENCE": "chat",
@@ -143,6 +147,60 @@ async def stack_socket(stack, room, token=None):
     return None, (socket.close_code, frame["error"])
 
 
+async def fill_workers(stack, rooms, token=None, workers=3, most=3):
+    """Open sockets until every worker holds its ``most`` and refuses one more; asserts that, returns the sockets."""
+    held, refused = [], []
+    for n in range(200):  # the kernel spreads handshakes over the workers unevenly: until all are full
+        socket, said = await stack_socket(stack, rooms[n % len(rooms)], token)
+        (held.append((socket, said)) if socket else refused.append(said))
+        if len(held) == workers * most and refused:
+            break
+    per_worker = {}
+    for _, worker in held:
+        per_worker[worker] = per_worker.get(worker, 0) + 1
+    assert len(held) == workers * most and set(per_worker.values()) == {most}, per_worker
+    assert refused and set(refused) == {(1013, "worker_full")}
+    return held
+
+
+async def drop_handshake(stack, path, delay):
+    """Send a WebSocket handshake for ``path`` and drop the connection ``delay`` seconds later, unanswered."""
+    host, port = stack["url"].removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    writer.write((f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nOrigin: {stack['url']}\r\nUpgrade: websocket\r\n"
+                  f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+                  "Sec-WebSocket-Protocol: chat.v2\r\n\r\n").encode())
+    await writer.drain()
+    await asyncio.sleep(delay)
+    writer.transport.abort()
+
+
+async def test_on_the_stack_handshakes_dropped_mid_connect_give_back_presence_and_every_place():
+    """A client gone while its connect runs (a page navigating away): listed nowhere, holding no place."""
+    from conftest import local_stack
+
+    env = {**{k: str(v) for k, v in IDENTITY_ON.items() if k.startswith("CHAT_")},
+           "CHAT_MAX_SOCKETS_PER_WORKER": "3", "CHAT_MAX_SOCKETS_PER_IDENTITY": "12", "CHAT_PRESENCE_GRACE": "1"}
+    with local_stack(**env) as stack:
+        with override_settings(**IDENTITY_ON):
+            watching, dropping = mint("watcher", "Watcher"), mint("dropper", "Dropper")
+        watcher = await Member(stack["ws"], "dropped", token=watching, presence=True).start()
+        # Spread over 40 ms: the drops land before, during and just after the consumers' connect.
+        await asyncio.gather(*(drop_handshake(stack, f"/ws/chat/dropped/?presence=1&token={dropping}", n / 1000)
+                               for n in range(40)))
+        joined = lambda: [m for kind, m in watcher.presence_frames if kind == "join" and m != watcher.member]  # noqa: E731
+        await until(lambda: joined() and watcher.present.keys() == {watcher.member}, 20,
+                    "the dropped handshakes' member to have come and gone")
+        tracebacks = [line for line in stack["log"] if "Traceback" in line]
+        assert not tracebacks, tracebacks
+        await watcher.stop()
+        # Had the 40 kept their places, each worker would be full and the identity past its 12 sockets.
+        held = await fill_workers(stack, ("dropped",), dropping)
+        for socket, _ in held:
+            await socket.close()
+
+
 async def test_on_the_stack_each_worker_holds_its_most_sockets_and_an_identity_its_rooms_on_any_worker():
     from conftest import local_stack
 
@@ -151,17 +209,7 @@ async def test_on_the_stack_each_worker_holds_its_most_sockets_and_an_identity_i
     with local_stack(**env) as stack:
         with override_settings(**IDENTITY_ON):
             token = mint("stack-user", "Stacked")
-        held, refused = [], []
-        for n in range(200):  # the kernel spreads handshakes over the 3 workers unevenly: until all are full
-            socket, said = await stack_socket(stack, ("sa", "sb")[n % 2], token)
-            (held.append((socket, said)) if socket else refused.append(said))
-            if len(held) == 9 and refused:
-                break
-        per_worker = {}
-        for _, worker in held:
-            per_worker[worker] = per_worker.get(worker, 0) + 1
-        assert len(held) == 9 and set(per_worker.values()) == {3}, per_worker
-        assert refused and set(refused) == {(1013, "worker_full")}
+        held = await fill_workers(stack, ("sa", "sb"), token)
         await held.pop()[0].close()  # one place free, on one worker
         for _ in range(200):  # until a handshake lands on the worker with the free place
             outcome = await stack_socket(stack, "sc", token)

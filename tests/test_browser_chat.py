@@ -114,11 +114,15 @@ async def test_nickname_pages_chat_under_their_names_and_resume_when_their_token
             for name in ("Alice", "Bob"):
                 context = await browser.new_context(viewport={"width": 720, "height": 480})
                 page = pages[name] = await context.new_page()
+                asked = []  # the names this page asked tokens for
+                page.on("request", lambda request, asked=asked: request.url.endswith("/auth/token") and asked.append(request.post_data))
                 await page.goto(f"{stack['url']}/chat/lobby/")  # no name yet: sent to the form, room kept
                 await expect(page.locator("#room-name-input")).to_have_value("lobby", timeout=10_000)
+                assert asked == [], "a page sent to the form joined the room nameless first"
                 await page.fill("#nickname-input", name)
                 await page.press("#room-name-input", "Enter")
                 await expect(page.locator("#chat-status")).to_have_text("connected", timeout=20_000)
+                assert asked == [f"name={name}"]
             # Each page lists who is here, itself included, updated live.
             await expect(pages["Alice"].locator("#chat-member-count")).to_have_text("2", timeout=10_000)
             await expect(pages["Alice"].locator("#chat-member-list li")).to_have_text(["Alice (you)", "Bob"])

@@ -100,6 +100,7 @@ class ChatConsumer(LayerPushMixin, AsyncWebsocketConsumer):
     member = None  # this socket's member id in the room's presence, once recorded there
     member_key = None  # an anonymous member's secret, for its resumes
     watching = False  # a v2 client that asked for presence
+    opened = False  # the handshake was accepted (a client may leave before)
 
     async def dispatch(self, message):
         """Channels' dispatch without its per-message close of old database connections.
@@ -110,7 +111,15 @@ class ChatConsumer(LayerPushMixin, AsyncWebsocketConsumer):
         handler = getattr(self, get_handler_name(message), None)
         if handler is None:
             raise ValueError(f"No handler for message type {message['type']}")
-        await handler(message)
+        try:
+            await handler(message)
+        except OSError:
+            # A write found the client gone (uvicorn raises ClientDisconnected, as when a client drops its
+            # handshake mid-connect) and the consumer would end without its disconnect: end it as one, or
+            # what connect took (presence entry, group, socket and identity places) is never given back.
+            if message["type"] not in ("websocket.connect", "websocket.receive"):
+                raise
+            await self.websocket_disconnect({"type": "websocket.disconnect", "code": 1006})
 
     async def connect(self):
         self.room_name = self.scope["url_route"]["kwargs"]["room_name"]
@@ -156,6 +165,7 @@ class ChatConsumer(LayerPushMixin, AsyncWebsocketConsumer):
                 await self.accept(subprotocol)
                 return await self.refuse(BadFrame(CLOSE_UNAVAILABLE, "unavailable", "room history is unavailable, try again"), True)
         await self.accept(subprotocol)
+        self.opened = True
         # Room messages are written once per recipient: past the handshake, skip the header wrapper.
         self.base_send = getattr(self.base_send, "forwarding_to", self.base_send)
         metrics.CONNECTIONS.inc()
@@ -220,7 +230,8 @@ class ChatConsumer(LayerPushMixin, AsyncWebsocketConsumer):
     async def leave_presence(self, close_code):
         """Leave the room's presence: at once after a goodbye, else after the grace a resume comes back within."""
         group, channel, member, name = self.room_group_name, self.channel_name, self.member, self.member_name
-        grace = 0 if close_code in (1000, 1001) else settings.CHAT_PRESENCE_GRACE
+        # A socket never opened has no client to resume it: it goes at once, as after a goodbye.
+        grace = settings.CHAT_PRESENCE_GRACE if self.opened and close_code not in (1000, 1001) else 0
         if grace:
             await asyncio.sleep(grace)
         try:
@@ -319,7 +330,8 @@ class ChatConsumer(LayerPushMixin, AsyncWebsocketConsumer):
             # In the background: the grace outlives the connection, and the socket's slot is free already.
             _LEAVING.add(leaving := asyncio.ensure_future(self.leave_presence(close_code)))
             leaving.add_done_callback(_LEAVING.discard)
-        metrics.CONNECTIONS.dec()
+        if self.opened:
+            metrics.CONNECTIONS.dec()
         try:
             await self.channel_layer.group_discard(self.room_group_name, self.channel_name)
         except Exception as exc:  # noqa: BLE001 - membership then lapses with group_expiry

@@ -6,6 +6,8 @@ import os
 import sys
 
 from gunicorn.arbiter import Arbiter
+from uvicorn.protocols.utils import ClientDisconnected
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from uvicorn.protocols.websockets.wsproto_impl import WSProtocol
 from uvicorn.server import Server
 from uvicorn_worker import UvicornWorker
@@ -52,8 +54,27 @@ class DrainingServer(Server):
         await super().shutdown()
 
 
-class ChatWSProtocol(WSProtocol):
-    """uvicorn's wsproto protocol, which says why it closes and writes room messages without a coroutine.
+class SaysClientGoneOnAccept:
+    """Accepting a handshake whose client already dropped it raises ClientDisconnected, as any later send does.
+
+    uvicorn (wsproto and websockets-sansio) accepts nothing on a transport that is closing and fails the
+    app's next send with a RuntimeError: a traceback, and a consumer that ends without its disconnect,
+    keeping what its connect took.
+    """
+
+    async def send(self, message):
+        if message["type"] == "websocket.accept" and not self.handshake_complete and self.transport.is_closing():
+            raise ClientDisconnected()
+        await super().send(message)
+
+
+class ChatSansIOProtocol(SaysClientGoneOnAccept, WebSocketsSansIOProtocol):
+    """uvicorn's websockets-sansio protocol, which says when a handshake's client is gone."""
+
+
+class ChatWSProtocol(SaysClientGoneOnAccept, WSProtocol):
+    """uvicorn's wsproto protocol, which says why it closes, says when a handshake's client is gone and
+    writes room messages without a coroutine.
 
     wsproto reports a frame it cannot parse (a text frame that is no UTF-8: 1007; a bad frame: 1002) as
     if the client had closed with that code, and uvicorn then drops the connection with no close frame
@@ -85,7 +106,7 @@ class ChatWSProtocol(WSProtocol):
 
 
 def _ws_protocol(name):
-    return ChatWSProtocol if name == "wsproto" else name
+    return {"wsproto": ChatWSProtocol, "websockets-sansio": ChatSansIOProtocol}.get(name, name)
 
 
 class ChatUvicornWorker(UvicornWorker):
