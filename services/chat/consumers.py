@@ -7,6 +7,7 @@ import time
 
 from channels.generic.websocket import AsyncWebsocketConsumer
 from channels.consumer import get_handler_name
+from channels.exceptions import StopConsumer
 from django.conf import settings
 
 from channels_redis_cluster.consumer import LayerPushMixin
@@ -120,6 +121,11 @@ class ChatConsumer(LayerPushMixin, AsyncWebsocketConsumer):
             if message["type"] not in ("websocket.connect", "websocket.receive"):
                 raise
             await self.websocket_disconnect({"type": "websocket.disconnect", "code": 1006})
+
+    async def websocket_disconnect(self, message):
+        """Channels' websocket_disconnect without its close of old database connections (see dispatch)."""
+        await self.disconnect(message["code"])
+        raise StopConsumer()
 
     async def connect(self):
         self.room_name = self.scope["url_route"]["kwargs"]["room_name"]
