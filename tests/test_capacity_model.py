@@ -3,6 +3,7 @@
 import random
 
 from loadtest import capacity
+from loadtest.benchmark import cost_split
 
 REPORT = {
     "args": {"ws": "wsproto"},
@@ -16,6 +17,16 @@ def test_costs_are_read_from_the_report():
     costs = capacity.measured_costs(REPORT)
     assert costs["worker_cpu_us_per_delivery"] == 50.0  # 1.5 cores / 30,000 deliveries/s
     assert (costs["kib_per_socket"], costs["redis_us_per_send"], costs["redis_us_per_subscriber"]) == (18.0, 10.0, 2.0)
+
+
+def test_the_room_size_curve_splits_into_a_cost_per_recipient_and_per_message():
+    points = [{"room_size": n, "cpu_us_per_delivery": 20.0 + 500.0 / n} for n in (2, 10, 50, 500, 5000)]
+    assert cost_split(points) == {"per_recipient_us": 20.0, "per_message_us": 500.0}
+    # Relative errors: a small room's 10% error does not drag the per-recipient cost the way it would absolutely.
+    points[0]["cpu_us_per_delivery"] *= 1.1
+    split = cost_split(points)
+    assert abs(split["per_recipient_us"] - 20.0) < 0.5 and abs(split["per_message_us"] - 500.0) < 40  # absolute: 18.5 and 555
+    assert cost_split(points[:1]) is None
 
 
 def test_a_room_reaches_at_most_every_pod_and_at_most_one_pod_per_member():
