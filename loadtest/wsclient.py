@@ -103,16 +103,19 @@ class Socket(asyncio.Protocol):
             self.transport.close()
 
 
+def handshake_request(host, port, path, origin=None, subprotocol=None):
+    """The bytes of a WebSocket opening handshake for ws://host:port/path."""
+    key = base64.b64encode(os.urandom(16)).decode()
+    origin = origin or f"http://{host}:{port}"
+    protocol = f"Sec-WebSocket-Protocol: {subprotocol}\r\n" if subprotocol else ""
+    return (f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nOrigin: {origin}\r\n{protocol}\r\n").encode()
+
+
 async def connect(host, port, path, on_text, origin=None, subprotocol=None):
     """An open Socket to ws://host:port/path; its `served_by` is the handshake's X-Served-By."""
     loop = asyncio.get_running_loop()
     _, socket = await loop.create_connection(lambda: Socket(on_text), host, port)
-    key = base64.b64encode(os.urandom(16)).decode()
-    origin = origin or f"http://{host}:{port}"
-    protocol = f"Sec-WebSocket-Protocol: {subprotocol}\r\n" if subprotocol else ""
-    socket.transport.write(
-        f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nOrigin: {origin}\r\n{protocol}\r\n".encode()
-    )
+    socket.transport.write(handshake_request(host, port, path, origin, subprotocol))
     await asyncio.wait_for(socket.handshake, 30)
     return socket

@@ -1,9 +1,7 @@
 """Abuse limits through the whole ASGI app: messages per socket, sockets per worker, per identity."""
 
 import asyncio
-import base64
 import json
-import os
 import time
 
 from channels.testing import WebsocketCommunicator
@@ -14,6 +12,7 @@ from chat.limits import IdentityQuota, TokenBucket, WorkerSockets
 from chat.tokens import Identity, mint
 from conftest import ORIGIN, join
 from loadtest.member import Member, until
+from loadtest.wsclient import handshake_request
 
 SECRET = "s" * 40
 IDENTITY_ON = {"ALLOWED_HOSTS": ["testserver", "127.0.0.1"], "CHAT_IDENTITY": "nickname", "CHAT_TOKEN_SECRET": SECRET, "CHAT_TOKEN_AUDIENCE": "chat",
@@ -167,10 +166,7 @@ async def drop_handshake(stack, path, delay):
     """Send a WebSocket handshake for ``path`` and drop the connection ``delay`` seconds later, unanswered."""
     host, port = stack["url"].removeprefix("http://").split(":")
     reader, writer = await asyncio.open_connection(host, int(port))
-    key = base64.b64encode(os.urandom(16)).decode()
-    writer.write((f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nOrigin: {stack['url']}\r\nUpgrade: websocket\r\n"
-                  f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
-                  "Sec-WebSocket-Protocol: chat.v2\r\n\r\n").encode())
+    writer.write(handshake_request(host, port, path, subprotocol="chat.v2"))
     await writer.drain()
     await asyncio.sleep(delay)
     writer.transport.abort()

@@ -1,9 +1,7 @@
 """The worker's uvicorn protocols on a real socket (what uvicorn leaves unsaid or uncollected), and its gc callback."""
 
 import asyncio
-import base64
 import gc
-import os
 import weakref
 
 import pytest
@@ -12,12 +10,7 @@ from uvicorn.protocols.utils import ClientDisconnected
 from uvicorn.server import ServerState
 
 from chatsite.worker import ChatHttpToolsProtocol, ChatSansIOProtocol, ChatWSProtocol, FreezeAfterFullCollections
-
-
-def handshake(port):
-    key = base64.b64encode(os.urandom(16)).decode()
-    return (f"GET /ws/ HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode()
+from loadtest.wsclient import handshake_request
 
 
 async def test_the_http_protocol_of_an_upgraded_connection_is_freed_without_the_cyclic_collector():
@@ -43,7 +36,7 @@ async def test_the_http_protocol_of_an_upgraded_connection_is_freed_without_the_
     gc.disable()
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(handshake(port))
+        writer.write(handshake_request("127.0.0.1", port, "/ws/"))
         assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).startswith(b"HTTP/1.1 101")
         await asyncio.wait_for(accepted.wait(), 5)
         assert protocols and protocols[0]() is None, "the upgraded connection's HTTP protocol outlived its hand-over"
@@ -100,7 +93,7 @@ async def test_accepting_a_handshake_whose_client_is_gone_says_so(protocol_class
         lambda: protocols.append(protocol_class(config, state, {})) or protocols[-1], "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(handshake(port))
+    writer.write(handshake_request("127.0.0.1", port, "/ws/"))
     try:
         assert await asyncio.wait_for(outcome, 5) == "client gone"
         assert await asyncio.wait_for(reader.read(), 5) == b"", "nothing written to a socket being closed"
