@@ -16,6 +16,7 @@ from redis.exceptions import (
     ClusterDownError,
     NoScriptError,
     RedisClusterException,
+    RedisError,
     ResponseError,
     TryAgainError,
 )
@@ -71,11 +72,19 @@ def parse_hosts(hosts):
     return nodes, options
 
 
-def dedicated_connection(node):
-    """A connection to ``node`` outside the cluster pool, with no timeout: its owner watches it."""
+class NotReplicated(RedisError):
+    """A write its primary's replicas did not confirm in time: it was not published, and may be lost.
+
+    Not retried by the layer: without an idempotency key a second try could write the message twice.
+    """
+
+
+def dedicated_connection(node, connect_timeout, read_timeout=None):
+    """A connection to ``node`` outside the cluster pool; with no ``read_timeout`` its owner watches it."""
     kwargs = dict(node.connection_kwargs)
     kwargs["retry"] = Retry(NoBackoff(), 0)
-    kwargs["socket_timeout"] = None
+    kwargs["socket_timeout"] = read_timeout
+    kwargs["socket_connect_timeout"] = connect_timeout
     return node.connection_class(**kwargs)
 
 
@@ -185,11 +194,23 @@ class SharedSlotMap:
 
 
 class Topology:
-    """The cluster client plus coalesced slot-map refreshes after MOVED, failover or errors."""
+    """The cluster client's slot map, refreshed from what the nodes say of themselves.
 
-    def __init__(self, cluster: RedisCluster, slot_map: SharedSlotMap):
+    redis-py trusts the first node whose CLUSTER SLOTS covers every slot, and a primary cut off from
+    the rest of its cluster still claims its slots: a client that asks it keeps writing there while
+    the majority has promoted its replica. A refresh here asks every known node for CLUSTER NODES at
+    once and gives each slot to the primary that claims it with the highest config epoch, the rule the
+    cluster itself follows; each slot's replicas are those of that primary not marked failed.
+    ``changes`` counts the refreshes that moved a slot, so readers can tell when to follow.
+    """
+
+    def __init__(self, cluster: RedisCluster, slot_map: SharedSlotMap, command_timeout: float):
         self.cluster = cluster
         self.slot_map = slot_map
+        self.command_timeout = command_timeout
+        self.changes = 0
+        self.reached_at = None  # loop time of the last refresh that heard from a node
+        self._probes = {}  # node name -> a connection of its own for CLUSTER NODES
         self._refreshing = None
 
     async def start(self):
@@ -201,10 +222,19 @@ class Topology:
             return
         await self.cluster.initialize()
         self.slot_map.take(nodes_manager)
+        self.reached_at = asyncio.get_running_loop().time()
+
+    def nodes_for(self, name: bytes):
+        """``[primary, replica, ...]`` of the slot of ``name`` in the current slot map."""
+        return self.cluster.nodes_manager.slots_cache[self.cluster.keyslot(name)]
 
     def primary_for(self, name: bytes) -> ClusterNode:
         """The primary that owns the slot of ``name`` in the current slot map."""
         return self.cluster.get_node_from_key(name)
+
+    def replicas_for(self, name: bytes) -> int:
+        """How many replicas the primary of ``name``'s slot has that the cluster does not hold failed."""
+        return len(self.nodes_for(name)) - 1
 
     async def refresh(self):
         """Reload the slot map; concurrent callers share one reload."""
@@ -218,10 +248,101 @@ class Topology:
 
     async def _reload(self):
         try:
-            await self.cluster.nodes_manager.initialize()
-            self.slot_map.take(self.cluster.nodes_manager)
+            nodes_manager = self.cluster.nodes_manager
+            known = {**nodes_manager.startup_nodes, **nodes_manager.nodes_cache}
+            views = await asyncio.gather(*(self._ask(node) for node in known.values()), return_exceptions=True)
+            views = [view for view in views if isinstance(view, str)]
+            if not views:
+                raise RedisConnectionError("no node of the cluster answered CLUSTER NODES")
+            self.reached_at = asyncio.get_running_loop().time()
+            ranges = slot_ranges(views)
+            if ranges != self.slot_map.ranges:
+                self.slot_map.ranges = ranges
+                self.changes += 1
+            self.slot_map.give(nodes_manager)
         finally:
             self._refreshing = None
+
+    async def _ask(self, node):
+        connection = self._probes.get(node.name)
+        if connection is None:
+            connection = self._probes[node.name] = dedicated_connection(node, self.command_timeout, self.command_timeout)
+        try:
+            await connection.send_command("CLUSTER", "NODES", check_health=False)
+            reply = await connection.read_response()
+        except BaseException:
+            self._probes.pop(node.name, None)
+            await _disconnect(connection)
+            raise
+        return reply.decode() if isinstance(reply, bytes) else reply
+
+    async def close(self):
+        probes, self._probes = list(self._probes.values()), {}
+        for connection in probes:
+            await _disconnect(connection)
+
+
+def slot_ranges(views):
+    """The slot map of CLUSTER NODES replies: ``[(first, last, [(host, port, server_type), ...])]``.
+
+    Each slot goes to the primary claiming it with the highest config epoch (its own word first, then
+    what others say of a node that did not answer); its replicas are the nodes that call it their
+    primary and that no view marks failed (``fail``: agreed by a majority; ``fail?`` alone does not count).
+    """
+    nodes, own, failed = {}, set(), set()
+    for view in views:
+        for line in view.splitlines():
+            fields = line.split()
+            if len(fields) < 8:
+                continue
+            node_id, flags = fields[0], fields[2].split(",")
+            if "fail" in flags:
+                failed.add(node_id)
+            if "noaddr" in flags or "handshake" in flags or fields[1].startswith(":"):
+                continue
+            myself = "myself" in flags
+            if node_id in own and not myself:
+                continue
+            if myself:
+                own.add(node_id)
+            nodes[node_id] = (_address(fields[1]), "master" in flags, fields[3], int(fields[6]), fields[8:], myself)
+    owners = [None] * SharedSlotMap.SLOTS
+    claims = sorted(((epoch, myself, node_id, slots) for node_id, (_, master, _, epoch, slots, myself) in nodes.items()
+                     if master), key=lambda claim: claim[:2])
+    for _, _, node_id, slots in claims:  # ascending: the highest epoch is written last and wins
+        for item in slots:
+            if item.startswith("["):
+                continue  # a slot being migrated: its owner is listed as well
+            first, _, last = item.partition("-")
+            first, last = int(first), int(last or first)
+            owners[first:last + 1] = [node_id] * (last - first + 1)
+    replicas = collections.defaultdict(list)
+    for node_id, (address, master, primary, *_) in sorted(nodes.items()):
+        if not master and node_id not in failed:
+            replicas[primary].append(address)
+    ranges, first = [], 0
+    for slot in range(1, SharedSlotMap.SLOTS + 1):
+        if slot == SharedSlotMap.SLOTS or owners[slot] != owners[first]:
+            owner = owners[first]
+            if owner is not None:
+                members = [(*nodes[owner][0], "primary")] + [(*address, "replica") for address in replicas[owner]]
+                ranges.append((first, slot - 1, members))
+            first = slot
+    return ranges
+
+
+def _address(field):
+    """``(host, port)`` of a CLUSTER NODES address, ``ip:port@bus[,hostname]``: the hostname where one is set."""
+    endpoint, _, hostname = field.partition(",")
+    host, _, port = endpoint.partition("@")[0].rpartition(":")
+    return (hostname or host, int(port))
+
+
+async def _disconnect(connection):
+    try:
+        await connection.disconnect(nowait=True)
+    except Exception:  # noqa: BLE001 - the socket is being dropped either way
+        pass
 
 
 RUN_ID = re.compile(rb"run_id:(\w+)")
@@ -256,74 +377,113 @@ class NodePipeline:
     """One connection to one primary: commands from any task go out in batches, replies return in order.
 
     ``run_id`` is the server process this connection reached: it changes with every restart or
-    failover, and a connection cannot outlive the process it reached.
+    failover, and a connection cannot outlive the process it reached. A batch unanswered for
+    ``command_timeout`` seconds fails, and the connection with it: a node that swallows packets costs
+    its callers that long, not the minutes TCP would wait. Commands queued with ``replicas`` are
+    answered only once that many replicas confirmed them: the batch ends with one WAIT for all of them.
     """
 
-    def __init__(self, node: ClusterNode):
+    def __init__(self, node: ClusterNode, command_timeout: float, replica_timeout: float, stats=None):
         self.node = node
-        self.connection = dedicated_connection(node)
+        self.stats = stats
+        self.command_timeout = command_timeout
+        self.replica_timeout = replica_timeout
+        self.connection = dedicated_connection(node, command_timeout)
         self.pending = collections.deque()
         self.wakeup = asyncio.Event()
         self.closed = False
+        self.expired = False
         self.run_id = asyncio.get_running_loop().create_future()
-        self.run_id.add_done_callback(_retrieve)
+        self.run_id.add_done_callback(mark_retrieved)
         self.task = asyncio.ensure_future(self._run())
 
-    def execute(self, *args):
+    def execute(self, *args, replicas=0):
         """Queue one command; the returned future holds its reply or error."""
         future = asyncio.get_running_loop().create_future()
         if self.closed:
             future.set_exception(ConnectionError(f"pipeline to {self.node.name} is closed"))
             return future
-        self.pending.append((args, future))
+        self.pending.append((args, future, replicas))
         self.wakeup.set()
         return future
 
+    def _expire(self):
+        self.expired = True
+        self.task.cancel()
+
     async def _run(self):
         batch = []
+        loop = asyncio.get_running_loop()
+        timer = loop.call_later(self.command_timeout, self._expire)
         try:
             await self.connection.connect()
             await self.connection.send_command("INFO", "server", check_health=False)
             self.run_id.set_result(RUN_ID.search(await self.connection.read_response()).group(1))
+            timer.cancel()
             while True:
                 await self.wakeup.wait()
                 self.wakeup.clear()
                 batch = list(self.pending)
                 self.pending.clear()
-                packed = pack_commands(args for args, _ in batch)
-                await self.connection.send_packed_command(packed, check_health=False)
-                for _, future in batch:
+                if not batch:
+                    continue
+                commands = [args for args, _, _ in batch]
+                replicas = max(wanted for _, _, wanted in batch)
+                if replicas:
+                    commands.append(("WAIT", replicas, int(self.replica_timeout * 1000)))
+                timer = loop.call_later(self.command_timeout + (self.replica_timeout if replicas else 0), self._expire)
+                await self.connection.send_packed_command(pack_commands(commands), check_health=False)
+                held = []  # replies that wait for the WAIT's answer
+                for _, future, wanted in batch:
                     try:
                         reply = await self.connection.read_response()
                     except ResponseError as exc:
                         reply = exc
-                    if not future.done():
+                    if wanted and not isinstance(reply, ResponseError):
+                        held.append((future, wanted, reply))
+                    elif not future.done():
                         if isinstance(reply, ResponseError):
                             future.set_exception(reply)
                         else:
                             future.set_result(reply)
+                if replicas:
+                    try:
+                        acked = await self.connection.read_response()
+                    except ResponseError as exc:  # a node that is a replica now: the writes went nowhere
+                        acked = exc
+                    for future, wanted, reply in held:
+                        if future.done():
+                            continue
+                        if isinstance(acked, ResponseError):
+                            future.set_exception(acked)
+                        elif acked >= wanted:
+                            future.set_result(reply)
+                        else:
+                            future.set_exception(NotReplicated(
+                                f"{acked} of {wanted} replicas of {self.node.name} confirmed within {self.replica_timeout}s"))
+                timer.cancel()
                 batch = []
         except asyncio.CancelledError:
-            error = ConnectionError(f"pipeline to {self.node.name} closed")
-            raise
+            if not self.expired:
+                error = ConnectionError(f"pipeline to {self.node.name} closed")
+                raise
+            error = RedisTimeoutError(f"{self.node.name} did not answer within {self.command_timeout}s")
+            if self.stats is not None:
+                self.stats.inc("command_deadlines")
+            logger.warning("pipeline to %s failed: %s", self.node.name, error)
         except BaseException as exc:  # noqa: BLE001 - every failure must reach the waiting callers
             error = exc if isinstance(exc, Exception) else ConnectionError(str(exc))
             logger.warning("pipeline to %s failed: %s", self.node.name, exc)
         finally:
+            timer.cancel()
             self.closed = True
             if not self.run_id.done():
                 self.run_id.set_exception(error)
-            for _, future in [*batch, *self.pending]:
+            for _, future, _ in [*batch, *self.pending]:
                 if not future.done():
                     future.set_exception(error)
             self.pending.clear()
-            await self._disconnect()
-
-    async def _disconnect(self):
-        try:
-            await self.connection.disconnect(nowait=True)
-        except Exception:  # noqa: BLE001 - the socket is being dropped either way
-            pass
+            await _disconnect(self.connection)
 
     async def close(self):
         """Stop the pipeline and fail whatever is still queued."""
@@ -334,7 +494,7 @@ class NodePipeline:
             pass
 
 
-def _retrieve(future):
+def mark_retrieved(future):
     """Mark a future's exception as seen: nobody may be waiting for it."""
     if not future.cancelled():
         future.exception()
@@ -343,23 +503,31 @@ def _retrieve(future):
 class Publisher:
     """Sends single-slot commands through the pipeline of the slot's primary, retrying across failover."""
 
-    def __init__(self, topology: Topology, retry_timeout: float):
+    def __init__(self, topology: Topology, retry_timeout: float, command_timeout: float, replica_timeout: float,
+                 stats=None):
         self.topology = topology
+        self.stats = stats
         self.retry_timeout = retry_timeout
+        self.command_timeout = command_timeout
+        self.replica_timeout = replica_timeout
         self.pipelines = {}
 
     def _pipeline(self, node):
         pipeline = self.pipelines.get(node.name)
         if pipeline is None or pipeline.closed:
-            pipeline = self.pipelines[node.name] = NodePipeline(node)
+            pipeline = self.pipelines[node.name] = NodePipeline(node, self.command_timeout, self.replica_timeout, self.stats)
         return pipeline
 
     async def execute(self, slot_key: bytes, *args):
         """Run a command on the primary that owns ``slot_key``; retry until ``retry_timeout`` passes."""
         return await self.execute_as(slot_key, lambda run_id: args)
 
-    async def execute_as(self, slot_key: bytes, command):
-        """Run ``command(run_id)`` on the primary that owns ``slot_key``, ``run_id`` naming its server process."""
+    async def execute_as(self, slot_key: bytes, command, replicated=False):
+        """Run ``command(run_id)`` on the primary that owns ``slot_key``, ``run_id`` naming its server process.
+
+        ``replicated``: answer only once every replica the slot map gives that primary holds the write
+        (``NotReplicated`` otherwise, not retried); a primary with none answers at once.
+        """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.retry_timeout
         delay = 0.02
@@ -367,7 +535,9 @@ class Publisher:
             try:
                 pipeline = self._pipeline(self.topology.primary_for(slot_key))
                 run_id = pipeline.run_id
-                return await pipeline.execute(*command(run_id.result() if run_id.done() else await run_id))
+                replicas = self.topology.replicas_for(slot_key) if replicated else 0
+                return await pipeline.execute(*command(run_id.result() if run_id.done() else await run_id),
+                                              replicas=replicas)
             except RETRYABLE:
                 if loop.time() + delay > deadline:
                     raise
@@ -392,7 +562,7 @@ class Script:
         self.source = source
         self.sha = hashlib.sha1(source.encode()).hexdigest()
 
-    async def __call__(self, publisher, keys, *args):
+    async def __call__(self, publisher, keys, *args, replicated=False):
         """Run on the primary of the keys' slot; ``WRITER`` among ``args`` becomes its server's run id."""
         if isinstance(keys, str):
             keys = (keys,)
@@ -401,6 +571,6 @@ class Script:
             return lambda run_id: (verb, script, len(keys), *keys, *(run_id if a is WRITER else a for a in args))
 
         try:
-            return await publisher.execute_as(keys[0].encode(), command("EVALSHA", self.sha))
+            return await publisher.execute_as(keys[0].encode(), command("EVALSHA", self.sha), replicated)
         except NoScriptError:
-            return await publisher.execute_as(keys[0].encode(), command("EVAL", self.source))
+            return await publisher.execute_as(keys[0].encode(), command("EVAL", self.source), replicated)

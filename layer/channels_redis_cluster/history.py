@@ -1,20 +1,29 @@
 """Group history: a gapless offset and an epoch per group, its recent messages, and resuming from an offset.
 
-Everything of a group lives in the group's slot: a hash with the top offset, the epoch and the server
-process that wrote last; a list of entries (the oldest first, so an offset's index is derived from the
-top); and a sorted set of idempotency keys by offset. ``group_send`` runs one script that numbers,
-appends, trims and SPUBLISHes atomically, so the order on the shard channel is the order of offsets.
+Everything of a group lives in the group's slot: a hash with the top offset, the epoch, the server
+process that wrote last and the highest offset published; a list of entries (the oldest first, so an
+offset's index is derived from the top); and a sorted set of idempotency keys by offset.
+
+A message is written by one script and published by another, and only once its primary's replicas hold
+it (``WAIT`` between the two, see the layer's ``group_send``): a message any member received then
+survives a failover, whatever the partition. The publishing script publishes, in offset order, every
+entry after the highest one published up to the one asked, so the order on the shard channel is still
+the order of offsets when senders on several processes finish their waits out of order. Reads show
+entries up to the highest published only: an entry whose replication was never confirmed is never
+answered as history, and may vanish with a primary cut off from its replicas.
 
 The epoch changes whenever continuity may be lost: the hash is gone (expired, evicted, a node back
-empty), or another server process than the last writer runs the script (failover, restart, resharding).
-Un-replicated writes lost in a failover would otherwise hand their offsets out again under the same
-epoch. Each earlier epoch (up to 16) keeps the highest offset that is the same message in the current
-one, so a client that stopped at or below it still resumes exactly.
+empty), or another server process than the last writer runs a script (failover, restart, resharding).
+Each earlier epoch (up to 16) keeps the highest offset that is the same message in the current one, so
+a client that stopped at or below it still resumes exactly. On such a change every entry the new server
+holds counts as published: members that never got one live see the gap at the next message and read it.
 """
 
 import fnmatch
 import re
 from typing import NamedTuple
+
+from . import wire
 
 # Lists whose entries start with their expiry time in milliseconds (13 ASCII digits), oldest first:
 # channel queues and group histories.
@@ -37,20 +46,29 @@ local function normal_members(queues, cutoff)
 end
 """
 
+EPOCH_CHARS, OFFSET_CHARS = wire.EPOCH_CHARS, wire.OFFSET_CHARS
+TIME_CHARS = 13
+# Each entry: its expiry time (ms, TIME_CHARS digits), the frame header its sender made (wire.HEADER_BYTES:
+# sender, sequence number, kind), then the message. Offsets and epochs are added when it is published.
+ENTRY_BODY = TIME_CHARS + wire.HEADER_BYTES
+
 # Keys of one group. KEYS[1]: the hash, KEYS[2]: the entries, KEYS[3]: the idempotency keys.
 # ARGV[1] the writer's run id, ARGV[2] an epoch if a new one is needed, ARGV[3] now (ms), ARGV[4] the
-# age bound (ms), ARGV[5] how long the hash outlives its last write (ms). Both scripts first bring the
+# age bound (ms), ARGV[5] how long the hash outlives its last write (ms). Every script first brings the
 # group up to date: create or rotate the epoch, and drop expired entries.
-_PROLOGUE = DROP_EXPIRED + """
+_PROLOGUE = DROP_EXPIRED + f"""
 local MAX_LINKS = 16
+local TIME_CHARS, ENTRY_BODY = {TIME_CHARS}, {ENTRY_BODY}
+""" + """
 local meta, log, keys = KEYS[1], KEYS[2], KEYS[3]
 local writer, fresh, now, age, keep = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
-local state = redis.call('HMGET', meta, 'top', 'epoch', 'writer')
+local state = redis.call('HMGET', meta, 'top', 'epoch', 'writer', 'published')
 local top, epoch, rotated = tonumber(state[1]), state[2], 0
+local published = tonumber(state[4]) or top
 if not top then
   redis.call('DEL', log, keys)
-  top, epoch, rotated = 0, fresh, 1
-  redis.call('HSET', meta, 'top', 0, 'epoch', epoch, 'writer', writer)
+  top, epoch, rotated, published = 0, fresh, 1, 0
+  redis.call('HSET', meta, 'top', 0, 'epoch', epoch, 'writer', writer, 'published', 0)
 elseif state[3] ~= writer then
   -- Each earlier epoch keeps the highest offset that is the same message in the new one.
   local fields = redis.call('HGETALL', meta)
@@ -64,8 +82,9 @@ elseif state[3] ~= writer then
     end
   end
   if links >= MAX_LINKS then redis.call('HDEL', meta, oldest) end
-  redis.call('HSET', meta, 'epoch', fresh, 'writer', writer, 'link:' .. epoch, top)
-  epoch, rotated = fresh, 1
+  -- What this server holds counts as published: a member that missed an entry sees the gap and reads it.
+  redis.call('HSET', meta, 'epoch', fresh, 'writer', writer, 'link:' .. epoch, top, 'published', top)
+  epoch, rotated, published = fresh, 1, top
 end
 drop_expired(log, now)
 """
@@ -78,22 +97,23 @@ local function outlive(key, ttl)
 end
 """
 
-# KEYS[4] the group's normal channels. ARGV[6] size, ARGV[7] shard channel, ARGV[8] frame prefix (sender,
-# sequence number, kind), ARGV[9] body, ARGV[10] idempotency key or '', ARGV[11] the membership cutoff.
+# KEYS[4] the group's normal channels. ARGV[6] size, ARGV[7] shard channel, ARGV[8] frame header (sender,
+# sequence number, kind), ARGV[9] body, ARGV[10] idempotency key or '', ARGV[11] the membership cutoff,
+# ARGV[12] '1' to publish at once (nothing waits for replicas), else '0' (PUBLISH_SCRIPT publishes it).
 # Returns {offset, epoch, rotated, duplicate, normal channels to push to}.
 SEND_SCRIPT = _PROLOGUE + NORMAL_MEMBERS + OUTLIVE + """
-local size, channel, prefix, body, key = tonumber(ARGV[6]), ARGV[7], ARGV[8], ARGV[9], ARGV[10]
+local size, channel, header, body, key = tonumber(ARGV[6]), ARGV[7], ARGV[8], ARGV[9], ARGV[10]
+local at_once = ARGV[12] == '1'
 if key ~= '' then
   local seen = redis.call('ZSCORE', keys, key)
   if seen then
-    -- Published already: only the sender's sequence number goes out, so no receiver counts a gap.
-    redis.call('SPUBLISH', channel, string.sub(prefix, 1, -2) .. 's')
+    -- Written already: only the sender's sequence number goes out, so no receiver counts a gap.
+    if at_once then redis.call('SPUBLISH', channel, string.sub(header, 1, -2) .. 's') end
     return {tonumber(seen), epoch, rotated, 1, {}}
   end
 end
 top = top + 1
-redis.call('HSET', meta, 'top', top)
-redis.call('RPUSH', log, string.format('%013d', now + age) .. body)
+redis.call('RPUSH', log, string.format('%013d', now + age) .. header .. body)
 local length = redis.call('LLEN', log)
 if length > size then
   redis.call('LTRIM', log, length - size, -1)
@@ -106,24 +126,54 @@ end
 redis.call('ZREMRANGEBYSCORE', keys, '-inf', top - length)
 outlive(log, age)
 outlive(meta, tonumber(keep))
-redis.call('SPUBLISH', channel, prefix .. epoch .. string.format('%016d', top) .. body)
+if at_once then
+  redis.call('HSET', meta, 'top', top, 'published', top)
+  redis.call('SPUBLISH', channel, header .. epoch .. string.format('%016d', top) .. body)
+else
+  redis.call('HSET', meta, 'top', top)
+end
 return {top, epoch, rotated, 0, normal_members(KEYS[4], ARGV[11])}
 """
 
+# ARGV[6] shard channel, ARGV[7] the offset to publish up to, ARGV[8] a frame to publish after them ('' for
+# none: a duplicate's header, so receivers count no gap in its sender's sequence). Publishes, in order,
+# every entry after the highest published up to ARGV[7]; each keeps the header its sender made.
+# Returns how many entries it published.
+PUBLISH_SCRIPT = _PROLOGUE + """
+local channel, upto, after = ARGV[6], math.min(tonumber(ARGV[7]), top), ARGV[8]
+local sent = 0
+if upto > published then
+  local first = top - redis.call('LLEN', log) + 1
+  local from = math.max(published + 1, first)
+  if from <= upto then
+    for i, entry in ipairs(redis.call('LRANGE', log, from - first, upto - first)) do
+      redis.call('SPUBLISH', channel, string.sub(entry, TIME_CHARS + 1, ENTRY_BODY) .. epoch
+        .. string.format('%016d', from + i - 1) .. string.sub(entry, ENTRY_BODY + 1))
+      sent = sent + 1
+    end
+  end
+  redis.call('HSET', meta, 'published', upto)
+end
+if after ~= '' then redis.call('SPUBLISH', channel, after) end
+return sent
+"""
+
 # ARGV[6] since ('' for a fresh join), ARGV[7] the epoch of since, ARGV[8] how many of the latest
-# entries a fresh join wants. Returns {top, epoch, first offset returned, recovered, rotated, entries}.
+# entries a fresh join wants. Only published entries are shown: the top a reader learns is the highest one.
+# Returns {top, epoch, first offset returned, recovered, rotated, entries}.
 READ_SCRIPT = _PROLOGUE + """
 local since, since_epoch, last = tonumber(ARGV[6]), ARGV[7], tonumber(ARGV[8])
 if rotated == 1 then redis.call('PEXPIRE', meta, keep) end
 local first = top - redis.call('LLEN', log) + 1
+local shown = published
 local from, recovered
 if not since then
-  from, recovered = math.max(first, top - last + 1), 1
+  from, recovered = math.max(first, shown - last + 1), 1
 else
   local fork = tonumber(redis.call('HGET', meta, 'link:' .. since_epoch))
   if since_epoch == epoch or (fork and since <= fork) then
-    if since > top then
-      from, recovered = top + 1, 0
+    if since > shown then
+      from, recovered = shown + 1, 0
     else
       from = math.max(first, since + 1)
       recovered = (from == since + 1) and 1 or 0
@@ -135,12 +185,11 @@ else
     from, recovered = first, 0
   end
 end
-return {top, epoch, from, recovered, rotated, redis.call('LRANGE', log, from - first, -1)}
+local entries = {}
+if from <= shown then entries = redis.call('LRANGE', log, from - first, shown - first) end
+return {shown, epoch, from, recovered, rotated, entries}
 """
 
-EPOCH_CHARS = 16
-OFFSET_CHARS = 16
-TIME_CHARS = 13
 # Keys the layer adds to every group message that has an offset; namespaced so no app field is touched.
 OFFSET = "__offset__"
 EPOCH = "__epoch__"

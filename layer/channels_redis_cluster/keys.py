@@ -28,9 +28,12 @@ class KeyScheme:
         return f"{{{self.prefix}:g:{group}}}:queues"
 
     def group_history(self, group: str) -> list:
-        """The keys of a group's history, in the group's slot: top/epoch hash, entries, idempotency keys."""
+        """The keys of a group's history, in the group's slot: offsets hash, entries, idempotency keys.
+
+        Entries carry their frame's header; the names differ from those of layers whose entries did not,
+        so an upgrade starts each history anew (a resume across it is told ``recovered: false``)."""
         tag = f"{{{self.prefix}:g:{group}}}"
-        return [f"{tag}:history", f"{tag}:log", f"{tag}:keys"]
+        return [f"{tag}:offsets", f"{tag}:entries", f"{tag}:keys"]
 
     def group_presence(self, group: str) -> str:
         """Hash of a group's present members (member channel -> member id and name), in the group's slot."""

@@ -15,11 +15,32 @@ from channels_redis.serializers import registry
 from redis.asyncio.cluster import RedisCluster
 
 from . import history, presence
-from .cluster import RETRYABLE, WRITER, Publisher, Script, SharedCommandTable, SharedSlotMap, Topology, parse_hosts
+from .cluster import (
+    RETRYABLE,
+    WRITER,
+    NotReplicated,
+    Publisher,
+    Script,
+    SharedCommandTable,
+    SharedSlotMap,
+    Topology,
+    parse_hosts,
+)
 from .keys import KeyScheme, shared
 from .local import LocalChannels
 from .metrics import LayerStats
 from .subscriber import ShardedSubscriber
+from .wire import (
+    EPOCH_END,
+    HEADER_BYTES,
+    NUMBERED,
+    OFFSET_END,
+    PLAIN,
+    REREAD,
+    SENDER_BYTES,
+    SEQ_END,
+    SKIPPED,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -53,18 +74,11 @@ return 1
 
 # A group message without history: one SPUBLISH reaches the processes that hold members; the group's
 # normal channels come back, for the sender to push to. KEYS[1] the normal channels, ARGV[3] the cutoff.
-PUBLISH_SCRIPT = history.NORMAL_MEMBERS + """
+PLAIN_GROUP_SCRIPT = history.NORMAL_MEMBERS + """
 redis.call('SPUBLISH', ARGV[1], ARGV[2])
 return normal_members(KEYS[1], ARGV[3])
 """
 
-SENDER_BYTES = 12  # hex client prefix of the sending process, then an 8-byte sequence number, then a kind
-SEQ_END = SENDER_BYTES + 8
-HEADER_BYTES = SEQ_END + 1
-# Kinds: a message; one with epoch and offset; none (a duplicate); a presence change watchers must read again.
-PLAIN, NUMBERED, SKIPPED, REREAD = b"p", b"h", b"s", b"r"
-EPOCH_END = HEADER_BYTES + history.EPOCH_CHARS
-OFFSET_END = EPOCH_END + history.OFFSET_CHARS
 BLOCK_SECONDS = 1  # BLPOP timeout; far below socket_timeout so the two never race
 ECHO_SECONDS = 1.0  # the longest a group_send waits for its own message to reach this process's members
 SWEEP_SECONDS = 30.0
@@ -73,8 +87,9 @@ SWEEP_SECONDS = 30.0
 _push = Script(PUSH_SCRIPT)
 _add_member = Script(ADD_MEMBER_SCRIPT)
 _discard_member = Script(DISCARD_MEMBER_SCRIPT)
-_publish_group = Script(PUBLISH_SCRIPT)
+_publish_group = Script(PLAIN_GROUP_SCRIPT)
 _send_numbered = Script(history.SEND_SCRIPT)
+_publish_numbered = Script(history.PUBLISH_SCRIPT)
 _read_history = Script(history.READ_SCRIPT)
 
 
@@ -120,13 +135,15 @@ class _LoopState:
             **options,
         )
         self.cluster.commands_parser = SharedCommandTable(layer.command_table)
-        self.topology = Topology(self.cluster, layer.slot_map)
-        self.publisher = Publisher(self.topology, layer.retry_timeout)
+        self.topology = Topology(self.cluster, layer.slot_map, layer.command_timeout)
+        self.publisher = Publisher(self.topology, layer.retry_timeout, layer.command_timeout, layer.replica_timeout, layer.stats)
         self.subscriber = ShardedSubscriber(
             self.topology,
             self.on_message,
             retry_timeout=layer.retry_timeout,
             health_interval=layer.health_interval,
+            command_timeout=layer.command_timeout,
+            follow_interval=layer.follow_interval,
             stats=layer.stats,
             on_moved=self.on_moved,
         )
@@ -185,15 +202,25 @@ class _LoopState:
         return key
 
     async def await_echo(self, key):
-        """Wait for a frame's return; bounded, since a subscription that moved meanwhile never echoes it."""
+        """Wait for a frame's return; bounded, since a subscription that moved meanwhile never echoes it.
+
+        An echo that never came says the subscription is not where the message went: the slot map is
+        read again and subscriptions follow it, so the next sends do not wait for echoes that cannot come.
+        """
         future = self.echoes.get(key)
         if future is not None and not future.done():
             # A timer instead of asyncio.wait_for, which costs a task's worth of futures per group_send.
             timer = self.loop.call_later(ECHO_SECONDS, _set_if_pending, future)
             try:
-                await future
+                if await future is ECHO_MISSED:
+                    self.background(self.recheck())
             finally:
                 timer.cancel()
+
+    async def recheck(self):
+        """Read the slot map again and move the subscriptions it moved."""
+        await self.topology.refresh()
+        self.subscriber.follow()
 
     def frame(self, shard_channel, body=b"", kind=PLAIN):
         """Prefix ``body`` with this sender's id, its next number on ``shard_channel`` and the frame's kind."""
@@ -405,6 +432,7 @@ class _LoopState:
             self.listening.cancel()
         await self.subscriber.close()
         await self.publisher.close()
+        await self.topology.close()
         await self.cluster.aclose()
         # aclose() closes nothing while redis-py waits to re-initialise after a failure: close the nodes anyway.
         await self.cluster.nodes_manager.aclose()
@@ -441,7 +469,11 @@ class RedisClusterChannelLayer(BaseChannelLayer):
         retry_timeout=20.0,
         socket_timeout=5.0,
         max_connections=100,
-        health_interval=5.0,
+        health_interval=1.0,
+        command_timeout=2.0,
+        follow_interval=1.0,
+        replicate_before_publish=True,
+        replica_timeout=0.5,
         history_size=0,
         history_age=300,
         group_history=None,
@@ -457,6 +489,10 @@ class RedisClusterChannelLayer(BaseChannelLayer):
         self.socket_timeout = socket_timeout
         self.max_connections = max_connections
         self.health_interval = health_interval
+        self.command_timeout = command_timeout
+        self.follow_interval = follow_interval
+        self.replicate_before_publish = replicate_before_publish
+        self.replica_timeout = replica_timeout
         self.presence_timeout = presence_timeout
         self.stats = LayerStats()
         self._serializer = registry.get_serializer(
@@ -672,10 +708,21 @@ class RedisClusterChannelLayer(BaseChannelLayer):
                 body = self.serialize(message)
                 frame = state.frame(channel, kind=NUMBERED)
                 echo = state.expect_echo(channel)
-                offset, epoch, rotated, duplicate, queued = await _send_numbered(
-                    state.publisher, [*self.keys.group_history(group), self.keys.group_queues(group)],
-                    *self._history_args(bound), bound.size, channel, frame, body, idempotency_key or "", cutoff,
-                )
+                keys, args = self.keys.group_history(group), self._history_args(bound)
+                replicated = self.replicate_before_publish
+                try:
+                    offset, epoch, rotated, duplicate, queued = await _send_numbered(
+                        state.publisher, [*keys, self.keys.group_queues(group)], *args, bound.size, channel, frame,
+                        body, idempotency_key or "", cutoff, "0" if replicated else "1", replicated=replicated,
+                    )
+                except NotReplicated:
+                    self.stats.inc("not_replicated")
+                    state.background(state.topology.refresh())  # the slot may have a new primary by now
+                    raise
+                if replicated:
+                    # Now that its replicas hold it: this and any entry before it not published yet go out, in order.
+                    skipped = frame[:SEQ_END] + SKIPPED if duplicate else b""
+                    await _publish_numbered(state.publisher, keys, *args, channel, offset, skipped)
                 if rotated:
                     self.stats.inc("epoch_rotations")
                 if duplicate:
@@ -817,7 +864,7 @@ class RedisClusterChannelLayer(BaseChannelLayer):
         current = shared(current.decode())  # callers keep it per channel: one string per epoch
         messages = []
         for offset, entry in enumerate(entries, first):
-            message = self.deserialize(entry[history.TIME_CHARS:])
+            message = self.deserialize(entry[history.ENTRY_BODY:])
             message[history.OFFSET], message[history.EPOCH] = offset, current
             messages.append(message)
         return history.GroupHistory(messages, top, current, bool(recovered))
@@ -842,8 +889,14 @@ class RedisClusterChannelLayer(BaseChannelLayer):
         return [member.decode() for member in members]
 
     async def ready(self):
-        """Raise unless this process holds the cluster's slot map; other primaries' health is not asked."""
-        await self._state()
+        """Raise unless this process holds the cluster's slot map and heard from a node of the cluster lately
+        (within ``follow_interval + command_timeout``); each primary's health is not asked."""
+        state = await self._state()
+        topology, now = state.topology, state.loop.time()
+        if topology.reached_at is None or now - topology.reached_at > self.follow_interval:
+            await topology.refresh()
+        if topology.reached_at is None or now - topology.reached_at > self.follow_interval + self.command_timeout:
+            raise ConnectionError("no node of the Redis Cluster answered lately")
 
     async def flush(self):
         """Delete every key of this prefix in the cluster and forget local channels and groups."""
@@ -873,6 +926,9 @@ class RedisClusterChannelLayer(BaseChannelLayer):
             await state.close()
 
 
+ECHO_MISSED = object()  # what an echo's future holds when its timer ran out first
+
+
 def _set_if_pending(future):
     if not future.done():
-        future.set_result(None)
+        future.set_result(ECHO_MISSED)

@@ -21,6 +21,9 @@ EVENTS = {
     "presence_restored": "Presence entries of this process written again after Redis lost them (a failover, a lost lease)",
     "presence_reaped": "Presence entries of processes whose lease ended, removed by this one",
     "duplicates_suppressed": "Group sends not published again because their idempotency key was in the history",
+    "not_replicated": "Group sends with history refused because their primary's replicas did not confirm them in time",
+    "command_deadlines": "Connections to a node dropped because a command or a subscription went unanswered past its deadline",
+    "subscriptions_followed": "Shard subscriptions moved because the slot map gave their slot to another primary",
 }
 
 _exported = (

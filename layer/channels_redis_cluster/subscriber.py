@@ -1,4 +1,10 @@
-"""Sharded pub/sub: one SSUBSCRIBE connection and one reader per primary, moved after failover or resharding."""
+"""Sharded pub/sub: one SSUBSCRIBE connection and one reader per primary, moved after failover or resharding.
+
+A subscription follows its slot's owner in the slot map, refreshed every ``follow_interval``: a primary
+cut off from its cluster keeps answering and keeps the subscription open, so a lost connection alone
+would leave a room dark until the cut heals. A connection that answers nothing (not even the PING sent
+every ``health_interval``) for ``health_interval + command_timeout`` is dropped and its channels move.
+"""
 
 import asyncio
 import collections
@@ -6,7 +12,7 @@ import logging
 
 from redis.exceptions import ResponseError
 
-from .cluster import RETRYABLE, Topology, dedicated_connection
+from .cluster import RETRYABLE, Topology, mark_retrieved, dedicated_connection
 
 logger = logging.getLogger(__name__)
 
@@ -20,7 +26,7 @@ class _NodeReader:
         self.channels = set()
         # Replies to SSUBSCRIBE/SUNSUBSCRIBE come back in the order the commands went out.
         self.replies = collections.deque()
-        self.connection = dedicated_connection(node)
+        self.connection = dedicated_connection(node, owner.command_timeout)
         self.closed = False
         self.last_seen = 0.0
         self.tasks = []
@@ -41,6 +47,14 @@ class _NodeReader:
         await self.connection.send_command(verb, channel, check_health=False)
         await future
 
+    def forget(self, channel):
+        """Stop reading ``channel`` here at once; the server is told, but nothing waits for its answer
+        (a node that no longer owns the slot may not answer at all)."""
+        self.channels.discard(channel)
+        if not self.closed:
+            unsubscribed = asyncio.ensure_future(self.command(b"SUNSUBSCRIBE", channel))
+            unsubscribed.add_done_callback(mark_retrieved)
+
     async def _read(self):
         error = ConnectionError(f"subscriber for {self.node.name} closed")
         loop = asyncio.get_running_loop()
@@ -55,7 +69,8 @@ class _NodeReader:
                 self.last_seen = loop.time()
                 kind = reply[0]
                 if kind == b"smessage":
-                    on_message(reply[1], reply[2])
+                    if reply[1] in self.channels:  # not a channel that moved to another node meanwhile
+                        on_message(reply[1], reply[2])
                 elif kind == b"ssubscribe":
                     self.channels.add(reply[1])
                     self._answer(b"SSUBSCRIBE", None)
@@ -97,11 +112,13 @@ class _NodeReader:
     async def _watch(self):
         """PING now and then: a half-open connection shows as silence, then is dropped."""
         interval = self.owner.health_interval
+        silence = interval + self.owner.command_timeout
         loop = asyncio.get_running_loop()
         while not self.closed:
             await asyncio.sleep(interval)
-            if loop.time() - self.last_seen > 3 * interval:
+            if loop.time() - self.last_seen > silence:
                 logger.warning("shard subscriber for %s silent, reconnecting", self.node.name)
+                self.owner.stats.inc("command_deadlines")
                 self.silent = True
                 self.tasks[0].cancel()
                 return
@@ -127,13 +144,18 @@ class _NodeReader:
 class ShardedSubscriber:
     """Keeps a set of shard channels subscribed on whichever primary owns each one's slot."""
 
-    def __init__(self, topology: Topology, on_message, *, retry_timeout, health_interval, stats, on_moved=None):
+    def __init__(self, topology: Topology, on_message, *, retry_timeout, health_interval, command_timeout,
+                 follow_interval, stats, on_moved=None):
         self.topology = topology
         self.on_message = on_message
         self.on_moved = on_moved  # called with a channel once it is subscribed again after a loss
         self.retry_timeout = retry_timeout
         self.health_interval = health_interval
+        self.command_timeout = command_timeout
+        self.follow_interval = follow_interval
         self.stats = stats
+        self._follower = None
+        self._followed = None  # the topology's change count the subscriptions were last checked against
         self.wanted = set()
         self.readers = {}
         self._reader_locks = collections.defaultdict(asyncio.Lock)
@@ -142,14 +164,40 @@ class ShardedSubscriber:
         self._mover = None
         self.closed = False
 
-    @property
-    def settled(self):
-        """True when every wanted channel is subscribed on a live connection."""
-        return not self._moving
-
     def holds(self, channel: bytes):
-        """True when ``channel`` is subscribed on a live connection now."""
-        return any(channel in reader.channels and not reader.closed for reader in self.readers.values())
+        """True when ``channel`` is subscribed on a live connection to the primary the slot map names."""
+        try:
+            owner = self.topology.primary_for(channel).name
+        except RETRYABLE:
+            return False
+        reader = self.readers.get(owner)
+        return reader is not None and channel in reader.channels and not reader.closed
+
+    async def _follow(self):
+        """Refresh the slot map every ``follow_interval`` and move what it moved."""
+        while not self.closed:
+            await asyncio.sleep(self.follow_interval)
+            await self.topology.refresh()
+            self.follow()
+
+    def follow(self):
+        """Move every subscription held on another node than its slot's primary in the slot map."""
+        if self._followed == self.topology.changes:
+            return
+        self._followed = self.topology.changes
+        moved = []
+        for reader in list(self.readers.values()):
+            for channel in list(reader.channels):
+                try:
+                    owner = self.topology.primary_for(channel).name
+                except RETRYABLE:
+                    continue
+                if owner != reader.node.name:
+                    moved.append(channel)
+        if moved:
+            logger.info("%d shard subscriptions follow their slots to new primaries", len(moved))
+            self.stats.inc("subscriptions_followed", len(moved))
+            self.relocate(moved)
 
     async def subscribe(self, channel: bytes):
         """Subscribe ``channel``; returns once the owning primary confirmed it."""
@@ -195,7 +243,7 @@ class ShardedSubscriber:
         if holder is not None and holder.node.name == node.name and not holder.closed:
             return
         if holder is not None and not holder.closed:
-            await holder.command(b"SUNSUBSCRIBE", channel)
+            holder.forget(channel)
         reader = await self._reader(node)
         await reader.command(b"SSUBSCRIBE", channel)
 
@@ -209,6 +257,8 @@ class ShardedSubscriber:
                 reader = _NodeReader(self, node)
                 await reader.start()
                 self.readers[node.name] = reader
+                if self._follower is None or self._follower.done():
+                    self._follower = asyncio.ensure_future(self._follow())
         return reader
 
     def reader_lost(self, reader):
@@ -250,8 +300,9 @@ class ShardedSubscriber:
     async def close(self):
         """Close every subscriber connection."""
         self.closed = True
-        if self._mover is not None:
-            self._mover.cancel()
+        for task in (self._mover, self._follower):
+            if task is not None:
+                task.cancel()
         readers, self.readers = list(self.readers.values()), {}
         for reader in readers:
             await reader.close()

@@ -1,0 +1,16 @@
+"""The pub/sub frame every process reads: a header of the sender, its sequence number and a kind, then the body.
+
+A numbered frame (a group message with history) carries the group's epoch and the message's offset
+between the header and the body. History entries keep their frame's header, so any process can publish
+an entry as its sender framed it (history.PUBLISH_SCRIPT).
+"""
+
+SENDER_BYTES = 12  # hex client prefix of the sending process, then an 8-byte sequence number, then a kind
+SEQ_END = SENDER_BYTES + 8
+HEADER_BYTES = SEQ_END + 1
+# Kinds: a message; one with epoch and offset; none (a duplicate); a presence change watchers must read again.
+PLAIN, NUMBERED, SKIPPED, REREAD = b"p", b"h", b"s", b"r"
+EPOCH_CHARS = 16
+OFFSET_CHARS = 16
+EPOCH_END = HEADER_BYTES + EPOCH_CHARS
+OFFSET_END = EPOCH_END + OFFSET_CHARS
