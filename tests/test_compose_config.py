@@ -112,3 +112,12 @@ def test_ingress_balances_round_robin_with_no_affinity():
     assert any(d.startswith("timeout tunnel") for d in directives)
     assert any(d.startswith("server-template chat") and "resolvers" not in d for d in directives)
     assert any("resolvers docker" in d for d in directives if d.startswith("default-server"))
+
+
+def test_ingress_keeps_a_draining_replicas_sockets_and_closes_a_broken_ones():
+    haproxy = (ROOT / "docker" / "haproxy.cfg").read_text()
+    directives = [line.split("#")[0].strip() for line in haproxy.splitlines() if line.split("#")[0].strip()]
+    # A drain answers the check with 404 (no new sessions, the open ones kept); anything else marks it down.
+    assert "http-check disable-on-404" in directives
+    assert any(d.startswith("http-check send") and "uri /readyz?drain=404" in d for d in directives)
+    assert any(d.startswith("default-server") and "on-marked-down shutdown-sessions" in d for d in directives)

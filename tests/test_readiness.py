@@ -91,3 +91,32 @@ async def test_a_primary_down_does_not_make_workers_unready(tmp_path):
         async with connect(f"{stack['ws']}/ws/chat/after-failover/", origin=stack["url"]) as client:
             await client.send(json.dumps({"message": "still here"}))
             assert json.loads(await asyncio.wait_for(client.recv(), 10))["message"] == "still here"
+
+
+async def test_a_draining_worker_says_so_on_the_internal_port_until_its_sockets_are_closed():
+    """SIGTERM: the public port stops taking connections, the internal one answers 503 (404 for a proxy
+    that asks with ?drain=404, so it keeps the open sockets, which the workers close spread out)."""
+    from test_rolling_restart import children, command_line
+
+    ops_port = free_port()
+    with local_stack(OPS_BIND=f"127.0.0.1:{ops_port}", DRAIN_SECONDS="8") as stack:
+        ops = f"http://127.0.0.1:{ops_port}"
+        ready_workers(f"{ops}/readyz", workers=3)
+        clients, served = [], set()
+        while len(served) < 3:
+            assert len(clients) < 60, f"sockets reached only {served}"
+            client = await connect(f"{stack['ws']}/ws/chat/drain-probe/", origin=stack["url"])
+            clients.append(client)
+            served.add(client.response.headers["X-Served-By"])
+        master = next(pid for pid in children(stack["process"].pid) if "gunicorn" in command_line(pid))
+        os.kill(master, signal.SIGTERM)
+        seen = set()
+        deadline = time.monotonic() + 8
+        while {503, 404} - seen and time.monotonic() < deadline:
+            seen.add(await asyncio.to_thread(status, f"{ops}/readyz"))
+            seen.add(await asyncio.to_thread(status, f"{ops}/readyz?drain=404"))
+        assert {503, 404} <= seen, seen
+        open_now = sum(1 for client in clients if client.close_code is None)
+        assert open_now > 0, "the probes saw the drain while sockets were still being closed"
+        for client in clients:
+            await client.close()

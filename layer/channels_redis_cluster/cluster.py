@@ -522,14 +522,15 @@ class Publisher:
         """Run a command on the primary that owns ``slot_key``; retry until ``retry_timeout`` passes."""
         return await self.execute_as(slot_key, lambda run_id: args)
 
-    async def execute_as(self, slot_key: bytes, command, replicated=False):
+    async def execute_as(self, slot_key: bytes, command, replicated=False, retry_timeout=None):
         """Run ``command(run_id)`` on the primary that owns ``slot_key``, ``run_id`` naming its server process.
 
         ``replicated``: answer only once every replica the slot map gives that primary holds the write
-        (``NotReplicated`` otherwise, not retried); a primary with none answers at once.
+        (``NotReplicated`` otherwise, not retried); a primary with none answers at once. Retried across
+        failovers for ``retry_timeout`` (the publisher's own by default).
         """
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.retry_timeout
+        deadline = loop.time() + (self.retry_timeout if retry_timeout is None else retry_timeout)
         delay = 0.02
         while True:
             try:
@@ -562,7 +563,7 @@ class Script:
         self.source = source
         self.sha = hashlib.sha1(source.encode()).hexdigest()
 
-    async def __call__(self, publisher, keys, *args, replicated=False):
+    async def __call__(self, publisher, keys, *args, replicated=False, retry_timeout=None):
         """Run on the primary of the keys' slot; ``WRITER`` among ``args`` becomes its server's run id."""
         if isinstance(keys, str):
             keys = (keys,)
@@ -571,6 +572,6 @@ class Script:
             return lambda run_id: (verb, script, len(keys), *keys, *(run_id if a is WRITER else a for a in args))
 
         try:
-            return await publisher.execute_as(keys[0].encode(), command("EVALSHA", self.sha), replicated)
+            return await publisher.execute_as(keys[0].encode(), command("EVALSHA", self.sha), replicated, retry_timeout)
         except NoScriptError:
-            return await publisher.execute_as(keys[0].encode(), command("EVAL", self.source), replicated)
+            return await publisher.execute_as(keys[0].encode(), command("EVAL", self.source), replicated, retry_timeout)

@@ -467,6 +467,7 @@ class RedisClusterChannelLayer(BaseChannelLayer):
         symmetric_encryption_keys=None,
         serializer_format="msgpack",
         retry_timeout=20.0,
+        send_retry_timeout=None,
         socket_timeout=5.0,
         max_connections=100,
         health_interval=1.0,
@@ -486,6 +487,7 @@ class RedisClusterChannelLayer(BaseChannelLayer):
         self.keys = KeyScheme(prefix)
         self.startup_nodes, self.redis_options = parse_hosts(hosts)
         self.retry_timeout = retry_timeout
+        self.send_retry_timeout = retry_timeout if send_retry_timeout is None else send_retry_timeout
         self.socket_timeout = socket_timeout
         self.max_connections = max_connections
         self.health_interval = health_interval
@@ -714,6 +716,7 @@ class RedisClusterChannelLayer(BaseChannelLayer):
                     offset, epoch, rotated, duplicate, queued = await _send_numbered(
                         state.publisher, [*keys, self.keys.group_queues(group)], *args, bound.size, channel, frame,
                         body, idempotency_key or "", cutoff, "0" if replicated else "1", replicated=replicated,
+                        retry_timeout=self.send_retry_timeout,
                     )
                 except NotReplicated:
                     self.stats.inc("not_replicated")
@@ -722,7 +725,8 @@ class RedisClusterChannelLayer(BaseChannelLayer):
                 if replicated:
                     # Now that its replicas hold it: this and any entry before it not published yet go out, in order.
                     skipped = frame[:SEQ_END] + SKIPPED if duplicate else b""
-                    await _publish_numbered(state.publisher, keys, *args, channel, offset, skipped)
+                    await _publish_numbered(state.publisher, keys, *args, channel, offset, skipped,
+                                            retry_timeout=self.send_retry_timeout)
                 if rotated:
                     self.stats.inc("epoch_rotations")
                 if duplicate:
@@ -893,8 +897,11 @@ class RedisClusterChannelLayer(BaseChannelLayer):
         (within ``follow_interval + command_timeout``); each primary's health is not asked."""
         state = await self._state()
         topology, now = state.topology, state.loop.time()
-        if topology.reached_at is None or now - topology.reached_at > self.follow_interval:
+        if topology.reached_at is None:
             await topology.refresh()
+        elif now - topology.reached_at > self.follow_interval:
+            # Judged by what is known now: a probe is not held up by nodes that do not answer.
+            state.background(topology.refresh())
         if topology.reached_at is None or now - topology.reached_at > self.follow_interval + self.command_timeout:
             raise ConnectionError("no node of the Redis Cluster answered lately")
 

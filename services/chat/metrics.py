@@ -43,3 +43,4 @@ FANOUT_LATENCY = Histogram(
     "From the sender's worker to the first write of a room message on a receiving worker (once per message and worker)",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
 )
+HANDED_OVER = Counter("chat_sockets_handed_over_total", "WebSockets this worker closed with 1012 because it could not reach Redis")

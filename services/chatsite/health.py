@@ -69,21 +69,33 @@ async def healthz(request):
     return HttpResponse("ok\n", content_type="text/plain")
 
 
+async def layer_ready():
+    """None when the channel layer holds the cluster's slot map and heard from the cluster lately, else why not."""
+    ready = getattr(get_channel_layer(), "ready", None)
+    if ready is None:
+        return None
+    try:
+        await asyncio.wait_for(ready(), READY_TIMEOUT)
+    except Exception as exc:  # noqa: BLE001 - any failure means not ready
+        return exc
+    return None
+
+
 async def readyz(request):
-    """Ready unless draining or this process never reached the cluster.
+    """Ready unless draining, or this process cannot reach the cluster (none of its nodes answered lately).
 
     Deliberately not a ping of every primary: one primary failing over would then empty the Service of
-    every pod at once. Redis trouble shows in the layer's metrics and alerts instead.
+    every pod at once. Redis trouble shows in the layer's metrics and alerts instead. ``?drain=404``
+    answers a drain with 404 instead of 503, for a proxy that tells the two apart: HAProxy's
+    ``disable-on-404`` keeps a draining worker's open sockets, which the worker closes itself, spread out.
     """
     if draining:
-        return HttpResponse("draining\n", status=503, content_type="text/plain")
-    ready = getattr(get_channel_layer(), "ready", None)
-    if ready is not None:
-        try:
-            await asyncio.wait_for(ready(), READY_TIMEOUT)
-        except Exception as exc:  # noqa: BLE001 - any failure means not ready
-            logger.warning("not ready: channel layer not connected: %r", exc)
-            return HttpResponse("channel layer not connected\n", status=503, content_type="text/plain")
+        status = 404 if request.GET.get("drain") == "404" else 503
+        return HttpResponse("draining\n", status=status, content_type="text/plain")
+    problem = await layer_ready()
+    if problem is not None:
+        logger.warning("not ready: channel layer cannot reach Redis: %r", problem)
+        return HttpResponse("channel layer not connected\n", status=503, content_type="text/plain")
     return HttpResponse("ready\n", content_type="text/plain")
 
 

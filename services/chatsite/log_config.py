@@ -5,10 +5,13 @@ import logging
 
 class ClientErrorsAreWarnings(logging.Filter):
     """A request refused with a 4xx (e.g. Django's DisallowedHost for a bad Host header) is the client's
-    error, not the site's: logged as one WARNING line, without the traceback Django attaches."""
+    error, not the site's: logged as one WARNING line, without the traceback Django attaches. So is a
+    readiness probe answered 503: the worker is draining or cannot reach Redis, said at WARNING already."""
 
     def filter(self, record):
-        if 400 <= getattr(record, "status_code", 0) < 500 and record.levelno > logging.WARNING:
+        status = getattr(record, "status_code", 0)
+        probe = status == 503 and getattr(getattr(record, "request", None), "path", None) == "/readyz"
+        if (400 <= status < 500 or probe) and record.levelno > logging.WARNING:
             record.levelno, record.levelname = logging.WARNING, "WARNING"
             record.exc_info = record.exc_text = None
         return True

@@ -111,7 +111,15 @@ def channel_layers():
             hosts = [{"address": host, "ssl_ca_certs": tls_ca} for host in hosts]
         # Room history, for resuming clients and recent messages on open; 0 turns it off.
         history = {"size": int(os.environ.get("CHAT_HISTORY_SIZE") or "500"), "age": int(os.environ.get("CHAT_HISTORY_AGE") or "300")}
-        config = {"hosts": hosts, "group_history": {"chat_*": history}, "presence_timeout": CHAT_PRESENCE_TIMEOUT, **common}
+        config = {"hosts": hosts, "group_history": {"chat_*": history}, "presence_timeout": CHAT_PRESENCE_TIMEOUT,
+                  # A room message is published once the replicas of its primary hold it (docs/failures.md);
+                  # off, it is published as it is written: faster, and lost with a primary cut off from its replica.
+                  "replicate_before_publish": env_bool("CHAT_REPLICATE_BEFORE_PUBLISH", True),
+                  # A sender told "unavailable" resends with its nonce; a send retried longer could land after
+                  # the room wrote more than its history holds, past the window that keeps a resend from
+                  # landing twice (500 messages: 10 s at 50/s). A send held up longer, by a failover too, is
+                  # refused and resent instead.
+                  "send_retry_timeout": 5.0, **common}
         return {"BACKEND": "channels_redis_cluster.RedisClusterChannelLayer", "CONFIG": config}
     if kind in ("redis", "redis-pubsub"):
         backend = "channels_redis.core.RedisChannelLayer" if kind == "redis" else "channels_redis.pubsub.RedisPubSubChannelLayer"

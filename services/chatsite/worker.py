@@ -30,23 +30,77 @@ logger = logging.getLogger(__name__)
 # Seconds over which a stopping worker closes its WebSockets (1012), so their clients do not all
 # reconnect in the same instant; below GRACEFUL_TIMEOUT, which ends the worker.
 DRAIN_SECONDS = float(os.environ.get("DRAIN_SECONDS", "10"))
+# A worker that cannot reach Redis is unready at once (within the layer's follow_interval + command_timeout,
+# 3 s); its WebSockets, which would receive nothing, are closed with 1012 after this many seconds more
+# (time for the ingress to stop sending it new ones) over HANDOVER_SPREAD_SECONDS, so their clients resume
+# on workers that can.
+HANDOVER_AFTER_SECONDS = float(os.environ.get("CHAT_HANDOVER_AFTER") or "2")
+HANDOVER_SPREAD_SECONDS = 2.0  # at most; at least 100 sockets a second
+HANDOVER_CHECK_SECONDS = 0.5
 WS_PROTOCOLS = "uvicorn.protocols.websockets."
 
 
 class DrainingServer(Server):
-    """Fails /readyz as soon as the stop signal arrives, then closes WebSockets spread over DRAIN_SECONDS."""
+    """Fails /readyz as soon as the stop signal arrives, then closes WebSockets spread over DRAIN_SECONDS;
+    hands its WebSockets over while it cannot reach Redis."""
 
     def handle_exit(self, sig, frame):
         health.start_draining()
         super().handle_exit(sig, frame)
 
+    async def startup(self, sockets=None):
+        await super().startup(sockets=sockets)
+        self.handing_over = asyncio.ensure_future(self.hand_over_while_cut_off())
+
+    def websockets(self):
+        return [c for c in self.server_state.connections
+                if any(kind.__module__.startswith(WS_PROTOCOLS) for kind in type(c).__mro__)]
+
+    async def hand_over_while_cut_off(self):
+        """Every HANDOVER_CHECK_SECONDS, ask the layer whether it reaches Redis; once it has not for HANDOVER_AFTER_SECONDS,
+        close the WebSockets held here (1012, as a drain does), and any that arrive while it stays cut off."""
+        from chat import metrics  # made in the worker, where the metrics directory exists
+
+        loop = asyncio.get_running_loop()
+        cut_off_since = None
+        while not self.should_exit and not health.draining:
+            await asyncio.sleep(HANDOVER_CHECK_SECONDS)
+            problem = await health.layer_ready()
+            if problem is None:
+                if cut_off_since is not None:
+                    logger.warning("Redis reached again after %.1f s: ready", loop.time() - cut_off_since)
+                cut_off_since = None
+                continue
+            if cut_off_since is None:
+                cut_off_since = loop.time()
+                logger.warning("cannot reach Redis (%r): not ready", problem)
+            if loop.time() - cut_off_since < HANDOVER_AFTER_SECONDS or health.draining:
+                continue
+            websockets = self.websockets()
+            if not websockets:
+                continue
+            logger.warning("cut off from Redis for %.1f s: handing %d WebSockets over (1012)",
+                           loop.time() - cut_off_since, len(websockets))
+            metrics.HANDED_OVER.inc(len(websockets))
+            step = min(HANDOVER_SPREAD_SECONDS / len(websockets), 0.01)
+            for connection in websockets:
+                if connection in self.server_state.connections and not health.draining:
+                    connection.shutdown()  # close code 1012 (service restart): the client resumes elsewhere
+                    await asyncio.sleep(step)
+
     async def shutdown(self, sockets=None):
+        if getattr(self, "handing_over", None) is not None:
+            self.handing_over.cancel()
+        # The public port stops taking connections; the internal one (OPS_BIND) answers until the end, so
+        # probes see the drain (503, or 404 for ?drain=404) rather than a refused connection.
+        ops = health.ops_port()
         for server in self.servers:
-            server.close()
+            if not any(_port_of(sock) == ops for sock in server.sockets):
+                server.close()
         for sock in sockets or []:
-            sock.close()
-        websockets = [c for c in self.server_state.connections
-                      if any(kind.__module__.startswith(WS_PROTOCOLS) for kind in type(c).__mro__)]
+            if _port_of(sock) != ops:
+                sock.close()
+        websockets = self.websockets()
         logger.info("draining %d WebSockets over %.1f s", len(websockets), DRAIN_SECONDS)
         step = DRAIN_SECONDS / max(len(websockets), 1)
         for connection in websockets:
@@ -54,6 +108,13 @@ class DrainingServer(Server):
                 connection.shutdown()  # close code 1012 (service restart): the client reconnects elsewhere
                 await asyncio.sleep(step)
         await super().shutdown()
+
+
+def _port_of(sock):
+    try:
+        return sock.getsockname()[1]
+    except (OSError, IndexError, TypeError):
+        return None
 
 
 class ChatHttpToolsProtocol(HttpToolsProtocol):

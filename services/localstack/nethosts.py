@@ -193,11 +193,15 @@ def enter(namespace):
 
 REDIS_PORT = 6379
 CHAT_PORT = 8000
+OPS_PORT = 9000  # readiness and metrics, as in deployments: never forwarded by the ingress
 INGRESS_PORT = 8080
+KEEPING_PORT = 8081  # the ingress frontend that keeps a marked-down server's sessions
 REDIS_HOSTS = [f"redis-{n}" for n in range(1, 7)]
 CHAT_HOSTS = ["chat-a", "chat-b"]
 HAPROXY_CONFIG = """\
-# The ingress host: HAProxy in front of the chat hosts, as the compose stack's, with faster checks.
+# The ingress host: HAProxy in front of the chat hosts, checked as the compose stack's are (docker/haproxy.cfg
+# says why), more often. A second frontend keeps the sessions of a server marked down, as most ingresses
+# do: there the chat worker's own handover (1012) is what moves them.
 global
     maxconn 8000
 defaults
@@ -210,15 +214,22 @@ defaults
     timeout server 60s
     timeout tunnel 1h
     timeout client-fin 5s
+    balance leastconn
+    option httpchk
+    http-check disable-on-404
+    http-check send meth GET uri /readyz?drain=404 ver HTTP/1.1 hdr Host localhost
+    http-check expect status 200
 frontend http
     bind {ingress}:{ingress_port}
     default_backend chat
+frontend keeps-sessions
+    bind {ingress}:{keeping_port}
+    default_backend chat-keeps-sessions
 backend chat
-    balance leastconn
-    option httpchk
-    http-check send meth GET uri /readyz ver HTTP/1.1 hdr Host localhost
-    http-check expect status 200
-    default-server check inter 500ms fall 2 rise 2
+    default-server check port {ops_port} inter 500ms fall 2 rise 2 on-marked-down shutdown-sessions
+{servers}
+backend chat-keeps-sessions
+    default-server check port {ops_port} inter 500ms fall 2 rise 2
 {servers}
 """
 
@@ -243,6 +254,11 @@ class PartitionStack:
     @property
     def ws(self):
         return f"ws://{self.hosts.address['ingress']}:{INGRESS_PORT}"
+
+    @property
+    def ws_keeping_sessions(self):
+        """The ingress frontend that leaves a marked-down server's sockets open."""
+        return f"ws://{self.hosts.address['ingress']}:{KEEPING_PORT}"
 
     def redis_nodes(self):
         return [f"{self.hosts.address[host]}:{REDIS_PORT}" for host in REDIS_HOSTS]
@@ -325,7 +341,7 @@ class PartitionStack:
             **os.environ, "CHANNEL_LAYER": "redis-cluster", "REDIS_CLUSTER_NODES": ",".join(self.redis_nodes()),
             "WEB_CONCURRENCY": str(self.workers_per_host), "BIND": f"{self.hosts.address[host]}:{CHAT_PORT}",
             "PYTHONPATH": str(services), "DJANGO_SETTINGS_MODULE": "chatsite.settings",
-            "DJANGO_ALLOWED_HOSTS": "*", "POD_NAME": host,
+            "DJANGO_ALLOWED_HOSTS": "*", "POD_NAME": host, "OPS_BIND": f"{self.hosts.address[host]}:{OPS_PORT}",
             "PROMETHEUS_MULTIPROC_DIR": str(self.workdir / f"metrics-{host}"), **self.env,
         }
         self.chat[host] = self.hosts.start(
@@ -333,27 +349,26 @@ class PartitionStack:
             log=self.log(host), cwd=services, env=env,
         )
 
-    def wait_chat_ready(self, host, timeout=60):
+    def chat_ready(self, host):
+        """True when the chat on ``host`` answers /readyz with 200 (call it on another host)."""
         import urllib.request
 
-        url = f"http://{self.hosts.address[host]}:{CHAT_PORT}/readyz"
+        if self.chat[host].poll() is not None:
+            raise RuntimeError(f"gunicorn on {host} exited: {self.log(host).read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(f"http://{self.hosts.address[host]}:{OPS_PORT}/readyz", timeout=2) as response:
+                return response.status == 200
+        except OSError:
+            return False
 
-        def ready():
-            if self.chat[host].poll() is not None:
-                raise RuntimeError(f"gunicorn on {host} exited: {self.log(host).read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(url, timeout=2) as response:
-                    return response.status == 200
-            except OSError:
-                return False
-
-        self._wait(lambda: self.hosts.call("client", ready), f"the chat on {host} to be ready", timeout)
+    def wait_chat_ready(self, host, timeout=60):
+        self._wait(lambda: self.hosts.call("client", self.chat_ready, host), f"the chat on {host} to be ready", timeout)
 
     def _start_ingress(self):
         servers = "\n".join(f"    server {host} {self.hosts.address[host]}:{CHAT_PORT}" for host in CHAT_HOSTS)
         config = self.workdir / "haproxy.cfg"
         config.write_text(HAPROXY_CONFIG.format(ingress=self.hosts.address["ingress"], ingress_port=INGRESS_PORT,
-                                                servers=servers))
+                                                keeping_port=KEEPING_PORT, ops_port=OPS_PORT, servers=servers))
         self.hosts.start("ingress", [shutil.which("haproxy") or "haproxy", "-db", "-f", str(config)], log=self.log("ingress"))
         import urllib.request
 
