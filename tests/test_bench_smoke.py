@@ -23,19 +23,25 @@ def test_benchmark_smoke_writes_the_report_with_every_part():
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     out = ROOT / "artifacts" / "bench"
     report = json.loads((out / "report.json").read_text())
-    assert set(report["backends"]) == {"redis-cluster", "redis-cluster-nohistory", "redis", "redis-pubsub", "ceiling"}
+    assert set(report["backends"]) == {"redis-cluster", "redis-cluster-nohistory", "redis-cluster-unreplicated", "redis",
+                                       "redis-pubsub", "ceiling"}
     ours = report["backends"]["redis-cluster"]
     assert ours["sustainable"]["delivered_ratio"] == 1.0 and ours["big_room"]["delivered_ratio"] == 1.0
     assert ours["overload"]["counted_drops"] == ours["overload"]["expected"] - ours["overload"]["delivered"]
     # Overload runs on chat.v2 members that resume when closed as too slow.
     assert {"resumes", "not_recovered", "duplicates"} <= set(ours["overload"]) and ours["overload"]["duplicates"] == 0
-    # One command per group_send, whatever else the connections do: the history script, or SPUBLISH without history.
+    # Commands per group_send, whatever else the connections do: with history, the write, a WAIT for the replica
+    # and the publish; published as written, one script; without history, one script that SPUBLISHes.
     commands = report["commands"]
-    assert all(r["by_command"] == {"evalsha": 1.0} for k, r in commands.items() if k.startswith("redis-cluster/"))
-    assert all(r["by_command"] == {"evalsha": 1.0} for k, r in commands.items() if k.startswith("redis-cluster-nohistory/"))
+    assert all(r["by_command"] == {"evalsha": 2.0, "wait": 1.0} for k, r in commands.items() if k.startswith("redis-cluster/"))
+    for layer in ("redis-cluster-unreplicated", "redis-cluster-nohistory"):
+        assert all(r["by_command"] == {"evalsha": 1.0} for k, r in commands.items() if k.startswith(f"{layer}/")), layer
     assert report["memory"]["chat/wsproto"]["kib_per_socket"] is not None
     met = {row["target"]: row["met"] for row in report["targets"]}
-    assert met["no silent drop at 2x overload"] and met["one Redis command per group_send, whatever the room size"]
+    assert met["no silent drop at 2x overload"]
+    assert met["a fixed number of Redis commands per group_send whatever the room size: 1 without waiting for replicas, "
+               "at most 3 with (write, WAIT, publish)"]
+    assert any(target.startswith("publishing a room message only once its replicas hold it") for target in met)
     assert "room history on costs at most 10% of the sustainable rate with it off" in met
     assert set(report["server_settings"]) == {"wsproto/uvloop"}
     # Synchronous callers: each call's loop takes its connections with it.
