@@ -210,6 +210,9 @@ class Topology:
         self.command_timeout = command_timeout
         self.changes = 0
         self.reached_at = None  # loop time of the last refresh that heard from a node
+        # Loop time of the first of the refreshes, up to the last one, that no node answered: None while the
+        # last one was answered. A loop too busy to refresh often is not taken for one cut off from Redis.
+        self.unreachable_since = None
         self._probes = {}  # node name -> a connection of its own for CLUSTER NODES
         self._refreshing = None
 
@@ -223,6 +226,9 @@ class Topology:
         await self.cluster.initialize()
         self.slot_map.take(nodes_manager)
         self.reached_at = asyncio.get_running_loop().time()
+        # One node's CLUSTER SLOTS may not list a replica it has not heard of yet, and sends wait for the
+        # replicas the map gives: the first map of a process is read from every node's own word.
+        await self.refresh()
 
     def nodes_for(self, name: bytes):
         """``[primary, replica, ...]`` of the slot of ``name`` in the current slot map."""
@@ -247,14 +253,18 @@ class Topology:
             logger.debug("slot map refresh failed: %s", exc)
 
     async def _reload(self):
+        loop = asyncio.get_running_loop()
+        asked_at = loop.time()
         try:
             nodes_manager = self.cluster.nodes_manager
             known = {**nodes_manager.startup_nodes, **nodes_manager.nodes_cache}
             views = await asyncio.gather(*(self._ask(node) for node in known.values()), return_exceptions=True)
             views = [view for view in views if isinstance(view, str)]
             if not views:
+                if self.unreachable_since is None:
+                    self.unreachable_since = asked_at
                 raise RedisConnectionError("no node of the cluster answered CLUSTER NODES")
-            self.reached_at = asyncio.get_running_loop().time()
+            self.reached_at, self.unreachable_since = loop.time(), None
             ranges = slot_ranges(views)
             if ranges != self.slot_map.ranges:
                 self.slot_map.ranges = ranges
@@ -286,26 +296,30 @@ def slot_ranges(views):
     """The slot map of CLUSTER NODES replies: ``[(first, last, [(host, port, server_type), ...])]``.
 
     Each slot goes to the primary claiming it with the highest config epoch (its own word first, then
-    what others say of a node that did not answer); its replicas are the nodes that call it their
-    primary and that no view marks failed (``fail``: agreed by a majority; ``fail?`` alone does not count).
+    the newest of what others say of a node that did not answer). Its replicas are the nodes that its
+    own reply lists as its replicas (another's reply where it gave none: a primary knows its replicas
+    first, as they connect to it), less any that a reply marks failed (``fail``, agreed by a majority;
+    ``fail?``, one node's suspicion, does not count).
     """
-    nodes, own, failed = {}, set(), set()
+    nodes, failed, told = {}, set(), {}  # told: a node's id -> {replica id: its primary's id} as its reply says
     for view in views:
-        for line in view.splitlines():
-            fields = line.split()
-            if len(fields) < 8:
-                continue
+        lines = [line.split() for line in view.splitlines()]
+        lines = [fields for fields in lines if len(fields) >= 8]
+        own = next((fields[0] for fields in lines if "myself" in fields[2].split(",")), None)
+        for fields in lines:
             node_id, flags = fields[0], fields[2].split(",")
             if "fail" in flags:
                 failed.add(node_id)
             if "noaddr" in flags or "handshake" in flags or fields[1].startswith(":"):
                 continue
-            myself = "myself" in flags
-            if node_id in own and not myself:
+            myself, epoch = "myself" in flags, int(fields[6])
+            if "slave" in flags and own is not None:
+                told.setdefault(own, {})[node_id] = fields[3]
+            known = nodes.get(node_id)
+            # A node's own word wins; of what others say, the newest (the highest epoch they know it by).
+            if known is not None and (known[5], known[3]) >= (myself, epoch):
                 continue
-            if myself:
-                own.add(node_id)
-            nodes[node_id] = (_address(fields[1]), "master" in flags, fields[3], int(fields[6]), fields[8:], myself)
+            nodes[node_id] = (_address(fields[1]), "master" in flags, fields[3], epoch, fields[8:], myself)
     owners = [None] * SharedSlotMap.SLOTS
     claims = sorted(((epoch, myself, node_id, slots) for node_id, (_, master, _, epoch, slots, myself) in nodes.items()
                      if master), key=lambda claim: claim[:2])
@@ -316,16 +330,20 @@ def slot_ranges(views):
             first, _, last = item.partition("-")
             first, last = int(first), int(last or first)
             owners[first:last + 1] = [node_id] * (last - first + 1)
-    replicas = collections.defaultdict(list)
-    for node_id, (address, master, primary, *_) in sorted(nodes.items()):
-        if not master and node_id not in failed:
-            replicas[primary].append(address)
+
+    def replicas_of(owner):
+        if owner in told:
+            ids = [node_id for node_id, primary in told[owner].items() if primary == owner]
+        else:
+            ids = [node_id for node_id, (_, master, primary, *_) in nodes.items() if not master and primary == owner]
+        return [nodes[node_id][0] for node_id in sorted(ids) if node_id in nodes and node_id not in failed]
+
     ranges, first = [], 0
     for slot in range(1, SharedSlotMap.SLOTS + 1):
         if slot == SharedSlotMap.SLOTS or owners[slot] != owners[first]:
             owner = owners[first]
             if owner is not None:
-                members = [(*nodes[owner][0], "primary")] + [(*address, "replica") for address in replicas[owner]]
+                members = [(*nodes[owner][0], "primary")] + [(*address, "replica") for address in replicas_of(owner)]
                 ranges.append((first, slot - 1, members))
             first = slot
     return ranges

@@ -893,17 +893,17 @@ class RedisClusterChannelLayer(BaseChannelLayer):
         return [member.decode() for member in members]
 
     async def ready(self):
-        """Raise unless this process holds the cluster's slot map and heard from a node of the cluster lately
-        (within ``follow_interval + command_timeout``); each primary's health is not asked."""
+        """Raise unless this process holds the cluster's slot map and the last reading of it was answered by
+        a node of the cluster (each asked for at most ``command_timeout``); each primary's health is not asked."""
         state = await self._state()
-        topology, now = state.topology, state.loop.time()
+        topology = state.topology
         if topology.reached_at is None:
             await topology.refresh()
-        elif now - topology.reached_at > self.follow_interval:
+        elif state.loop.time() - topology.reached_at > self.follow_interval:
             # Judged by what is known now: a probe is not held up by nodes that do not answer.
             state.background(topology.refresh())
-        if topology.reached_at is None or now - topology.reached_at > self.follow_interval + self.command_timeout:
-            raise ConnectionError("no node of the Redis Cluster answered lately")
+        if topology.reached_at is None or topology.unreachable_since is not None:
+            raise ConnectionError("no node of the Redis Cluster answered")
 
     async def flush(self):
         """Delete every key of this prefix in the cluster and forget local channels and groups."""

@@ -94,11 +94,13 @@ class DrainingServer(Server):
         # The public port stops taking connections; the internal one (OPS_BIND) answers until the end, so
         # probes see the drain (503, or 404 for ?drain=404) rather than a refused connection.
         ops = health.ops_port()
-        for server in self.servers:
-            if not any(_port_of(sock) == ops for sock in server.sockets):
+        keep_servers = [ops is not None and any(_port_of(sock) == ops for sock in server.sockets) for server in self.servers]
+        keep_sockets = [ops is not None and _port_of(sock) == ops for sock in sockets or []]
+        for server, keep in zip(self.servers, keep_servers):
+            if not keep:
                 server.close()
-        for sock in sockets or []:
-            if _port_of(sock) != ops:
+        for sock, keep in zip(sockets or [], keep_sockets):
+            if not keep:
                 sock.close()
         websockets = self.websockets()
         logger.info("draining %d WebSockets over %.1f s", len(websockets), DRAIN_SECONDS)
@@ -113,7 +115,7 @@ class DrainingServer(Server):
 def _port_of(sock):
     try:
         return sock.getsockname()[1]
-    except (OSError, IndexError, TypeError):
+    except (OSError, IndexError, TypeError, AttributeError):  # a socket closed already
         return None
 
 

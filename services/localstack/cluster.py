@@ -142,6 +142,8 @@ class LocalCluster:
                 "--dir", str(directory),
                 "--save", "",
                 "--appendonly", "no",
+                # A replica that rejoins is synced at once, not 5 s later: sends to its rooms wait for it.
+                "--repl-diskless-sync-delay", "0",
                 "--logfile", "server.log",
             ],
             stdout=subprocess.DEVNULL,

@@ -61,6 +61,8 @@ else
   set -- --port 6379
 fi
 
+# repl-diskless-sync-delay 0: a replica that rejoins (after a failover or a restart) is synced at once
+# rather than after 5 s; until it is, sends to its primary's rooms wait for it and are refused.
 printf '%s\n' "$secrets" | redis-server - "$@" \
   --bind 0.0.0.0 \
   --protected-mode no \
@@ -74,6 +76,7 @@ printf '%s\n' "$secrets" | redis-server - "$@" \
   --appendonly "${REDIS_APPENDONLY:-yes}" \
   --appendfsync everysec \
   --save "" \
+  --repl-diskless-sync-delay 0 \
   --maxmemory "${REDIS_MAXMEMORY:-256mb}" \
   --maxmemory-policy noeviction &
 server=$!
