@@ -132,6 +132,23 @@ def duplicated(room):
     return found
 
 
+def watch_members_move(room, from_host, to_host, within, moved):
+    """Note the online members served from ``from_host`` and the time in ``moved``; the returned function,
+    called once the fault is made, starts ``moved["waiter"]``: done (``moved["done"]``) when every one of
+    them is connected to ``to_host``, failing after ``within`` seconds."""
+    members = [m for m in (*room.members[OFFLINE:], room.sender) if m.served_by.startswith(from_host)]
+    assert members, f"some members are on {from_host}"
+    moved.update(members=members, at=time.monotonic())
+
+    def start():
+        moved["waiter"] = asyncio.ensure_future(until(
+            lambda: all(m.socket is not None and m.served_by.startswith(to_host) for m in members), within,
+            f"the members on {from_host} to resume on {to_host}"))
+        moved["waiter"].add_done_callback(lambda _: moved.setdefault("done", time.monotonic()))
+
+    return start
+
+
 def assert_owed_everything(report):
     assert report["resuming_silently_short"] == 0, "a member short of messages was told so"
     assert report["resuming_duplicates"] == 0
@@ -180,16 +197,10 @@ def test_chat_host_cut_off_from_redis(hosts):
     moved = {}
 
     async def fault(room):
-        members = [m for m in (*room.members[OFFLINE:], room.sender) if m.served_by.startswith(cut_host)]
-        assert members, "some members are on the host that is cut off"
-        moved["members"] = members
-        moved["at"] = time.monotonic()
+        moving = watch_members_move(room, cut_host, other_host, 10, moved)
         for node in REDIS_HOSTS:
             hosts.hosts.cut(cut_host, node)
-        moved["waiter"] = asyncio.ensure_future(until(
-            lambda: all(m.socket is not None and m.served_by.startswith(other_host) for m in members), 10,
-            "the cut-off host's members to resume on the other host"))
-        moved["waiter"].add_done_callback(lambda _: moved.setdefault("done", time.monotonic()))
+        moving()
 
     async def heal(room):
         await moved["waiter"]
@@ -261,15 +272,9 @@ def test_ingress_cut_from_a_chat_host(hosts):
     moved = {}
 
     async def fault(room):
-        members = [m for m in (*room.members[OFFLINE:], room.sender) if m.served_by.startswith(cut_host)]
-        assert members, "some members are on the host that is cut off"
-        moved["members"] = members
-        moved["at"] = time.monotonic()
+        moving = watch_members_move(room, cut_host, other_host, 8, moved)
         hosts.hosts.cut("ingress", cut_host)
-        moved["waiter"] = asyncio.ensure_future(until(
-            lambda: all(m.socket is not None and m.served_by.startswith(other_host) for m in members), 8,
-            "the members behind the cut link to resume on the other host"))
-        moved["waiter"].add_done_callback(lambda _: moved.setdefault("done", time.monotonic()))
+        moving()
 
     async def heal(room):
         await moved["waiter"]

@@ -232,16 +232,7 @@ class LocalCluster:
 
     @staticmethod
     def _wait(condition, what, timeout=30):
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                if condition():
-                    return
-            except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError):
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"timed out waiting for {what}")
-            time.sleep(0.05)
+        wait_until(condition, what, timeout, (redis.ConnectionError, redis.TimeoutError, redis.ResponseError))
 
     def __enter__(self):
         try:
@@ -252,6 +243,22 @@ class LocalCluster:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def wait_until(condition, what, timeout=30, not_yet=(Exception,)):
+    """Poll ``condition()`` every 50 ms until it is true; an error of ``not_yet`` counts as false. TimeoutError
+    (or the last such error) after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if condition():
+                return
+        except not_yet:
+            if time.monotonic() > deadline:
+                raise
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(0.05)
 
 
 def migrate_slot(cluster, key, target_port):

@@ -25,7 +25,7 @@ import threading
 import time
 from pathlib import Path
 
-from .cluster import SLOTS, die_with_parent, server_binary
+from .cluster import SLOTS, die_with_parent, server_binary, wait_until
 
 SUBNET = "198.18.0"
 CLONE_NEWNET = 0x40000000
@@ -431,17 +431,7 @@ class PartitionStack:
 
     @staticmethod
     def _wait(condition, what, timeout=30):
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                if condition():
-                    return
-            except Exception:  # noqa: BLE001 - not yet
-                if time.monotonic() > deadline:
-                    raise
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"timed out waiting for {what}")
-            time.sleep(0.05)
+        wait_until(condition, what, timeout)
 
 
 def _claims(ranges, slot):
