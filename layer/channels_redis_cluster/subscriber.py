@@ -12,7 +12,7 @@ import logging
 
 from redis.exceptions import ResponseError
 
-from .cluster import RETRYABLE, Topology, mark_retrieved, dedicated_connection
+from .cluster import RETRYABLE, Topology, dedicated_connection, mark_retrieved
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +30,7 @@ class _NodeReader:
         self.closed = False
         self.last_seen = 0.0
         self.tasks = []
+        self.forgetting = set()  # SUNSUBSCRIBEs sent for channels that moved, not waited for
         # Set when the connection went silent: the reader is cancelled then, and its channels must move.
         self.silent = False
 
@@ -53,6 +54,8 @@ class _NodeReader:
         self.channels.discard(channel)
         if not self.closed:
             unsubscribed = asyncio.ensure_future(self.command(b"SUNSUBSCRIBE", channel))
+            self.forgetting.add(unsubscribed)  # kept until done: the loop holds tasks only weakly
+            unsubscribed.add_done_callback(self.forgetting.discard)
             unsubscribed.add_done_callback(mark_retrieved)
 
     async def _read(self):
