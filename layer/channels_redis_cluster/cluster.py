@@ -214,6 +214,7 @@ class Topology:
         # last one was answered. A loop too busy to refresh often is not taken for one cut off from Redis.
         self.unreachable_since = None
         self._probes = {}  # node name -> a connection of its own for CLUSTER NODES
+        self._given = None  # the shared slot map's ranges last loaded into this client
         self._refreshing = None
 
     async def start(self):
@@ -269,7 +270,11 @@ class Topology:
             if ranges != self.slot_map.ranges:
                 self.slot_map.ranges = ranges
                 self.changes += 1
-            self.slot_map.give(nodes_manager)
+            if self.slot_map.ranges is not self._given:
+                # Loaded only when it changed (here or in another loop): loading replaces redis-py's nodes,
+                # whose pooled connections it drops.
+                self.slot_map.give(nodes_manager)
+                self._given = self.slot_map.ranges
         finally:
             self._refreshing = None
 
