@@ -126,3 +126,28 @@ async def test_unknown_websocket_path_is_refused(application):
     communicator = WebsocketCommunicator(application, "/ws/nowhere/", headers=ORIGIN)
     connected, _ = await communicator.connect(timeout=5)
     assert not connected
+
+
+async def test_a_room_of_alternating_v1_and_v2_members_encodes_a_message_once_per_version(application, monkeypatch):
+    from chat import consumers, metrics
+
+    members = [await join(application, "mixed", v2=index % 2 == 1) for index in range(20)]
+    typed = json.dumps({"message": "to all"})
+    encoded = []
+    dumps = consumers.json.dumps
+    monkeypatch.setattr(consumers.json, "dumps", lambda value, *a, **k: encoded.append(value) or dumps(value, *a, **k))
+
+    def observed():
+        return next(s.value for m in metrics.FANOUT_LATENCY.collect() for s in m.samples if s.name.endswith("_count"))
+
+    before = observed()
+    await members[0].send_to(text_data=typed)
+    for index, member in enumerate(members):
+        frame = await member.receive_json_from(timeout=3)
+        while index % 2 and frame.get("type") != "message":  # v2 members also hear the later joins
+            frame = await member.receive_json_from(timeout=3)
+        assert frame["message"] == "to all"
+    assert len([value for value in encoded if value.get("message") == "to all"]) == 2
+    assert observed() - before == 1
+    for member in members:
+        await member.disconnect()

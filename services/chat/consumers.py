@@ -41,24 +41,30 @@ from .protocol import (
 logger = logging.getLogger(__name__)
 
 
-_last_frame = (None, None, None, None)
+_last_message = (None, None, {})  # message, sent_at, {(version, room): text}
 
 
 def _frame(event, version, room, live=True):
-    """The text frame of a room message, encoded once per worker rather than once per recipient.
+    """The text frame of a room message, encoded once per version and worker rather than once per recipient.
 
     The layer hands every local member a shallow copy of one event, so their ``message`` and
-    ``sent_at`` are the same objects: the last encoding is reused while they are. Holding them in
-    the cache keeps their ids from being reused by other objects. The fan-out latency of live
-    messages is observed here too, once per message and worker.
+    ``sent_at`` are the same objects: each encoding of the last message is reused while they are,
+    one per (version, room), so a room whose v1 and v2 members alternate encodes a message twice,
+    not once per member. Holding them in the cache keeps their ids from being reused by other
+    objects. The fan-out latency of live messages is observed here too, once per message and worker.
     """
-    global _last_frame
+    global _last_message
     message, sent_at = event["message"], event["sent_at"]
-    cached_message, cached_sent_at, cached_key, text = _last_frame
-    if cached_message is message and cached_sent_at is sent_at and cached_key == (version, room):
+    cached_message, cached_sent_at, texts = _last_message
+    if cached_message is not message or cached_sent_at is not sent_at:
+        texts = {}
+        _last_message = (message, sent_at, texts)
+        if live:
+            metrics.FANOUT_LATENCY.observe(max(0.0, time.time() - sent_at))
+    key = (version, room)
+    text = texts.get(key)
+    if text is not None:
         return text
-    if live:
-        metrics.FANOUT_LATENCY.observe(max(0.0, time.time() - sent_at))
     if version == 1:
         text = json.dumps({"message": message})
     else:
@@ -70,7 +76,7 @@ def _frame(event, version, room, live=True):
         if "name" in event:
             frame["name"] = event["name"]
         text = json.dumps(frame)
-    _last_frame = (message, sent_at, (version, room), text)
+    texts[key] = text
     return text
 
 
