@@ -7,7 +7,8 @@ server from the same binary), and a ceiling: an ASGI app that broadcasts in proc
 deliveries/s with 100% delivery and p99 <= 100 ms, found by stepping the load), overload at 2x that,
 one 1,000-member room over 3 workers, Redis commands per group_send against room size and worker count,
 idle memory per socket (chat against the bare app, per WebSocket implementation), and a py-spy
-profile of a worker. Writes artifacts/bench/report.{md,json} and PNG plots.
+profile of a worker. First of all, the chat against Socket.IO and nchan per room shape
+(`loadtest.comparison`). Writes artifacts/bench/report.{md,json} and PNG plots.
 """
 
 import argparse
@@ -16,161 +17,29 @@ import json
 import os
 import random
 import statistics
-import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections import Counter
-from contextlib import contextmanager
 from pathlib import Path
 
 import redis
 
 from chatsite.worker import WS_DEFAULT
-from localstack.cluster import LocalCluster, die_with_parent, free_port, server_binary
-from localstack.run import start_workers, stop, wait_ready
-from loadtest import capacity
-from loadtest.benchload import Load
+from localstack.cluster import LocalCluster
+from loadtest import capacity, comparison
 from loadtest.ledger import percentile
+from loadtest.profiling import profile
+from loadtest.stacks import BACKENDS, loaded, standalone_redis
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "artifacts" / "bench"
-BACKENDS = {
-    "redis-cluster": "this layer (Redis Cluster)",
-    "redis-cluster-nohistory": "this layer, room history off",
-    "redis-cluster-unreplicated": "this layer, history published before its replicas hold it",
-    "redis": "channels_redis core",
-    "redis-pubsub": "channels_redis pub/sub",
-    "ceiling": "ceiling (one process, no Django, no layer)",
-}
 P99_LIMIT_MS = 100.0
 RESUMING = {"redis-cluster"}  # backends whose rooms keep a history a member resumes from
 
 
-@contextmanager
-def standalone_redis():
-    """A standalone server (for channels_redis) from the same binary as the cluster."""
-    port = free_port()
-    process = subprocess.Popen(
-        [server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=die_with_parent,
-    )
-    try:
-        client = redis.Redis(port=port)
-        for _ in range(100):
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        yield port
-    finally:
-        process.terminate()
-        process.wait()
-
-
-class Stack:
-    """gunicorn with 3 uvicorn workers serving `backend` on a free port."""
-
-    def __init__(self, backend, cluster, redis_port, ws=WS_DEFAULT, loop="uvloop", workers=3):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {
-            **os.environ, "BIND": f"127.0.0.1:{self.port}", "WEB_CONCURRENCY": str(workers),
-            "UVICORN_WS": ws, "UVICORN_LOOP": loop,
-            "PYTHONPATH": f"{ROOT / 'services'}:{ROOT}", "LOG_LEVEL": "warning",
-            "CHANNEL_LAYER": {"ceiling": "memory", "redis-cluster-nohistory": "redis-cluster",
-                              "redis-cluster-unreplicated": "redis-cluster"}.get(backend, backend),
-            "CHAT_REPLICATE_BEFORE_PUBLISH": "0" if backend == "redis-cluster-unreplicated" else "1",
-            "CHAT_HISTORY_SIZE": "0" if backend == "redis-cluster-nohistory" else os.environ.get("CHAT_HISTORY_SIZE", "500"),
-            "CHANNEL_LAYER_PREFIX": f"bench{random.randrange(10**6)}",
-            # Each step's senders are drawn at random from a room, faster than a person types: the
-            # per-socket message limit would measure itself, not the layer.
-            "CHAT_MESSAGES_PER_S": "0",
-            "REDIS_CLUSTER_NODES": ",".join(cluster.startup_nodes),
-            "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
-        }
-        app = "loadtest.ceiling:application" if backend == "ceiling" else "chatsite.asgi:application"
-        self.process = start_workers(env, app)
-        wait_ready(self.url, self.process)
-
-    def worker_pids(self):
-        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text().split()
-        return [int(pid) for pid in children]
-
-    def rss_kib(self):
-        total = 0
-        for pid in self.worker_pids():
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-        return total
-
-    def metric(self, name):
-        """The sum of a Prometheus counter over all workers (0 when absent)."""
-        with urllib.request.urlopen(f"{self.url}/metrics", timeout=10) as response:
-            text = response.read().decode()
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
-
-    def close(self):
-        stop(self.process)
-
-
-@contextmanager
-def loaded(backend, cluster, redis_port, args, **options):
-    """A stack serving ``backend`` and the benchmark client on it, both ended on leaving."""
-    stack = Stack(backend, cluster, redis_port, **{"ws": args.ws, **options})
-    try:
-        load = Load(stack, args.client_processes)
-        try:
-            yield stack, load
-        finally:
-            load.shutdown()
-    finally:
-        stack.close()
-
-
 def passes(result):
     return result["delivered_ratio"] == 1.0 and result["p99_ms"] is not None and result["p99_ms"] <= P99_LIMIT_MS
-
-
-def profile(pid, seconds):
-    """py-spy's view of one worker: share of samples by leaf function and by package."""
-    out = OUT / f"profile-{pid}.txt"
-    result = subprocess.run([str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(pid), "--duration",
-                             str(int(seconds)), "--format", "raw", "--output", str(out), "--nonblocking", "--rate", "200"],
-                            capture_output=True, text=True)
-    if result.returncode != 0 or not out.exists():
-        return {"error": (result.stderr or result.stdout)[-300:]}
-    return summarize_profile(out)
-
-
-def summarize_profile(out):
-    """Share of py-spy's raw samples by leaf function and by package (innermost project or library frame)."""
-    leaves, packages, total = Counter(), Counter(), 0
-    for line in out.read_text().splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not count.isdigit():
-            continue
-        count = int(count)
-        total += count
-        leaf = stack.rsplit(";", 1)[-1]
-        leaves[leaf.split(" (")[0] + " (" + leaf.rsplit("/", 1)[-1]] += count
-        frames = stack.split(";")
-        package = "other"
-        for frame in reversed(frames):
-            path = frame.split("(", 1)[-1]
-            for name in ("channels_redis_cluster", "channels_redis", "channels/", "uvicorn", "wsproto", "websockets",
-                         "django", "redis/", "msgpack", "json", "asyncio", "uvloop", "chat/", "chatsite"):
-                if name in path:
-                    package = name.strip("/")
-                    break
-            if package != "other":
-                break
-        packages[package] += count
-    share = lambda counter: [(name, round(100 * n / total, 1)) for name, n in counter.most_common(12)]  # noqa: E731
-    return {"samples": total, "leaf_functions": share(leaves), "packages": share(packages)}
 
 
 async def step_up(load, label, args, repeats):
@@ -228,7 +97,7 @@ async def bench_backend(backend, cluster, redis_port, args):
             # The worker holding the most sockets: the one the load weighs on most.
             served_by = load.sockets_per_worker().most_common(1)[0][0]
             pid = int(served_by.rpartition(":")[2])
-            profiling = asyncio.get_running_loop().run_in_executor(None, profile, pid, args.step_seconds)
+            profiling = asyncio.get_running_loop().run_in_executor(None, profile, pid, args.step_seconds, OUT)
             await load.run_step("profile", sustainable["offered_per_s"], args.step_seconds)
             result["profile"] = await profiling
         if sustainable and args.overload:
@@ -734,6 +603,8 @@ def targets(report):
         "met": all(max(c) - min(c) < 0.05 for c in per_layer.values())
         and max(per_layer.get("redis-cluster", [3])) <= 3 and max(per_layer.get("redis-cluster-unreplicated", [1])) <= 1,
     })
+    if report.get("comparison"):
+        rows += comparison.targets(report["comparison"])
     sync = report["sync"]
     ours, core = sync["redis-cluster"], sync["redis"]
     rows.append({
@@ -788,6 +659,7 @@ def markdown(report):
         *(f"| {row['target']} | {row['measured']} | {'yes' if row['met'] else 'NO'} |" for row in report["targets"]),
         "",
         *gap_lines(report),
+        *(comparison.lines(report["comparison"], args["peer_repeats"], args["step_seconds"]) if report.get("comparison") else []),
         "| backend | sustainable deliveries/s (offered) | delivered/s | vs core | p50 ms | p99 ms | at 2x: delivered | at 2x: p99 ms | at 2x: counted drops | 1,000-member room p50 / p99 ms |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
@@ -936,6 +808,10 @@ async def main(args):
     report = {"args": vars(args), "backends": {}}
     started = time.monotonic()
     with LocalCluster() as cluster, standalone_redis() as redis_port:
+        if args.peers:
+            print("against Socket.IO and nchan:", flush=True)
+            report["comparison"] = await comparison.compare(cluster, redis_port, args, args.peer_shapes, args.peer_repeats,
+                                                            P99_LIMIT_MS, OUT)
         for backend in args.backends:
             print(f"{BACKENDS[backend]}:", flush=True)
             report["backends"][backend] = await bench_backend(backend, cluster, redis_port, args)
@@ -1002,11 +878,15 @@ def parse(argv=None):
                         help="skip comparing WebSocket implementations and event loops")
     parser.add_argument("--no-overload", dest="overload", action="store_false")
     parser.add_argument("--no-profile", dest="profile", action="store_false")
+    parser.add_argument("--no-peers", dest="peers", action="store_false", help="skip the comparison with Socket.IO and nchan")
+    parser.add_argument("--peer-repeats", type=int, default=3, help="cost runs per system and room shape, alternating")
     parser.add_argument("--smoke", action="store_true", help="a seconds-long run of every part, for CI")
     parser.add_argument("--render", type=Path, metavar="REPORT_JSON",
                         help="measure nothing: write report.md, the targets and plots again from a report.json")
     args = parser.parse_args(argv)
+    args.peer_shapes = comparison.SHAPES
     if args.smoke:
+        args.peer_shapes, args.peer_repeats = comparison.smoke_shapes(), 1
         args.rooms, args.room_size, args.steps, args.step_seconds, args.repeats = 1, 6, [300], 1.0, 1
         args.big_room, args.command_room_sizes, args.command_workers, args.cost_sends = 12, [10], [1, 2], 50
         args.sync_calls, args.sync_repeats = 100, 1

@@ -217,7 +217,7 @@ def describe(summary):
         f"  latency ms p50 {ms(summary['latency_ms_p50'])} p95 {ms(summary['latency_ms_p95'])} "
         f"p99 {ms(summary['latency_ms_p99'])} (limit {summary['max_p99_ms']})",
     ]
-    lines += [f"  load generators' CPU: " + ", ".join(
+    lines += ["  load generators' CPU: " + ", ".join(
         f"{process} mean {cpu['mean_percent']:.0f}% max {cpu['max_percent']:.0f}%"
         for process, cpu in summary["generators"].items()) if summary["generators"] else "  load generators' CPU: not sampled"]
     lines += [f"  FAIL: {reason}" for reason in summary["failures"]]
