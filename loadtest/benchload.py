@@ -467,12 +467,21 @@ class Load:
         system_cpu = sum(map(cpu_seconds, system_pids)) - system_cpu
         client_cpu = sum(map(cpu_seconds, client_pids)) - client_cpu
         redis_cpu = sum(map(cpu_seconds, redis_pids)) - redis_cpu
+        window = time.perf_counter() - started
         per_delivery = (lambda cpu: round(1e6 * cpu / result["delivered"], 1) if result["delivered"] else None)  # noqa: E731
         result.update(offered_per_s=deliveries_per_s, client_cpu_percent=[report["cpu_percent"] for report in reports],
                       server_cpu_percent=server_cpu, sockets_closed_by_server=sum(len(r["closes"]) for r in reports),
                       system_us_per_delivery=per_delivery(system_cpu), redis_us_per_delivery=per_delivery(redis_cpu),
-                      client_us_per_delivery=per_delivery(client_cpu))
+                      client_us_per_delivery=per_delivery(client_cpu), system_cpu_seconds=round(system_cpu, 4),
+                      window_seconds=round(window, 4))
         return result
+
+    async def idle_cpu_percent(self, seconds):
+        """The system's CPU with its sockets open and nobody talking, in % of a core: what it costs at rest."""
+        pids = self.stack.server_pids()
+        before, started = sum(map(cpu_seconds, pids)), time.perf_counter()
+        await asyncio.sleep(seconds)
+        return round(100 * (sum(map(cpu_seconds, pids)) - before) / (time.perf_counter() - started), 1)
 
     async def _settle(self, step, reports, seconds, drain):
         """Wait (up to ``drain`` s) for what ``step``'s sends owe, then count it: delivered ratio and latency."""
