@@ -5,9 +5,9 @@ import json
 import logging
 import time
 
-from channels.generic.websocket import AsyncWebsocketConsumer
 from channels.consumer import get_handler_name
 from channels.exceptions import StopConsumer
+from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
 from channels_redis_cluster.consumer import LayerPushMixin
@@ -158,7 +158,7 @@ class ChatConsumer(LayerPushMixin, AsyncWebsocketConsumer):
         try:
             # Join before the handshake completes, so a connected client misses nothing sent to the room.
             await self.channel_layer.group_add(group, self.channel_name)
-        except Exception as exc:  # noqa: BLE001 - the client gets a clear close code instead
+        except Exception as exc:
             metrics.LAYER_ERRORS.labels("group_add").inc()
             logger.warning("group_add failed for %s: %r", group, exc)
             await self.accept(subprotocol)
@@ -171,11 +171,13 @@ class ChatConsumer(LayerPushMixin, AsyncWebsocketConsumer):
             # live, and one at or below it was sent before this client joined (or is in the replay).
             try:
                 found = await self.channel_layer.group_history(group, resume.since, resume.epoch, resume.history)
-            except Exception as exc:  # noqa: BLE001 - the client resumes later instead of being silently short
+            except Exception as exc:
                 metrics.LAYER_ERRORS.labels("group_history").inc()
                 logger.warning("group_history failed for %s: %r", group, exc)
                 await self.accept(subprotocol)
-                return await self.refuse(BadFrame(CLOSE_UNAVAILABLE, "unavailable", "room history is unavailable, try again"), True)
+                return await self.refuse(
+                    BadFrame(CLOSE_UNAVAILABLE, "unavailable", "room history is unavailable, try again"), True
+                )
         await self.accept(subprotocol)
         self.opened = True
         # Room messages are written once per recipient: past the handshake, skip the header wrapper.
@@ -217,15 +219,16 @@ class ChatConsumer(LayerPushMixin, AsyncWebsocketConsumer):
         name = self.member_name
         layer, group = self.channel_layer, self.room_group_name
         try:
-            await layer.presence_join(group, self.channel_name, self.member, name,
-                                      event=presence.join_event(self.channel_name, self.member, name))
+            await layer.presence_join(
+                group, self.channel_name, self.member, name, event=presence.join_event(self.channel_name, self.member, name)
+            )
             if self.watching:
                 listed = await presence.watch(self, layer, group)
                 # Its own join may reach the view after this read: a watcher is listed from the start.
                 if not any(entry["id"] == self.member for entry in listed):
                     listed.append({"id": self.member, "name": name})
                 return listed
-        except Exception as exc:  # noqa: BLE001 - the chat goes on; the room's list lacks this socket
+        except Exception as exc:
             metrics.LAYER_ERRORS.labels("presence").inc()
             logger.warning("presence join failed for %s: %r", group, exc)
             self.watching = False
@@ -248,7 +251,7 @@ class ChatConsumer(LayerPushMixin, AsyncWebsocketConsumer):
             await asyncio.sleep(grace)
         try:
             await self.channel_layer.presence_leave(group, [channel], event=presence.leave_event(channel, member, name))
-        except Exception as exc:  # noqa: BLE001 - the entry then goes with this worker's lease, or the group's expiry
+        except Exception as exc:
             metrics.LAYER_ERRORS.labels("presence").inc()
             logger.warning("presence leave failed for %s: %r", group, exc)
 
@@ -261,7 +264,7 @@ class ChatConsumer(LayerPushMixin, AsyncWebsocketConsumer):
             await IdentityQuota.claim(identity, self.room_name, self.channel_name)
         except BadFrame:
             raise
-        except Exception as exc:  # noqa: BLE001 - the client gets a clear close code instead
+        except Exception as exc:
             metrics.LAYER_ERRORS.labels("identity_quota").inc()
             logger.warning("identity quota failed: %r", exc)
             raise BadFrame(CLOSE_UNAVAILABLE, "unavailable", "chat is unavailable, try again") from None
@@ -306,7 +309,7 @@ class ChatConsumer(LayerPushMixin, AsyncWebsocketConsumer):
         """The room's history after ``since``; None (and the socket closing with 4503) when it cannot be read."""
         try:
             return await self.channel_layer.group_history(self.room_group_name, since, epoch, last)
-        except Exception as exc:  # noqa: BLE001 - the client resumes later instead of being silently short
+        except Exception as exc:
             metrics.LAYER_ERRORS.labels("group_history").inc()
             logger.warning("group_history failed for %s: %r", self.room_group_name, exc)
             await self.refuse(BadFrame(CLOSE_UNAVAILABLE, "unavailable", "room history is unavailable, try again"), True)
@@ -330,7 +333,7 @@ class ChatConsumer(LayerPushMixin, AsyncWebsocketConsumer):
             self.claimed = False
             try:
                 await IdentityQuota.release(self.identity, self.room_name, self.channel_name)
-            except Exception as exc:  # noqa: BLE001 - the place then lapses when the token ends
+            except Exception as exc:
                 metrics.LAYER_ERRORS.labels("identity_quota").inc()
                 logger.warning("identity quota release failed: %r", exc)
         if self.room_group_name is None:
@@ -346,7 +349,7 @@ class ChatConsumer(LayerPushMixin, AsyncWebsocketConsumer):
             metrics.CONNECTIONS.dec()
         try:
             await self.channel_layer.group_discard(self.room_group_name, self.channel_name)
-        except Exception as exc:  # noqa: BLE001 - membership then lapses with group_expiry
+        except Exception as exc:
             metrics.LAYER_ERRORS.labels("group_discard").inc()
             logger.warning("group_discard failed for %s: %r", self.room_group_name, exc)
 
@@ -358,9 +361,12 @@ class ChatConsumer(LayerPushMixin, AsyncWebsocketConsumer):
             self.bucket = TokenBucket(settings.CHAT_MESSAGES_PER_S, settings.CHAT_MESSAGE_BURST)
         try:
             if not self.bucket.take():  # every frame counts, a bad one too
-                raise BadFrame(CLOSE_TOO_MANY, "rate_limited",
-                               f"at most {settings.CHAT_MESSAGES_PER_S:g} messages a second (bursts of "
-                               f"{settings.CHAT_MESSAGE_BURST:g}): this one was not sent")
+                raise BadFrame(
+                    CLOSE_TOO_MANY,
+                    "rate_limited",
+                    f"at most {settings.CHAT_MESSAGES_PER_S:g} messages a second (bursts of "
+                    f"{settings.CHAT_MESSAGE_BURST:g}): this one was not sent",
+                )
             frame = parse_client_frame(text_data, self.version)
         except BadFrame as bad:
             return await self.refuse(bad, self.version == 1)
@@ -375,7 +381,7 @@ class ChatConsumer(LayerPushMixin, AsyncWebsocketConsumer):
                 options["idempotency_key"] = frame["nonce"]
         try:
             await self.channel_layer.group_send(self.room_group_name, event, **options)
-        except Exception as exc:  # noqa: BLE001 - the sender learns its message was not delivered
+        except Exception as exc:
             metrics.LAYER_ERRORS.labels("group_send").inc()
             logger.warning("group_send failed for %s: %r", self.room_group_name, exc)
             return await self.refuse(

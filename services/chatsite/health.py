@@ -7,8 +7,7 @@ import os
 from channels.layers import get_channel_layer
 from django.conf import settings
 from django.http import HttpResponse
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client import REGISTRY, multiprocess
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest, multiprocess
 
 logger = logging.getLogger(__name__)
 READY_TIMEOUT = 2.0
@@ -76,7 +75,7 @@ async def layer_ready():
         return None
     try:
         await asyncio.wait_for(ready(), READY_TIMEOUT)
-    except Exception as exc:  # noqa: BLE001 - any failure means not ready
+    except Exception as exc:
         return exc
     return None
 

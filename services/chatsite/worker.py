@@ -5,6 +5,7 @@ import gc
 import logging
 import os
 import sys
+from typing import ClassVar
 
 from gunicorn.arbiter import Arbiter
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -53,8 +54,9 @@ class DrainingServer(Server):
         self.handing_over = asyncio.ensure_future(self.hand_over_while_cut_off())
 
     def websockets(self):
-        return [c for c in self.server_state.connections
-                if any(kind.__module__.startswith(WS_PROTOCOLS) for kind in type(c).__mro__)]
+        return [
+            c for c in self.server_state.connections if any(kind.__module__.startswith(WS_PROTOCOLS) for kind in type(c).__mro__)
+        ]
 
     async def hand_over_while_cut_off(self):
         """Every HANDOVER_CHECK_SECONDS, ask the layer whether it reaches Redis; once it has not for HANDOVER_AFTER_SECONDS,
@@ -79,8 +81,9 @@ class DrainingServer(Server):
             websockets = self.websockets()
             if not websockets:
                 continue
-            logger.warning("cut off from Redis for %.1f s: handing %d WebSockets over (1012)",
-                           loop.time() - cut_off_since, len(websockets))
+            logger.warning(
+                "cut off from Redis for %.1f s: handing %d WebSockets over (1012)", loop.time() - cut_off_since, len(websockets)
+            )
             metrics.HANDED_OVER.inc(len(websockets))
             step = min(HANDOVER_SPREAD_SECONDS / len(websockets), 0.01)
             for connection in websockets:
@@ -172,9 +175,15 @@ class ChatWSProtocol(SaysClientGoneOnAccept, WSProtocol):
 
     def send_text_now(self, text):
         """Write a text frame at once if the socket takes it without waiting; False: use the ASGI send."""
-        if not (self.writable.is_set() and self.handshake_complete and not self.close_sent and not self.disconnected
-                and not self.response_started and self.conn.state is ConnectionState.OPEN
-                and not self.transport.is_closing()):
+        if not (
+            self.writable.is_set()
+            and self.handshake_complete
+            and not self.close_sent
+            and not self.disconnected
+            and not self.response_started
+            and self.conn.state is ConnectionState.OPEN
+            and not self.transport.is_closing()
+        ):
             return False
         protocol = ChatWSProtocol
         if text is not protocol._framed_text:
@@ -214,7 +223,7 @@ def _ws_protocol(name):
 class ChatUvicornWorker(UvicornWorker):
     """uvicorn with uvloop and httptools, no lifespan (Django has none) and a bounded frame size."""
 
-    CONFIG_KWARGS = {
+    CONFIG_KWARGS: ClassVar[dict] = {
         "loop": os.environ.get("UVICORN_LOOP", "uvloop"),
         "http": ChatHttpToolsProtocol,
         "ws": _ws_protocol(os.environ.get("UVICORN_WS", WS_DEFAULT)),
