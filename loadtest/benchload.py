@@ -497,8 +497,10 @@ class Load:
         system_cpu = sum(map(cpu_seconds, system_pids)) - system_cpu
         client_cpu = sum(map(cpu_seconds, client_pids)) - client_cpu
         redis_cpu = sum(map(cpu_seconds, redis_pids)) - redis_cpu
+
         def per_delivery(cpu):
             return round(1e6 * cpu / result["delivered"], 1) if result["delivered"] else None
+
         result.update(
             offered_per_s=deliveries_per_s,
             client_cpu_percent=[report["cpu_percent"] for report in reports],

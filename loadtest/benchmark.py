@@ -630,8 +630,10 @@ def plots(report):
 def targets(report):
     """The benchmark's targets against this run: [{target, measured, met}]."""
     backends, args = report["backends"], report["args"]
+
     def rate(backend):
         return ((backends.get(backend) or {}).get("sustainable") or {}).get("offered_per_s")
+
     ours, core, ceiling = rate("redis-cluster"), rate("redis"), rate("ceiling")
     at_top = " (the highest step offered)" if ours == max(args["steps"]) else ""
     why = report.get("gap") or {}

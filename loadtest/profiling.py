@@ -75,6 +75,8 @@ def summarize_profile(out):
         # Inclusive: the share of samples with this project function anywhere on the stack.
         for function in {frame.split(" (")[0] for frame in frames if any(part in frame for part in PROJECT)}:
             inclusive[function] += count
+
     def share(counter):
         return [(name, round(100 * n / total, 1)) for name, n in counter.most_common(12)]
+
     return {"samples": total, "leaf_functions": share(leaves), "packages": share(packages), "inclusive": share(inclusive)}

@@ -197,8 +197,10 @@ async def test_on_the_stack_handshakes_dropped_mid_connect_give_back_presence_an
         await asyncio.gather(
             *(drop_handshake(stack, f"/ws/chat/dropped/?presence=1&token={dropping}", n / 1000) for n in range(40))
         )
+
         def joined():
             return [m for kind, m in watcher.presence_frames if kind == "join" and m != watcher.member]
+
         await until(
             lambda: joined() and watcher.present.keys() == {watcher.member},
             20,

@@ -1,7 +1,6 @@
 """Every cross-reference in the project's Markdown resolves: the file exists and so does the heading it names."""
 
 import re
-from pathlib import Path
 
 from conftest import ROOT
 
@@ -52,12 +51,18 @@ def test_every_markdown_link_resolves_to_a_file_and_a_heading():
 
 def test_the_link_checker_sees_a_missing_file_and_a_missing_heading(tmp_path):
     page = tmp_path / "page.md"
-    page.write_text("# Title\n\n## A `coded` heading (with words)\n\n[ok](#a-coded-heading-with-words) "
-                    "[gone](missing.md) [no heading](#nowhere) [web](https://example.org)\n")
+    page.write_text(
+        "# Title\n\n## A `coded` heading (with words)\n\n[ok](#a-coded-heading-with-words) "
+        "[gone](missing.md) [no heading](#nowhere) [web](https://example.org)\n"
+    )
     assert list(broken_links(page)) == ["missing.md (no such file)", "#nowhere (no such heading)"]
 
 
 def test_no_page_cites_an_issue_number_instead_of_a_reason():
-    cited = [f"{path.relative_to(ROOT)}:{n}" for path in pages() for n, line in enumerate(path.read_text().splitlines(), 1)
-             if re.search(r"\bissues? \d+\b", line, re.I) and "tests/peers" not in str(path)]
+    cited = [
+        f"{path.relative_to(ROOT)}:{n}"
+        for path in pages()
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if re.search(r"\bissues? \d+\b", line, re.I) and "tests/peers" not in str(path)
+    ]
     assert cited == []

@@ -31,7 +31,7 @@ class LayerPushMixin:
 
     async def __call__(self, scope, receive, send):
         layer = get_channel_layer(self.channel_layer_alias)
-        if not hasattr(layer, "attach"):
+        if "attach" not in getattr(layer, "extensions", ()):
             return await super().__call__(scope, receive, send)
         self.scope, self.channel_layer, self.base_send = scope, layer, send
         self.channel_name = await layer.new_channel()

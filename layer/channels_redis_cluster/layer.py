@@ -459,7 +459,8 @@ def _log_failure(task):
 class RedisClusterChannelLayer(BaseChannelLayer):
     """Channel layer on Redis Cluster: sharded pub/sub for groups and process channels, lists for the rest."""
 
-    extensions: ClassVar[list[str]] = ["groups", "flush", "attach", "history", "presence"]
+    # What callers may test for ("history" in layer.extensions) instead of probing for methods.
+    extensions: ClassVar[list[str]] = ["groups", "flush", "attach", "history", "presence", "ready"]
 
     def __init__(
         self,

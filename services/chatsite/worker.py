@@ -5,6 +5,7 @@ import gc
 import logging
 import os
 import sys
+import weakref
 from typing import ClassVar
 
 from gunicorn.arbiter import Arbiter
@@ -23,6 +24,9 @@ from . import health
 # wsproto holds an idle socket in less memory than websockets-sansio and, with room messages written
 # through ChatWSProtocol.send_text_now, fans out faster; both are measured side by side by `make bench`.
 WS_DEFAULT = "wsproto"
+# The ASGI scope extension by which ChatWSProtocol offers the app its direct write: {"send_text_now": a
+# weak reference to the method}, weak so that a socket's scope does not hold its protocol in a cycle.
+DIRECT_WRITE = "chat.send_text_now"
 # The server refuses frames far beyond the app's own limit; the app answers smaller oversize frames clearly.
 WS_MAX_SIZE = 4 * int(os.environ.get("CHAT_MAX_FRAME_BYTES", "16384"))
 
@@ -167,6 +171,10 @@ class ChatWSProtocol(SaysClientGoneOnAccept, WSProtocol):
     # out as the same bytes on every socket: a room message is framed once per worker, not per member.
     _framed_text = _frame_bytes = None
     _framer = FrameProtocol(client=False, extensions=[])
+
+    def handle_connect(self, event):
+        super().handle_connect(event)
+        self.scope["extensions"][DIRECT_WRITE] = {"send_text_now": weakref.WeakMethod(self.send_text_now)}
 
     def handle_close(self, event):
         if not self.close_sent and self.conn.state == ConnectionState.OPEN:
