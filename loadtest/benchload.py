@@ -47,7 +47,7 @@ class ChatWire:
     def message(cls, payload):
         """The room message a frame carries (v1, or a v2 member's message frame in a mixed room), or None."""
         if payload.startswith(cls.PREFIX):
-            return payload[len(cls.PREFIX):-2]
+            return payload[len(cls.PREFIX) : -2]
         if payload.startswith(cls.V2_MESSAGE):
             return json.loads(payload)["message"].encode()
         return None
@@ -73,7 +73,7 @@ class SocketIOWire:
 
     @classmethod
     def message(cls, payload):
-        return payload[len(cls.EVENT):-2] if payload.startswith(cls.EVENT) else None
+        return payload[len(cls.EVENT) : -2] if payload.startswith(cls.EVENT) else None
 
     @classmethod
     async def join(cls, socket, receive):
@@ -125,7 +125,7 @@ def cpu_seconds(pid):
 class _Member:
     """A chat.v2 member: the last room message it has, where a resume starts."""
 
-    __slots__ = ("offset", "epoch")
+    __slots__ = ("epoch", "offset")
 
     def __init__(self):
         self.offset = self.epoch = None
@@ -144,6 +144,7 @@ class _Client:
         self.latencies = defaultdict(list)  # step -> [ms]
         self.sends = defaultdict(list)  # step -> [(message id, room, sent_at, sender)]
         self.seq = 0
+        self.tasks = set()  # resumes under way, kept until done: the loop holds tasks only weakly
         self.resumes = self.resumes_refused = self.not_recovered = self.duplicates = 0
 
     def on_text(self, payload):
@@ -189,7 +190,9 @@ class _Client:
         member = self.resuming.pop(socket, None)
         if member is not None and socket.close_code == CLOSE_TOO_SLOW:
             # As a chat.v2 client does: the same member comes back from where it was, owed all it missed.
-            asyncio.ensure_future(self._resume(socket, member))
+            resuming = asyncio.ensure_future(self._resume(socket, member))
+            self.tasks.add(resuming)
+            resuming.add_done_callback(self.tasks.discard)
             return
         self.closed_at.setdefault(socket, time.perf_counter())
 
@@ -199,12 +202,17 @@ class _Client:
         # tries again with exponential backoff and full jitter; bounded here, then it counts as gone.
         for attempt in range(RESUME_ATTEMPTS):
             try:
-                resumed = await wsclient.connect("127.0.0.1", self.port, f"/ws/chat/{room}/?since={member.offset}&epoch={member.epoch}",
-                                                 self.resuming_receiver(member), subprotocol="chat.v2")
+                resumed = await wsclient.connect(
+                    "127.0.0.1",
+                    self.port,
+                    f"/ws/chat/{room}/?since={member.offset}&epoch={member.epoch}",
+                    self.resuming_receiver(member),
+                    subprotocol="chat.v2",
+                )
                 break
-            except (OSError, asyncio.TimeoutError):
+            except (TimeoutError, OSError):
                 self.resumes_refused += 1
-                await asyncio.sleep(random.uniform(0, min(1.0, 0.05 * 2 ** attempt)))
+                await asyncio.sleep(random.uniform(0, min(1.0, 0.05 * 2**attempt)))
         else:
             self.closed_at.setdefault(socket, time.perf_counter())
             return
@@ -224,14 +232,22 @@ class _Client:
         wanted = [room for room, count in rooms for _ in range(count)]
         batch = batch or max(1, len(wanted))
         for start in range(0, len(wanted), batch):
-            part = wanted[start:start + batch]
+            part = wanted[start : start + batch]
             members = [_Member() if resume else None for _ in part]
-            protocols = ["chat.v2" if resume or (subprotocol == "mixed" and (start + n) % 2) else
-                         None if subprotocol == "mixed" else subprotocol for n in range(len(part))]
-            sockets = await asyncio.gather(*(
-                self._join(room, self.resuming_receiver(member) if resume else self.on_text, protocol)
-                for room, member, protocol in zip(part, members, protocols)
-            ))
+            protocols = [
+                "chat.v2"
+                if resume or (subprotocol == "mixed" and (start + n) % 2)
+                else None
+                if subprotocol == "mixed"
+                else subprotocol
+                for n in range(len(part))
+            ]
+            sockets = await asyncio.gather(
+                *(
+                    self._join(room, self.resuming_receiver(member) if resume else self.on_text, protocol)
+                    for room, member, protocol in zip(part, members, protocols)
+                )
+            )
             for room, socket, member in zip(part, sockets, members):
                 if resume:
                     self.resuming[socket] = member
@@ -252,14 +268,20 @@ class _Client:
 
     def report(self, step, cpu_percent):
         """The sends of ``step`` and the closes seen so far, for the coordinator."""
-        return {"sends": [(message, room, sent_at) for message, room, sent_at, _ in self.sends[step]],
-                "closes": [(self.room_of[socket], at) for socket, at in self.closed_at.items()],
-                "cpu_percent": cpu_percent}
+        return {
+            "sends": [(message, room, sent_at) for message, room, sent_at, _ in self.sends[step]],
+            "closes": [(self.room_of[socket], at) for socket, at in self.closed_at.items()],
+            "cpu_percent": cpu_percent,
+        }
 
     def resumed(self):
         """Resumes after a 4408 so far, how many said they could not recover everything, duplicates seen."""
-        return {"resumes": self.resumes, "resumes_refused": self.resumes_refused, "not_recovered": self.not_recovered,
-                "duplicates": self.duplicates}
+        return {
+            "resumes": self.resumes,
+            "resumes_refused": self.resumes_refused,
+            "not_recovered": self.not_recovered,
+            "duplicates": self.duplicates,
+        }
 
     def say_once(self, step):
         """One message in each room, from one of this process's open sockets there; the step's sends."""
@@ -330,7 +352,7 @@ def _serve(index, port, wire, connection):
                 result = getattr(client, command)(*arguments)
                 if asyncio.iscoroutine(result):
                     result = await result
-            except Exception:  # noqa: BLE001 - the coordinator raises it, with this process's traceback
+            except Exception:
                 connection.send(("error", traceback.format_exc()))
             else:
                 connection.send(("ok", result))
@@ -440,9 +462,17 @@ class Load:
         closed = sum(len(report["closes"]) for report in reports)
         expected = rooms * size
         # A join the server refused (closed after the handshake) is no join: joins/s counts the sockets that stayed.
-        return {"sockets": expected, "rooms": rooms, "seconds": round(seconds, 3),
-                "joins_per_s": round((expected - closed) / seconds), "closed_by_server": closed, "expected": expected, "delivered": result["delivered"],
-                "delivered_ratio": round(result["delivered"] / expected, 5), "p99_ms": result["p99_ms"]}
+        return {
+            "sockets": expected,
+            "rooms": rooms,
+            "seconds": round(seconds, 3),
+            "joins_per_s": round((expected - closed) / seconds),
+            "closed_by_server": closed,
+            "expected": expected,
+            "delivered": result["delivered"],
+            "delivered_ratio": round(result["delivered"] / expected, 5),
+            "p99_ms": result["p99_ms"],
+        }
 
     async def run_step(self, label, deliveries_per_s, seconds, drain=3.0):
         """Offer ``deliveries_per_s`` for ``seconds``: delivered ratio, achieved rate, latency and both sides' CPU."""
@@ -468,12 +498,21 @@ class Load:
         client_cpu = sum(map(cpu_seconds, client_pids)) - client_cpu
         redis_cpu = sum(map(cpu_seconds, redis_pids)) - redis_cpu
         window = time.perf_counter() - started
-        per_delivery = (lambda cpu: round(1e6 * cpu / result["delivered"], 1) if result["delivered"] else None)  # noqa: E731
-        result.update(offered_per_s=deliveries_per_s, client_cpu_percent=[report["cpu_percent"] for report in reports],
-                      server_cpu_percent=server_cpu, sockets_closed_by_server=sum(len(r["closes"]) for r in reports),
-                      system_us_per_delivery=per_delivery(system_cpu), redis_us_per_delivery=per_delivery(redis_cpu),
-                      client_us_per_delivery=per_delivery(client_cpu), system_cpu_seconds=round(system_cpu, 4),
-                      window_seconds=round(window, 4))
+
+        def per_delivery(cpu):
+            return round(1e6 * cpu / result["delivered"], 1) if result["delivered"] else None
+
+        result.update(
+            offered_per_s=deliveries_per_s,
+            client_cpu_percent=[report["cpu_percent"] for report in reports],
+            server_cpu_percent=server_cpu,
+            sockets_closed_by_server=sum(len(r["closes"]) for r in reports),
+            system_us_per_delivery=per_delivery(system_cpu),
+            redis_us_per_delivery=per_delivery(redis_cpu),
+            client_us_per_delivery=per_delivery(client_cpu),
+            system_cpu_seconds=round(system_cpu, 4),
+            window_seconds=round(window, 4),
+        )
         return result
 
     async def idle_cpu_percent(self, seconds):
@@ -490,8 +529,11 @@ class Load:
             for room, closed_at in report["closes"]:
                 closes[room].append(closed_at)
         # A socket the server closed (4408: too slow) is owed nothing sent after its close.
-        expected = {message: len(self.members[room]) - sum(at <= sent_at for at in closes[room])
-                    for report in reports for message, room, sent_at in report["sends"]}
+        expected = {
+            message: len(self.members[room]) - sum(at <= sent_at for at in closes[room])
+            for report in reports
+            for message, room, sent_at in report["sends"]
+        }
         owed = sum(expected.values())
         deadline = time.perf_counter() + drain
         while sum(await self._all("count", *[(step,)] * len(self.connections))) < owed and time.perf_counter() < deadline:
@@ -508,10 +550,13 @@ class Load:
         owed = sum(n for m, n in expected.items() if m not in refused)
         delivered = sum(min(received[m], n) for m, n in expected.items() if m not in refused)
         return {
-            "messages": len(expected) - len(refused), "not_accepted": len(refused),
-            "expected": owed, "delivered": delivered,
+            "messages": len(expected) - len(refused),
+            "not_accepted": len(refused),
+            "expected": owed,
+            "delivered": delivered,
             "delivered_ratio": round(delivered / owed, 5) if owed else 0.0,
-            "achieved_per_s": round(delivered / seconds), "p50_ms": percentile(latencies, 0.50),
-            "p99_ms": percentile(latencies, 0.99), "max_ms": percentile(latencies, 1.0),
+            "achieved_per_s": round(delivered / seconds),
+            "p50_ms": percentile(latencies, 0.50),
+            "p99_ms": percentile(latencies, 0.99),
+            "max_ms": percentile(latencies, 1.0),
         }
-

@@ -26,11 +26,11 @@ from pathlib import Path
 import redis
 
 from chatsite.worker import WS_DEFAULT
-from localstack.cluster import LocalCluster
 from loadtest import capacity, comparison
 from loadtest.ledger import percentile
 from loadtest.profiling import profile
 from loadtest.stacks import BACKENDS, loaded, standalone_redis
+from localstack.cluster import LocalCluster
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "artifacts" / "bench"
@@ -71,10 +71,14 @@ async def history_cost(cluster, redis_port, args, backends):
     rate = int(off * 0.9)
     if on and on >= rate:
         return {"offered_per_s": rate, "passed": True, "measured_in": "the steps"}
-    with loaded("redis-cluster", cluster, redis_port, args) as (stack, load):
+    with loaded("redis-cluster", cluster, redis_port, args) as (_stack, load):
         await add_rooms(load, args)
-        steps, sustainable = await step_up(load, "redis-cluster (history) at 90% of history off",
-                                           argparse.Namespace(**{**vars(args), "steps": [rate]}), args.repeats)
+        steps, sustainable = await step_up(
+            load,
+            "redis-cluster (history) at 90% of history off",
+            argparse.Namespace(**{**vars(args), "steps": [rate]}),
+            args.repeats,
+        )
     return {"offered_per_s": rate, "passed": sustainable is not None, "measured_in": "a step of its own", "step": steps[0]}
 
 
@@ -108,15 +112,20 @@ async def bench_backend(backend, cluster, redis_port, args):
                 # server removed it from the room, a moment the client cannot see: its count could not be exact.
                 load.close()
                 await add_rooms(load, args, resume=True)
-            counted = ("channels_layer_overflow_total", "channels_layer_sequence_gaps_total",
-                       "chat_messages_dropped_closing_total", "chat_closed_too_slow_total")
+            counted = (
+                "channels_layer_overflow_total",
+                "channels_layer_sequence_gaps_total",
+                "chat_messages_dropped_closing_total",
+                "chat_closed_too_slow_total",
+            )
             before = [stack.metric(name) for name in counted] if backend.startswith("redis-cluster") else []
             overload = await load.run_step("overload", 2 * sustainable["offered_per_s"], args.step_seconds, drain=10)
             if backend.startswith("redis-cluster"):
                 # Overflow and messages a closing socket did not write count lost deliveries; a sequence gap
                 # counts a lost message (all its local members).
                 overflow, overload["sequence_gaps"], unsent, overload["closed_too_slow"] = (
-                    int(stack.metric(name) - value) for name, value in zip(counted, before))
+                    int(stack.metric(name) - value) for name, value in zip(counted, before)
+                )
                 overload["counted_drops"] = overflow + unsent
             if resume:
                 overload.update(await load.resumed())
@@ -175,8 +184,11 @@ def redis_cost(commands, layer="redis-cluster"):
     xs, ys = [r["workers"] for r in rows], [r["redis_us_per_send"] for r in rows]
     mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
     slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / sum((x - mean_x) ** 2 for x in xs)
-    return {"us_per_send": round(mean_y - slope * mean_x, 2), "us_per_subscriber": round(max(slope, 0.0), 2),
-            "measured": {f"room {r['room_size']}, {r['workers']} workers": r["redis_us_per_send"] for r in rows}}
+    return {
+        "us_per_send": round(mean_y - slope * mean_x, 2),
+        "us_per_subscriber": round(max(slope, 0.0), 2),
+        "measured": {f"room {r['room_size']}, {r['workers']} workers": r["redis_us_per_send"] for r in rows},
+    }
 
 
 async def presence_cost(cluster, args):
@@ -186,7 +198,9 @@ async def presence_cost(cluster, args):
 
     primaries = [redis.Redis(port=int(node.rsplit(":", 1)[1])) for node in cluster.startup_nodes]
     primaries = [c for c in primaries if c.info("replication")["role"] == "master"]
-    layer = RedisClusterChannelLayer(hosts=[f"redis://{n}" for n in cluster.startup_nodes], prefix=f"pres{random.randrange(10**6)}")
+    layer = RedisClusterChannelLayer(
+        hosts=[f"redis://{n}" for n in cluster.startup_nodes], prefix=f"pres{random.randrange(10**6)}"
+    )
     timed = args.presence_calls
 
     async def median_us(calls):
@@ -204,13 +218,17 @@ async def presence_cost(cluster, args):
             group = f"presence-{size}"
             channels = [await layer.new_channel() for _ in range(size + timed)]
             for start in range(0, size, 500):
-                await asyncio.gather(*(layer.presence_join(group, c, f"m{i}", None) for i, c in enumerate(channels[start:size], start)))
+                await asyncio.gather(
+                    *(layer.presence_join(group, c, f"m{i}", None) for i, c in enumerate(channels[start:size], start))
+                )
             fresh = channels[size:]
             logs = [CommandLog(node) for node in primaries]
             for log in logs:
                 log.start()
                 log.listening.wait(10)
-            join_us = await median_us(layer.presence_join(group, c, f"n{i}", "N", event={"type": "presence.join"}) for i, c in enumerate(fresh))
+            join_us = await median_us(
+                layer.presence_join(group, c, f"n{i}", "N", event={"type": "presence.join"}) for i, c in enumerate(fresh)
+            )
             leave_us = await median_us(layer.presence_leave(group, [c], event={"type": "presence.leave"}) for c in fresh)
             calls = Counter()
             for log in logs:
@@ -219,8 +237,14 @@ async def presence_cost(cluster, args):
             for command in ("replconf", "hello", "client", "auth", "select"):
                 calls.pop(command, None)
             read_us = await median_us(layer.presence(group) for _ in range(20))
-            results[str(size)] = {"room_size": size, "commands_per_join_and_leave": round(sum(calls.values()) / (2 * timed), 2),
-                                  "by_command": dict(calls), "join_us": join_us, "leave_us": leave_us, "read_us": read_us}
+            results[str(size)] = {
+                "room_size": size,
+                "commands_per_join_and_leave": round(sum(calls.values()) / (2 * timed), 2),
+                "by_command": dict(calls),
+                "join_us": join_us,
+                "leave_us": leave_us,
+                "read_us": read_us,
+            }
             print(f"  presence room {size}: {results[str(size)]}", flush=True)
         renew_us = await median_us(state.leases.renew() for _ in range(timed))
     finally:
@@ -245,8 +269,10 @@ async def commands_per_send(cluster, redis_port, args):
     layers = {
         "redis-cluster": (lambda p: RedisClusterChannelLayer(hosts=hosts, prefix=p, group_history=history), primaries),
         "redis-cluster-nohistory": (lambda p: RedisClusterChannelLayer(hosts=hosts, prefix=p), primaries),
-        "redis-cluster-unreplicated": (lambda p: RedisClusterChannelLayer(
-            hosts=hosts, prefix=p, group_history=history, replicate_before_publish=False), primaries),
+        "redis-cluster-unreplicated": (
+            lambda p: RedisClusterChannelLayer(hosts=hosts, prefix=p, group_history=history, replicate_before_publish=False),
+            primaries,
+        ),
         "redis": (lambda p: RedisChannelLayer(hosts=[f"redis://127.0.0.1:{redis_port}"], prefix=p), standalone),
         "redis-pubsub": (lambda p: RedisPubSubChannelLayer(hosts=[f"redis://127.0.0.1:{redis_port}"], prefix=p), standalone),
     }
@@ -280,7 +306,9 @@ async def commands_per_send(cluster, redis_port, args):
                 for command in ("replconf", "hello", "client", "auth", "select"):
                     calls.pop(command, None)
                 results[f"{name}/{size}/{workers}"] = {
-                    "layer": name, "room_size": size, "workers": workers,
+                    "layer": name,
+                    "room_size": size,
+                    "workers": workers,
                     "commands_per_send": round(sum(calls.values()) / sends, 2),
                     "by_command": {c: round(n / sends, 2) for c, n in calls.most_common()},
                     "calls_in_scripts_per_send": round(sum(in_scripts.values()) / sends, 2),
@@ -308,7 +336,9 @@ def sync_calls(layer, calls, warm):
     from asgiref.sync import async_to_sync
 
     def resources():
-        rss = next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmRSS:"))
+        rss = next(
+            int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmRSS:")
+        )
         return len(os.listdir("/proc/self/fd")), rss
 
     times, marks = [], {}
@@ -320,8 +350,11 @@ def sync_calls(layer, calls, warm):
         times.append((time.perf_counter() - started) * 1000)
     marks["end"] = resources()
     return {
-        "calls": calls, "median_ms": percentile(times, 0.5), "p99_ms": percentile(times, 0.99),
-        "descriptors_growth": marks["end"][0] - marks["warm"][0], "rss_growth_kib": marks["end"][1] - marks["warm"][1],
+        "calls": calls,
+        "median_ms": percentile(times, 0.5),
+        "p99_ms": percentile(times, 0.99),
+        "descriptors_growth": marks["end"][0] - marks["warm"][0],
+        "rss_growth_kib": marks["end"][1] - marks["warm"][1],
     }
 
 
@@ -342,9 +375,12 @@ async def sync_callers(cluster, redis_port, args):
     results = {}
     for name, measured in runs.items():
         median_run = sorted(measured, key=lambda r: r["median_ms"])[len(measured) // 2]
-        results[name] = {**median_run, "median_ms_per_run": [r["median_ms"] for r in measured],
-                         "descriptors_growth_max": max(r["descriptors_growth"] for r in measured),
-                         "rss_growth_kib_max": max(r["rss_growth_kib"] for r in measured)}
+        results[name] = {
+            **median_run,
+            "median_ms_per_run": [r["median_ms"] for r in measured],
+            "descriptors_growth_max": max(r["descriptors_growth"] for r in measured),
+            "rss_growth_kib_max": max(r["rss_growth_kib"] for r in measured),
+        }
         print(f"  sync group_send {name}: {results[name]}", flush=True)
     return results
 
@@ -354,7 +390,7 @@ async def server_settings(cluster, redis_port, args):
     results = {}
     for ws in args.ws_implementations:
         for loop in args.loops:
-            with loaded("redis-cluster", cluster, redis_port, args, ws=ws, loop=loop) as (stack, load):
+            with loaded("redis-cluster", cluster, redis_port, args, ws=ws, loop=loop) as (_stack, load):
                 await add_rooms(load, args)
                 steps, sustainable = await step_up(load, f"{ws}/{loop}", args, 1)
             results[f"{ws}/{loop}"] = {"ws": ws, "loop": loop, "sustainable": sustainable, "failed_step": steps[-1]}
@@ -365,10 +401,16 @@ CURVES = {
     # name: (x axis, [(x, [(rooms, size)] with traffic, idle sockets)], backends)
     "rooms": ("rooms (of 2 members)", lambda a: [(n, (n, 2), 0) for n in a.curve_rooms], ("redis-cluster", "redis")),
     # The ceiling too: its costs per recipient and per message against this layer's say where the gap is.
-    "room_size": ("members per room (5,000 sockets)", lambda a: [(n, (max(1, 5000 // n), n), 0) for n in a.curve_room_sizes],
-                  ("redis-cluster", "redis", "ceiling")),
-    "idle_sockets": ("idle sockets besides 10 active rooms of 50", lambda a: [(n, (10, 50), n) for n in a.curve_idle_sockets],
-                     ("redis-cluster", "redis")),
+    "room_size": (
+        "members per room (5,000 sockets)",
+        lambda a: [(n, (max(1, 5000 // n), n), 0) for n in a.curve_room_sizes],
+        ("redis-cluster", "redis", "ceiling"),
+    ),
+    "idle_sockets": (
+        "idle sockets besides 10 active rooms of 50",
+        lambda a: [(n, (10, 50), n) for n in a.curve_idle_sockets],
+        ("redis-cluster", "redis"),
+    ),
 }
 
 
@@ -380,16 +422,32 @@ async def scale_curves(cluster, redis_port, args):
         for backend in backends:
             rows = []
             for x, (rooms, size), idle in points(args):
-                with loaded(backend, cluster, redis_port, args, workers=1 if backend == "ceiling" else 3) as (stack, load):
+                with loaded(backend, cluster, redis_port, args, workers=1 if backend == "ceiling" else 3) as (_stack, load):
                     if idle:
                         await load.add_rooms([(f"idle-{i}", 50) for i in range(idle // 50)], idle=True)
                     await load.add_rooms([(f"curve-{i}", size) for i in range(rooms)])
                     step = await load.run_step("curve", args.curve_rate, args.step_seconds)
                 cost = capacity.worker_us_per_delivery(step)
-                rows.append({"x": x, "rooms": rooms, "room_size": size, "idle": idle,
-                             "cpu_us_per_delivery": round(cost, 1) if cost is not None else None,
-                             **{k: step[k] for k in ("delivered_ratio", "achieved_per_s", "p50_ms", "p99_ms", "server_cpu_percent",
-                                                     "sockets_closed_by_server")}})
+                rows.append(
+                    {
+                        "x": x,
+                        "rooms": rooms,
+                        "room_size": size,
+                        "idle": idle,
+                        "cpu_us_per_delivery": round(cost, 1) if cost is not None else None,
+                        **{
+                            k: step[k]
+                            for k in (
+                                "delivered_ratio",
+                                "achieved_per_s",
+                                "p50_ms",
+                                "p99_ms",
+                                "server_cpu_percent",
+                                "sockets_closed_by_server",
+                            )
+                        },
+                    }
+                )
                 print(f"  curve {curve} {backend} x={x}: {rows[-1]}", flush=True)
             results.setdefault(backend, {})[curve] = {"axis": axis, "points": rows}
     return results
@@ -417,22 +475,34 @@ def at_top_step(result):
     step = result.get("sustainable")
     if not step:
         return None
-    return {"offered_per_s": step["offered_per_s"],
-            "worker_us_per_delivery": round(capacity.worker_us_per_delivery(step), 1),
-            "client_cpu_percent": step["client_cpu_percent"], "server_cpu_percent": step["server_cpu_percent"]}
+    return {
+        "offered_per_s": step["offered_per_s"],
+        "worker_us_per_delivery": round(capacity.worker_us_per_delivery(step), 1),
+        "client_cpu_percent": step["client_cpu_percent"],
+        "server_cpu_percent": step["server_cpu_percent"],
+    }
 
 
 def gap(report):
     """Why this layer's sustainable rate is what it is against the ceiling's: costs at the top steps and per room-size fit."""
     backends, curves = report["backends"], report.get("curves") or {}
-    found = {name: {"top": at_top_step(backends[name]) if name in backends else None,
-                    "split": cost_split(curves[name]["room_size"]["points"]) if "room_size" in curves.get(name, {}) else None}
-             for name in ("redis-cluster", "ceiling")}
+    found = {
+        name: {
+            "top": at_top_step(backends[name]) if name in backends else None,
+            "split": cost_split(curves[name]["room_size"]["points"]) if "room_size" in curves.get(name, {}) else None,
+        }
+        for name in ("redis-cluster", "ceiling")
+    }
     ours, ceiling = found["redis-cluster"]["split"], found["ceiling"]["split"]
     if ours and ceiling:
         size = report["args"]["room_size"]
-        found["at_room_size"] = {"members": size, **{name: round(split["per_recipient_us"] + split["per_message_us"] / size, 1)
-                                                     for name, split in (("redis-cluster", ours), ("ceiling", ceiling))}}
+        found["at_room_size"] = {
+            "members": size,
+            **{
+                name: round(split["per_recipient_us"] + split["per_message_us"] / size, 1)
+                for name, split in (("redis-cluster", ours), ("ceiling", ceiling))
+            },
+        }
     return found
 
 
@@ -442,13 +512,17 @@ async def join_storms(cluster, redis_port, args):
     runs = {"redis-cluster": [], "redis": []}
     for _ in range(args.storm_repeats):
         for backend in runs:
-            with loaded(backend, cluster, redis_port, args) as (stack, load):
+            with loaded(backend, cluster, redis_port, args) as (_stack, load):
                 runs[backend].append(await load.storm(args.storm_rooms, args.storm_room_size))
                 print(f"  join storm {backend}: {runs[backend][-1]}", flush=True)
-    return {backend: {**sorted(measured, key=lambda r: r["joins_per_s"])[len(measured) // 2],
-                      "joins_per_s_per_run": [r["joins_per_s"] for r in measured],
-                      "all_delivered": all(r["delivered_ratio"] == 1.0 for r in measured)}
-            for backend, measured in runs.items()}
+    return {
+        backend: {
+            **sorted(measured, key=lambda r: r["joins_per_s"])[len(measured) // 2],
+            "joins_per_s_per_run": [r["joins_per_s"] for r in measured],
+            "all_delivered": all(r["delivered_ratio"] == 1.0 for r in measured),
+        }
+        for backend, measured in runs.items()
+    }
 
 
 async def idle_memory(cluster, redis_port, args):
@@ -471,13 +545,22 @@ async def idle_memory(cluster, redis_port, args):
                     # Rooms one after another: thousands of handshakes at once would measure their peak.
                     for index in range(0, args.idle_sockets, 50):
                         # The chat's sockets speak v2 with room history: each holds its place for a resume.
-                        await load.add_room(f"idle-{index // 50}", min(50, args.idle_sockets - index), settle=0,
-                                            subprotocol="chat.v2" if app == "chat" else None)
+                        await load.add_room(
+                            f"idle-{index // 50}",
+                            min(50, args.idle_sockets - index),
+                            settle=0,
+                            subprotocol="chat.v2" if app == "chat" else None,
+                        )
                     await asyncio.sleep(3)
                     samples[app].append(round((stack.rss_kib() - before) / args.idle_sockets, 2))
         for app, values in samples.items():
-            results[f"{app}/{ws}"] = {"app": app, "ws": ws, "sockets": args.idle_sockets,
-                                      "kib_per_socket": percentile(values, 0.5), "samples": values}
+            results[f"{app}/{ws}"] = {
+                "app": app,
+                "ws": ws,
+                "sockets": args.idle_sockets,
+                "kib_per_socket": percentile(values, 0.5),
+                "samples": values,
+            }
             print(f"  idle memory {app} {ws}: {results[f'{app}/{ws}']}", flush=True)
     return results
 
@@ -490,12 +573,16 @@ def plots(report):
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(8, 5))
-    for backend, result in report["backends"].items():
+    for result in report["backends"].values():
         steps = [s for s in result["steps"] if s["p99_ms"] is not None]
         axis.plot([s["offered_per_s"] for s in steps], [s["p99_ms"] for s in steps], marker="o", label=f"{result['label']} p99")
     axis.axhline(P99_LIMIT_MS, color="grey", linestyle="--", linewidth=1)
-    axis.set(xlabel="offered deliveries/s", ylabel="p99 fan-out latency (ms)", yscale="log",
-             title="Fan-out latency against load (rooms of %d, 3 workers)" % report["args"]["room_size"])
+    axis.set(
+        xlabel="offered deliveries/s",
+        ylabel="p99 fan-out latency (ms)",
+        yscale="log",
+        title=f"Fan-out latency against load (rooms of {report['args']['room_size']}, 3 workers)",
+    )
     axis.legend()
     figure.savefig(OUT / "latency_vs_load.png", dpi=110, bbox_inches="tight")
     plt.close(figure)
@@ -507,9 +594,18 @@ def plots(report):
                 if curve not in curves:
                     continue
                 points = [p for p in curves[curve]["points"] if p["cpu_us_per_delivery"] is not None]
-                axis.plot([max(p["x"], 1) for p in points], [p["cpu_us_per_delivery"] for p in points], marker="o", label=BACKENDS[backend])
-            axis.set(xlabel=report["curves"]["redis-cluster"][curve]["axis"], ylabel="worker CPU µs per delivery", xscale="log",
-                     title=f"at {report['args']['curve_rate']:,} deliveries/s offered")
+                axis.plot(
+                    [max(p["x"], 1) for p in points],
+                    [p["cpu_us_per_delivery"] for p in points],
+                    marker="o",
+                    label=BACKENDS[backend],
+                )
+            axis.set(
+                xlabel=report["curves"]["redis-cluster"][curve]["axis"],
+                ylabel="worker CPU µs per delivery",
+                xscale="log",
+                title=f"at {report['args']['curve_rate']:,} deliveries/s offered",
+            )
             axis.legend()
         figure.savefig(OUT / "scale_curves.png", dpi=110, bbox_inches="tight")
         plt.close(figure)
@@ -519,126 +615,174 @@ def plots(report):
     for layer in ("redis-cluster", "redis", "redis-pubsub"):
         rows = [r for r in report["commands"].values() if r["layer"] == layer and r["workers"] == workers]
         axis.plot([r["room_size"] for r in rows], [r["commands_per_send"] for r in rows], marker="o", label=BACKENDS[layer])
-    axis.set(xlabel="room size", ylabel="Redis commands per group_send", xscale="log", yscale="log",
-             title=f"Commands per group_send ({workers} workers)")
+    axis.set(
+        xlabel="room size",
+        ylabel="Redis commands per group_send",
+        xscale="log",
+        yscale="log",
+        title=f"Commands per group_send ({workers} workers)",
+    )
     axis.legend()
     figure.savefig(OUT / "commands_per_send.png", dpi=110, bbox_inches="tight")
     plt.close(figure)
 
 
 def targets(report):
-    """Issue 6's four targets against this run: [{target, measured, met}]."""
+    """The benchmark's targets against this run: [{target, measured, met}]."""
     backends, args = report["backends"], report["args"]
-    rate = lambda backend: ((backends.get(backend) or {}).get("sustainable") or {}).get("offered_per_s")  # noqa: E731
+
+    def rate(backend):
+        return ((backends.get(backend) or {}).get("sustainable") or {}).get("offered_per_s")
+
     ours, core, ceiling = rate("redis-cluster"), rate("redis"), rate("ceiling")
     at_top = " (the highest step offered)" if ours == max(args["steps"]) else ""
     why = report.get("gap") or {}
     tops = [(why.get(name) or {}).get("top") for name in ("redis-cluster", "ceiling")]
-    because = (f"; worker CPU per delivery at those steps {tops[0]['worker_us_per_delivery']} µs against "
-               f"{tops[1]['worker_us_per_delivery']} µs (why: below)" if all(tops) else "")
-    rows = [{
-        "target": "sustainable fan-out with room history at least 0.8x the one-process bare app's (same run, same client)",
-        "measured": (f"{ours}/s{at_top} against {ceiling}/s: {ours / ceiling:.2f}x{because}" if ours and ceiling
-                     else f"{ours} against {ceiling}"),
-        "met": bool(ours and ceiling and ours >= 0.8 * ceiling),
-    }, {
-        "target": "sustainable fan-out with room history at least 8x channels_redis core's",
-        "measured": f"{ours}/s against {core}/s: {ours / core:.1f}x" if ours and core else f"{ours} against {core}",
-        "met": bool(ours and core and ours >= 8 * core),
-    }]
+    because = (
+        f"; worker CPU per delivery at those steps {tops[0]['worker_us_per_delivery']} µs against "
+        f"{tops[1]['worker_us_per_delivery']} µs (why: below)"
+        if all(tops)
+        else ""
+    )
+    rows = [
+        {
+            "target": "sustainable fan-out with room history at least 0.8x the one-process bare app's (same run, same client)",
+            "measured": (
+                f"{ours}/s{at_top} against {ceiling}/s: {ours / ceiling:.2f}x{because}"
+                if ours and ceiling
+                else f"{ours} against {ceiling}"
+            ),
+            "met": bool(ours and ceiling and ours >= 0.8 * ceiling),
+        },
+        {
+            "target": "sustainable fan-out with room history at least 8x channels_redis core's",
+            "measured": f"{ours}/s against {core}/s: {ours / core:.1f}x" if ours and core else f"{ours} against {core}",
+            "met": bool(ours and core and ours >= 8 * core),
+        },
+    ]
     limit = (backends.get("ceiling") or {}).get("steps", [None])[-1]
     if limit:
-        rows.append({
-            "target": "the client is not the bottleneck: at the ceiling's last step every client process stays under 90% of a core",
-            "measured": f"at {limit['offered_per_s']}/s: client processes {limit['client_cpu_percent']}% of a core, "
-                        f"the server process {limit['server_cpu_percent']}%",
-            "met": max(limit["client_cpu_percent"]) < 90,
-        })
+        rows.append(
+            {
+                "target": "the client is not the bottleneck: at the ceiling's last step every client process stays under 90% of a core",
+                "measured": f"at {limit['offered_per_s']}/s: client processes {limit['client_cpu_percent']}% of a core, "
+                f"the server process {limit['server_cpu_percent']}%",
+                "met": max(limit["client_cpu_percent"]) < 90,
+            }
+        )
     overload = (backends.get("redis-cluster") or {}).get("overload")
     if overload:
         missing = overload["expected"] - overload["delivered"]
-        rows.append({
-            "target": "no silent drop at 2x overload",
-            "measured": f"{overload['delivered_ratio']:.2%} delivered at {overload['offered_per_s']}/s to chat.v2 members; "
-                        f"{overload.get('closed_too_slow')} sockets closed as too slow (4408), {overload.get('resumes')} resumes "
-                        f"({overload.get('resumes_refused', 0)} handshakes refused and tried again), "
-                        f"{overload.get('not_recovered')} of them not recovered, {overload.get('duplicates')} duplicates; "
-                        f"{missing} missing, {overload.get('counted_drops')} not written and counted, "
-                        f"{overload.get('sequence_gaps')} messages counted as sequence gaps",
-            # A member closed as too slow resumes: it is owed everything and gets it, with no duplicate. A
-            # resume that could not be exact says so (recovered: false); then what is missing must be counted.
-            "met": overload.get("duplicates") == 0 and (
-                missing == 0 or (overload.get("not_recovered", 0) > 0 and missing <= (overload.get("counted_drops") or 0))),
-        })
+        rows.append(
+            {
+                "target": "no silent drop at 2x overload",
+                "measured": f"{overload['delivered_ratio']:.2%} delivered at {overload['offered_per_s']}/s to chat.v2 members; "
+                f"{overload.get('closed_too_slow')} sockets closed as too slow (4408), {overload.get('resumes')} resumes "
+                f"({overload.get('resumes_refused', 0)} handshakes refused and tried again), "
+                f"{overload.get('not_recovered')} of them not recovered, {overload.get('duplicates')} duplicates; "
+                f"{missing} missing, {overload.get('counted_drops')} not written and counted, "
+                f"{overload.get('sequence_gaps')} messages counted as sequence gaps",
+                # A member closed as too slow resumes: it is owed everything and gets it, with no duplicate. A
+                # resume that could not be exact says so (recovered: false); then what is missing must be counted.
+                "met": overload.get("duplicates") == 0
+                and (missing == 0 or (overload.get("not_recovered", 0) > 0 and missing <= (overload.get("counted_drops") or 0))),
+            }
+        )
     without, check = rate("redis-cluster-nohistory"), report.get("history_cost") or {}
-    rows.append({
-        "target": "room history on costs at most 10% of the sustainable rate with it off",
-        "measured": f"{ours}/s with history against {without}/s without in the steps; at 90% of it "
-                    f"({check.get('offered_per_s')}/s, measured in {check.get('measured_in')}) it "
-                    f"{'passes' if check.get('passed') else 'fails'}" if without else f"{ours} against {without}",
-        "met": bool(check.get("passed")),
-    })
+    rows.append(
+        {
+            "target": "room history on costs at most 10% of the sustainable rate with it off",
+            "measured": f"{ours}/s with history against {without}/s without in the steps; at 90% of it "
+            f"({check.get('offered_per_s')}/s, measured in {check.get('measured_in')}) it "
+            f"{'passes' if check.get('passed') else 'fails'}"
+            if without
+            else f"{ours} against {without}",
+            "met": bool(check.get("passed")),
+        }
+    )
     unreplicated = rate("redis-cluster-unreplicated")
     if unreplicated:
-        steps = {b: {st["offered_per_s"]: st for st in backends[b]["steps"]} for b in ("redis-cluster", "redis-cluster-unreplicated")}
-        common = max(set(steps["redis-cluster"]) & set(steps["redis-cluster-unreplicated"]) & {ours or 0, unreplicated}, default=None)
-        at = (f"; at {common}/s p50 / p99 {steps['redis-cluster'][common]['p50_ms']} / {steps['redis-cluster'][common]['p99_ms']} ms "
-              f"against {steps['redis-cluster-unreplicated'][common]['p50_ms']} / {steps['redis-cluster-unreplicated'][common]['p99_ms']} ms"
-              if common else "")
-        rows.append({
-            "target": "publishing a room message only once its replicas hold it (the default) costs at most 10% of the "
-                      "sustainable rate of publishing it as written",
-            "measured": f"{ours}/s against {unreplicated}/s{at}",
-            "met": bool(ours and ours >= 0.9 * unreplicated),
-        })
-    per_layer = {layer: [r["commands_per_send"] for r in report["commands"].values() if r["layer"] == layer]
-                 for layer in ("redis-cluster", "redis-cluster-unreplicated", "redis-cluster-nohistory")}
+        steps = {
+            b: {st["offered_per_s"]: st for st in backends[b]["steps"]} for b in ("redis-cluster", "redis-cluster-unreplicated")
+        }
+        common = max(
+            set(steps["redis-cluster"]) & set(steps["redis-cluster-unreplicated"]) & {ours or 0, unreplicated}, default=None
+        )
+        at = (
+            f"; at {common}/s p50 / p99 {steps['redis-cluster'][common]['p50_ms']} / {steps['redis-cluster'][common]['p99_ms']} ms "
+            f"against {steps['redis-cluster-unreplicated'][common]['p50_ms']} / {steps['redis-cluster-unreplicated'][common]['p99_ms']} ms"
+            if common
+            else ""
+        )
+        rows.append(
+            {
+                "target": "publishing a room message only once its replicas hold it (the default) costs at most 10% of the "
+                "sustainable rate of publishing it as written",
+                "measured": f"{ours}/s against {unreplicated}/s{at}",
+                "met": bool(ours and ours >= 0.9 * unreplicated),
+            }
+        )
+    per_layer = {
+        layer: [r["commands_per_send"] for r in report["commands"].values() if r["layer"] == layer]
+        for layer in ("redis-cluster", "redis-cluster-unreplicated", "redis-cluster-nohistory")
+    }
     per_layer = {layer: counts for layer, counts in per_layer.items() if counts}
-    rows.append({
-        # Published as written: one script. Published once replicated: the write, a WAIT (one per pipeline
-        # batch, so one per send when sends come one at a time, as here) and the publish.
-        "target": "a fixed number of Redis commands per group_send whatever the room size: 1 without waiting "
-                  "for replicas, at most 3 with (write, WAIT, publish)",
-        "measured": "; ".join(f"{BACKENDS[layer]}: {min(c)} to {max(c)}" for layer, c in per_layer.items()),
-        "met": all(max(c) - min(c) < 0.05 for c in per_layer.values())
-        and max(per_layer.get("redis-cluster", [3])) <= 3 and max(per_layer.get("redis-cluster-unreplicated", [1])) <= 1,
-    })
+    rows.append(
+        {
+            # Published as written: one script. Published once replicated: the write, a WAIT (one per pipeline
+            # batch, so one per send when sends come one at a time, as here) and the publish.
+            "target": "a fixed number of Redis commands per group_send whatever the room size: 1 without waiting "
+            "for replicas, at most 3 with (write, WAIT, publish)",
+            "measured": "; ".join(f"{BACKENDS[layer]}: {min(c)} to {max(c)}" for layer, c in per_layer.items()),
+            "met": all(max(c) - min(c) < 0.05 for c in per_layer.values())
+            and max(per_layer.get("redis-cluster", [3])) <= 3
+            and max(per_layer.get("redis-cluster-unreplicated", [1])) <= 1,
+        }
+    )
     if report.get("comparison"):
         rows += comparison.targets(report["comparison"])
     sync = report["sync"]
     ours, core = sync["redis-cluster"], sync["redis"]
-    rows.append({
-        "target": "group_send from synchronous code (async_to_sync) at most 2x channels_redis core's time per call",
-        "measured": f"median {ours['median_ms']} ms against {core['median_ms']} ms per call: {ours['median_ms'] / core['median_ms']:.2f}x",
-        "met": ours["median_ms"] <= 2 * core["median_ms"],
-    })
-    rows.append({
-        "target": f"{ours['calls']:,} synchronous calls leave descriptors and memory flat",
-        "measured": f"after the first {ours['calls'] // 10:,} calls: {ours['descriptors_growth_max']} more descriptors, "
-                    f"{ours['rss_growth_kib_max']} KiB more RSS at most (channels_redis core: {core['descriptors_growth_max']}, "
-                    f"{core['rss_growth_kib_max']} KiB)",
-        "met": ours["descriptors_growth_max"] == 0 and ours["rss_growth_kib_max"] <= 2048,
-    })
+    rows.append(
+        {
+            "target": "group_send from synchronous code (async_to_sync) at most 2x channels_redis core's time per call",
+            "measured": f"median {ours['median_ms']} ms against {core['median_ms']} ms per call: {ours['median_ms'] / core['median_ms']:.2f}x",
+            "met": ours["median_ms"] <= 2 * core["median_ms"],
+        }
+    )
+    rows.append(
+        {
+            "target": f"{ours['calls']:,} synchronous calls leave descriptors and memory flat",
+            "measured": f"after the first {ours['calls'] // 10:,} calls: {ours['descriptors_growth_max']} more descriptors, "
+            f"{ours['rss_growth_kib_max']} KiB more RSS at most (channels_redis core: {core['descriptors_growth_max']}, "
+            f"{core['rss_growth_kib_max']} KiB)",
+            "met": ours["descriptors_growth_max"] == 0 and ours["rss_growth_kib_max"] <= 2048,
+        }
+    )
     storms = report.get("storms")
     if storms:
         ours, core = storms["redis-cluster"], storms["redis"]
-        rows.append({
-            "target": "join storm at least 2x channels_redis core's joins/s, every member receiving a message sent right after",
-            "measured": f"{ours['sockets']:,} sockets into {ours['rooms']} rooms: {ours['joins_per_s']:,} joins/s against "
-                        f"{core['joins_per_s']:,}/s (sockets the server closed after the handshake are no joins: "
-                        f"{ours['closed_by_server']} against {core['closed_by_server']}) "
-                        f"({ours['joins_per_s'] / core['joins_per_s']:.1f}x; runs {ours['joins_per_s_per_run']} "
-                        f"against {core['joins_per_s_per_run']}); every member reached: {ours['all_delivered']}",
-            "met": ours["joins_per_s"] >= 2 * core["joins_per_s"] and ours["all_delivered"],
-        })
+        rows.append(
+            {
+                "target": "join storm at least 2x channels_redis core's joins/s, every member receiving a message sent right after",
+                "measured": f"{ours['sockets']:,} sockets into {ours['rooms']} rooms: {ours['joins_per_s']:,} joins/s against "
+                f"{core['joins_per_s']:,}/s (sockets the server closed after the handshake are no joins: "
+                f"{ours['closed_by_server']} against {core['closed_by_server']}) "
+                f"({ours['joins_per_s'] / core['joins_per_s']:.1f}x; runs {ours['joins_per_s_per_run']} "
+                f"against {core['joins_per_s_per_run']}); every member reached: {ours['all_delivered']}",
+                "met": ours["joins_per_s"] >= 2 * core["joins_per_s"] and ours["all_delivered"],
+            }
+        )
     memory = report["memory"]
     bare, chat = memory[f"bare/{args['ws']}"]["kib_per_socket"], memory[f"chat/{args['ws']}"]["kib_per_socket"]
-    rows.append({
-        "target": f"idle memory at most 20 KiB per socket (v2, room history on) and within 10% of the bare app ({args['ws']}, the default)",
-        # A short run can see no RSS growth at all for the bare app.
-        "measured": f"{chat} KiB against {bare} KiB" + (f": {(chat / bare - 1) * 100:+.0f}%" if bare else ""),
-        "met": chat <= 20 and chat <= 1.10 * bare,
-    })
+    rows.append(
+        {
+            "target": f"idle memory at most 20 KiB per socket (v2, room history on) and within 10% of the bare app ({args['ws']}, the default)",
+            # A short run can see no RSS growth at all for the bare app.
+            "measured": f"{chat} KiB against {bare} KiB" + (f": {(chat / bare - 1) * 100:+.0f}%" if bare else ""),
+            "met": chat <= 20 and chat <= 1.10 * bare,
+        }
+    )
     return rows
 
 
@@ -650,12 +794,15 @@ def markdown(report):
         return f"{value / core:.1f}x" if core and value else "-"
 
     lines = [
-        "# Fan-out benchmark", "",
+        "# Fan-out benchmark",
+        "",
         f"One run on this machine ({os.cpu_count()} cores): gunicorn + 3 uvicorn workers (the ceiling: one), {args['rooms']} rooms of "
         f"{args['room_size']}, the client in {args['client_processes']} processes on 127.0.0.1. Sustainable = highest offered step with 100% "
         f"delivery and p99 <= {P99_LIMIT_MS:.0f} ms; each step runs {args['repeats']} times for {args['step_seconds']} s "
-        f"and the median run decides.", "",
-        "| target | measured | met |", "| --- | --- | --- |",
+        f"and the median run decides.",
+        "",
+        "| target | measured | met |",
+        "| --- | --- | --- |",
         *(f"| {row['target']} | {row['measured']} | {'yes' if row['met'] else 'NO'} |" for row in report["targets"]),
         "",
         *gap_lines(report),
@@ -672,84 +819,151 @@ def markdown(report):
             f"{s.get('p99_ms', '-')} | {overload_ratio} | {o.get('p99_ms', '-')} | {drops} | "
             f"{b.get('p50_ms', '-')} / {b.get('p99_ms', '-')} |"
         )
-    lines += ["", "Every step (offered deliveries/s: delivered, p50 / p99 ms of the median run, CPU in % of a core of "
-              "each client process / each server worker; sockets per worker):", ""]
-    for backend, r in backends.items():
-        cells = [f"{s['offered_per_s']}: {s['delivered_ratio']:.2%}, {s['p50_ms']} / {s['p99_ms']}, "
-                 f"CPU {'+'.join(f'{c:.0f}' for c in s['client_cpu_percent'])} / {'+'.join(f'{c:.0f}' for c in s['server_cpu_percent'])}"
-                 for s in r["steps"]]
+    lines += [
+        "",
+        "Every step (offered deliveries/s: delivered, p50 / p99 ms of the median run, CPU in % of a core of "
+        "each client process / each server worker; sockets per worker):",
+        "",
+    ]
+    for r in backends.values():
+        cells = [
+            f"{s['offered_per_s']}: {s['delivered_ratio']:.2%}, {s['p50_ms']} / {s['p99_ms']}, "
+            f"CPU {'+'.join(f'{c:.0f}' for c in s['client_cpu_percent'])} / {'+'.join(f'{c:.0f}' for c in s['server_cpu_percent'])}"
+            for s in r["steps"]
+        ]
         lines.append(f"- {r['label']} {r.get('sockets_per_worker')}: " + "; ".join(cells))
-    lines += ["", "## Redis commands per group_send (INFO commandstats)", "",
-              "| layer | " + " | ".join(f"room {size}, {w} workers" for size in args["command_room_sizes"] for w in args["command_workers"]) + " |",
-              "| --- |" + " --- |" * (len(args["command_room_sizes"]) * len(args["command_workers"]))]
+    lines += [
+        "",
+        "## Redis commands per group_send (INFO commandstats)",
+        "",
+        "| layer | "
+        + " | ".join(f"room {size}, {w} workers" for size in args["command_room_sizes"] for w in args["command_workers"])
+        + " |",
+        "| --- |" + " --- |" * (len(args["command_room_sizes"]) * len(args["command_workers"])),
+    ]
     for layer in ("redis-cluster", "redis-cluster-unreplicated", "redis-cluster-nohistory", "redis", "redis-pubsub"):
-        row = [report["commands"][f"{layer}/{size}/{w}"]["commands_per_send"] for size in args["command_room_sizes"] for w in args["command_workers"]]
+        row = [
+            report["commands"][f"{layer}/{size}/{w}"]["commands_per_send"]
+            for size in args["command_room_sizes"]
+            for w in args["command_workers"]
+        ]
         lines.append(f"| {BACKENDS[layer]} | " + " | ".join(str(v) for v in row) + " |")
-    lines += ["", f"## group_send from synchronous code ({args['sync_calls']:,} async_to_sync calls per run, {args['sync_repeats']} runs, the median run shown)", "",
-              "| layer | median ms per call | p99 ms | descriptors after the first tenth | RSS KiB after the first tenth |",
-              "| --- | --- | --- | --- | --- |"]
+    lines += [
+        "",
+        f"## group_send from synchronous code ({args['sync_calls']:,} async_to_sync calls per run, {args['sync_repeats']} runs, the median run shown)",
+        "",
+        "| layer | median ms per call | p99 ms | descriptors after the first tenth | RSS KiB after the first tenth |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for layer, r in report["sync"].items():
-        lines.append(f"| {BACKENDS[layer]} | {r['median_ms']} | {r['p99_ms']} | {r['descriptors_growth']:+d} | {r['rss_growth_kib']:+d} |")
+        lines.append(
+            f"| {BACKENDS[layer]} | {r['median_ms']} | {r['p99_ms']} | {r['descriptors_growth']:+d} | {r['rss_growth_kib']:+d} |"
+        )
     if report.get("curves"):
-        lines += ["", f"## Costs as the work grows ({args['curve_rate']:,} deliveries/s offered at every point, a fresh stack each)", "",
-                  "Worker CPU µs per delivery (all workers' CPU over what was delivered), delivered share and p99 ms:", ""]
+        lines += [
+            "",
+            f"## Costs as the work grows ({args['curve_rate']:,} deliveries/s offered at every point, a fresh stack each)",
+            "",
+            "Worker CPU µs per delivery (all workers' CPU over what was delivered), delivered share and p99 ms:",
+            "",
+        ]
         for curve in CURVES:
             axis = report["curves"]["redis-cluster"][curve]["axis"]
             measured = [b for b in report["curves"] if curve in report["curves"][b]]
-            lines += [f"| {axis} | " + " | ".join(BACKENDS[b] for b in measured) + " |",
-                      "| --- |" + " --- |" * len(measured)]
+            lines += [f"| {axis} | " + " | ".join(BACKENDS[b] for b in measured) + " |", "| --- |" + " --- |" * len(measured)]
             for index, point in enumerate(report["curves"]["redis-cluster"][curve]["points"]):
                 cells = []
                 for backend in measured:
                     p = report["curves"][backend][curve]["points"][index]
                     refused = p["sockets_closed_by_server"]
-                    cells.append(f"{p['cpu_us_per_delivery']} µs, {p['delivered_ratio']:.2%}, p99 {p['p99_ms']}"
-                                 + (f", **{refused:,} sockets closed by the server**" if refused else ""))
+                    cells.append(
+                        f"{p['cpu_us_per_delivery']} µs, {p['delivered_ratio']:.2%}, p99 {p['p99_ms']}"
+                        + (f", **{refused:,} sockets closed by the server**" if refused else "")
+                    )
                 lines.append(f"| {point['x']:,} | " + " | ".join(cells) + " |")
             lines.append("")
         lines.append("![scale curves](scale_curves.png)")
     if report.get("storms"):
-        lines += ["", f"## Join storm ({args['storm_rooms']} rooms of {args['storm_room_size']} connecting at once, "
-                  f"{args['storm_repeats']} runs each, alternating; the median run)", "",
-                  "| layer | joins/s | seconds | runs (joins/s) | sockets closed by the server | one message per room right after: delivered | p99 ms |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [
+            "",
+            f"## Join storm ({args['storm_rooms']} rooms of {args['storm_room_size']} connecting at once, "
+            f"{args['storm_repeats']} runs each, alternating; the median run)",
+            "",
+            "| layer | joins/s | seconds | runs (joins/s) | sockets closed by the server | one message per room right after: delivered | p99 ms |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
         for backend, r in report["storms"].items():
-            lines.append(f"| {BACKENDS[backend]} | {r['joins_per_s']:,} | {r['seconds']} | {r['joins_per_s_per_run']} | "
-                         f"{r['closed_by_server']} | {r['delivered']} of {r['expected']} | {r['p99_ms']} |")
+            lines.append(
+                f"| {BACKENDS[backend]} | {r['joins_per_s']:,} | {r['seconds']} | {r['joins_per_s_per_run']} | "
+                f"{r['closed_by_server']} | {r['delivered']} of {r['expected']} | {r['p99_ms']} |"
+            )
     if report.get("presence"):
         pres = report["presence"]
-        lines += ["", f"## Presence cost against room size ({args['presence_calls']} joins and leaves each, with their event; "
-                  "MONITOR of every primary; median latency from the caller)", "",
-                  "| members in the room | Redis commands per join or leave | join µs | leave µs | read of the members µs |",
-                  "| --- | --- | --- | --- | --- |"]
+        lines += [
+            "",
+            f"## Presence cost against room size ({args['presence_calls']} joins and leaves each, with their event; "
+            "MONITOR of every primary; median latency from the caller)",
+            "",
+            "| members in the room | Redis commands per join or leave | join µs | leave µs | read of the members µs |",
+            "| --- | --- | --- | --- | --- |",
+        ]
         for r in pres["rooms"].values():
-            lines.append(f"| {r['room_size']:,} | {r['commands_per_join_and_leave']} ({', '.join(f'{k} {v}' for k, v in r['by_command'].items())}) "
-                         f"| {r['join_us']} | {r['leave_us']} | {r['read_us']} |")
-        lines += ["", f"A worker's heartbeat (its presence lease): one command every third of `presence_timeout` "
-                  f"({pres['renewals_per_worker_per_s']} per second at the default), {pres['renew_us']} µs each, whatever its sockets."]
+            lines.append(
+                f"| {r['room_size']:,} | {r['commands_per_join_and_leave']} ({', '.join(f'{k} {v}' for k, v in r['by_command'].items())}) "
+                f"| {r['join_us']} | {r['leave_us']} | {r['read_us']} |"
+            )
+        lines += [
+            "",
+            f"A worker's heartbeat (its presence lease): one command every third of `presence_timeout` "
+            f"({pres['renewals_per_worker_per_s']} per second at the default), {pres['renew_us']} µs each, whatever its sockets.",
+        ]
     if report.get("redis_cost"):
         cost = report["redis_cost"]
-        lines += ["", "## Redis CPU per group_send (INFO commandstats, history on)", "",
-                  f"{cost['us_per_send']} µs per group_send plus {cost['us_per_subscriber']} µs per subscribed worker "
-                  "(least squares over: " + ", ".join(f"{k}: {v} µs" for k, v in cost["measured"].items()) + ")."]
-    lines += ["", "## Idle memory per socket (RSS growth of the workers / sockets)", "",
-              "| WebSocket implementation | bare ASGI app KiB | chat KiB | chat vs bare |", "| --- | --- | --- | --- |"]
+        lines += [
+            "",
+            "## Redis CPU per group_send (INFO commandstats, history on)",
+            "",
+            f"{cost['us_per_send']} µs per group_send plus {cost['us_per_subscriber']} µs per subscribed worker "
+            "(least squares over: " + ", ".join(f"{k}: {v} µs" for k, v in cost["measured"].items()) + ").",
+        ]
+    lines += [
+        "",
+        "## Idle memory per socket (RSS growth of the workers / sockets)",
+        "",
+        "| WebSocket implementation | bare ASGI app KiB | chat KiB | chat vs bare |",
+        "| --- | --- | --- | --- |",
+    ]
     for ws in args["ws_implementations"]:
         bare, chat = report["memory"][f"bare/{ws}"]["kib_per_socket"], report["memory"][f"chat/{ws}"]["kib_per_socket"]
         lines.append(f"| {ws} | {bare} | {chat} | {'+' if chat >= bare else ''}{(chat / bare - 1) * 100 if bare else 0:.0f}% |")
     if report.get("server_settings"):
-        lines += ["", "## Server settings (this layer, one run per step)", "",
-                  "| WebSocket implementation | event loop | sustainable deliveries/s | p99 ms | first failed step |",
-                  "| --- | --- | --- | --- | --- |"]
+        lines += [
+            "",
+            "## Server settings (this layer, one run per step)",
+            "",
+            "| WebSocket implementation | event loop | sustainable deliveries/s | p99 ms | first failed step |",
+            "| --- | --- | --- | --- | --- |",
+        ]
         for r in report["server_settings"].values():
             s, failed = r["sustainable"] or {}, r["failed_step"]
-            failed_cell = "-" if passes(failed) else f"{failed['offered_per_s']}: {failed['delivered_ratio']:.2%}, p99 {failed['p99_ms']} ms"
-            lines.append(f"| {r['ws']} | {r['loop']} | {s.get('offered_per_s', 'none')} | {s.get('p99_ms', '-')} | {failed_cell} |")
+            failed_cell = (
+                "-"
+                if passes(failed)
+                else f"{failed['offered_per_s']}: {failed['delivered_ratio']:.2%}, p99 {failed['p99_ms']} ms"
+            )
+            lines.append(
+                f"| {r['ws']} | {r['loop']} | {s.get('offered_per_s', 'none')} | {s.get('p99_ms', '-')} | {failed_cell} |"
+            )
     prof = backends.get("redis-cluster", {}).get("profile")
     if prof and "packages" in prof:
-        lines += ["", f"## Where a worker's time goes (py-spy, {prof['samples']} samples at the sustainable rate)", "",
-                  "By package (innermost project or library frame): " + ", ".join(f"{n} {p}%" for n, p in prof["packages"]), "",
-                  "Top leaf functions: " + ", ".join(f"`{n}` {p}%" for n, p in prof["leaf_functions"][:8])]
+        lines += [
+            "",
+            f"## Where a worker's time goes (py-spy, {prof['samples']} samples at the sustainable rate)",
+            "",
+            "By package (innermost project or library frame): " + ", ".join(f"{n} {p}%" for n, p in prof["packages"]),
+            "",
+            "Top leaf functions: " + ", ".join(f"`{n}` {p}%" for n, p in prof["leaf_functions"][:8]),
+        ]
     lines += ["", "![latency against load](latency_vs_load.png) ![commands per group_send](commands_per_send.png)", ""]
     return "\n".join(lines)
 
@@ -761,26 +975,32 @@ def gap_lines(report):
     lines = []
     if ours.get("top") and ceiling.get("top"):
         top, bare = ours["top"], ceiling["top"]
-        lines += ["## Why this layer stops short of the ceiling", "",
-                  f"- At their highest sustainable steps the workers spend **{top['worker_us_per_delivery']} µs** of CPU per delivery "
-                  f"(3 workers: {'+'.join(f'{c:.0f}' for c in top['server_cpu_percent'])}% of a core at {top['offered_per_s']:,}/s) "
-                  f"against the ceiling's **{bare['worker_us_per_delivery']} µs** (one process: {bare['server_cpu_percent'][0]:.0f}% at "
-                  f"{bare['offered_per_s']:,}/s). The client processes take {'+'.join(f'{c:.0f}' for c in top['client_cpu_percent'])}% "
-                  f"of a core there, and Redis its share: on {os.cpu_count()} cores, what the server may use per delivery is what the "
-                  "client and Redis leave."]
+        lines += [
+            "## Why this layer stops short of the ceiling",
+            "",
+            f"- At their highest sustainable steps the workers spend **{top['worker_us_per_delivery']} µs** of CPU per delivery "
+            f"(3 workers: {'+'.join(f'{c:.0f}' for c in top['server_cpu_percent'])}% of a core at {top['offered_per_s']:,}/s) "
+            f"against the ceiling's **{bare['worker_us_per_delivery']} µs** (one process: {bare['server_cpu_percent'][0]:.0f}% at "
+            f"{bare['offered_per_s']:,}/s). The client processes take {'+'.join(f'{c:.0f}' for c in top['client_cpu_percent'])}% "
+            f"of a core there, and Redis its share: on {os.cpu_count()} cores, what the server may use per delivery is what the "
+            "client and Redis leave.",
+        ]
     at = why.get("at_room_size")
     if ours.get("split") and ceiling.get("split") and at:
         a, c = ours["split"], ceiling["split"]
-        lines += [f"- Fitted over the room-size curve below (worker CPU per delivery = per recipient + per message / members, at "
-                  f"{args['curve_rate']:,}/s): this layer **{a['per_recipient_us']} µs + {a['per_message_us']} µs / members**, the "
-                  f"ceiling **{c['per_recipient_us']} µs + {c['per_message_us']} µs / members**. Per recipient both write one "
-                  "frame to one socket (this layer frames a room message once per worker and writes it without a coroutine per "
-                  "recipient); the kernel's write is most of it. Per message this layer pays what a shared room costs: the "
-                  "sender's worker numbers and keeps it in Redis and publishes it (one EVALSHA) and awaits its echo, and every "
-                  "worker holding members reads it from its shard subscription and encodes it once; the ceiling parses and "
-                  f"encodes it once in its only process. At rooms of {at['members']} that is {at['redis-cluster']} µs against "
-                  f"{at['ceiling']} µs per delivery at this low rate (a busy loop batches more), so the per-message cost, "
-                  "paid by three workers and Redis on the same two cores, is the gap; it shrinks as rooms grow.", ""]
+        lines += [
+            f"- Fitted over the room-size curve below (worker CPU per delivery = per recipient + per message / members, at "
+            f"{args['curve_rate']:,}/s): this layer **{a['per_recipient_us']} µs + {a['per_message_us']} µs / members**, the "
+            f"ceiling **{c['per_recipient_us']} µs + {c['per_message_us']} µs / members**. Per recipient both write one "
+            "frame to one socket (this layer frames a room message once per worker and writes it without a coroutine per "
+            "recipient); the kernel's write is most of it. Per message this layer pays what a shared room costs: the "
+            "sender's worker numbers and keeps it in Redis and publishes it (one EVALSHA) and awaits its echo, and every "
+            "worker holding members reads it from its shard subscription and encodes it once; the ceiling parses and "
+            f"encodes it once in its only process. At rooms of {at['members']} that is {at['redis-cluster']} µs against "
+            f"{at['ceiling']} µs per delivery at this low rate (a busy loop batches more), so the per-message cost, "
+            "paid by three workers and Redis on the same two cores, is the gap; it shrinks as rooms grow.",
+            "",
+        ]
     elif lines:
         lines.append("")
     return lines
@@ -810,8 +1030,9 @@ async def main(args):
     with LocalCluster() as cluster, standalone_redis() as redis_port:
         if args.peers:
             print("against Socket.IO and nchan:", flush=True)
-            report["comparison"] = await comparison.compare(cluster, redis_port, args, args.peer_shapes, args.peer_repeats,
-                                                            P99_LIMIT_MS, OUT)
+            report["comparison"] = await comparison.compare(
+                cluster, redis_port, args, args.peer_shapes, args.peer_repeats, P99_LIMIT_MS, OUT
+            )
         for backend in args.backends:
             print(f"{BACKENDS[backend]}:", flush=True)
             report["backends"][backend] = await bench_backend(backend, cluster, redis_port, args)
@@ -846,9 +1067,36 @@ def parse(argv=None):
     parser.add_argument("--rooms", type=int, default=10, help="rooms for the throughput steps")
     parser.add_argument("--client-processes", type=int, default=2, help="processes the benchmark client is spread over")
     parser.add_argument("--room-size", type=int, default=50)
-    parser.add_argument("--steps", type=int, nargs="+", help="offered deliveries/s, ascending",
-                        default=[2000, 4000, 6000, 8000, 10000, 12000, 15000, 18000, 21000, 25000, 30000, 35000,
-                                 40000, 45000, 50000, 55000, 60000, 70000, 80000, 90000, 100000, 120000])
+    parser.add_argument(
+        "--steps",
+        type=int,
+        nargs="+",
+        help="offered deliveries/s, ascending",
+        default=[
+            2000,
+            4000,
+            6000,
+            8000,
+            10000,
+            12000,
+            15000,
+            18000,
+            21000,
+            25000,
+            30000,
+            35000,
+            40000,
+            45000,
+            50000,
+            55000,
+            60000,
+            70000,
+            80000,
+            90000,
+            100000,
+            120000,
+        ],
+    )
     parser.add_argument("--step-seconds", type=float, default=3.0)
     parser.add_argument("--repeats", type=int, default=3, help="runs per step; the median run decides")
     parser.add_argument("--big-room", type=int, default=1000, help="members of the one big room")
@@ -871,18 +1119,30 @@ def parse(argv=None):
     parser.add_argument("--idle-sockets", type=int, default=2000)
     parser.add_argument("--idle-repeats", type=int, default=3, help="measurements per app; the median is reported")
     parser.add_argument("--ws", default=WS_DEFAULT, help="uvicorn WebSocket implementation for the fan-out steps")
-    parser.add_argument("--ws-implementations", nargs="+", default=["wsproto", "websockets-sansio"],
-                        help="implementations compared for idle memory and for this layer's sustainable rate")
+    parser.add_argument(
+        "--ws-implementations",
+        nargs="+",
+        default=["wsproto", "websockets-sansio"],
+        help="implementations compared for idle memory and for this layer's sustainable rate",
+    )
     parser.add_argument("--loops", nargs="+", default=["uvloop", "asyncio"], help="event loops compared")
-    parser.add_argument("--no-server-settings", dest="server_settings", action="store_false",
-                        help="skip comparing WebSocket implementations and event loops")
+    parser.add_argument(
+        "--no-server-settings",
+        dest="server_settings",
+        action="store_false",
+        help="skip comparing WebSocket implementations and event loops",
+    )
     parser.add_argument("--no-overload", dest="overload", action="store_false")
     parser.add_argument("--no-profile", dest="profile", action="store_false")
     parser.add_argument("--no-peers", dest="peers", action="store_false", help="skip the comparison with Socket.IO and nchan")
     parser.add_argument("--peer-repeats", type=int, default=3, help="cost runs per system and room shape, alternating")
     parser.add_argument("--smoke", action="store_true", help="a seconds-long run of every part, for CI")
-    parser.add_argument("--render", type=Path, metavar="REPORT_JSON",
-                        help="measure nothing: write report.md, the targets and plots again from a report.json")
+    parser.add_argument(
+        "--render",
+        type=Path,
+        metavar="REPORT_JSON",
+        help="measure nothing: write report.md, the targets and plots again from a report.json",
+    )
     args = parser.parse_args(argv)
     args.peer_shapes = comparison.SHAPES
     if args.smoke:

@@ -103,15 +103,32 @@ def plan(costs, sizes, args):
     holders = [distinct_pods(size, pods) for size in sizes]
     largest = max(sizes)
     result = {
-        "workload": {"sockets": sockets, "rooms": len(sizes), "largest_room": largest,
-                     "messages_per_s": round(messages_per_s), "deliveries_per_s": round(deliveries_per_s)},
-        "pods": {"count": pods, "for_cpu": pods_for_cpu, "for_memory": pods_for_memory, "for_sockets": pods_for_sockets,
-                 "worker_cores": round(worker_cpu, 1), "socket_memory_gib": round(memory_gib, 1),
-                 "sockets_per_pod": round(sockets / pods)},
-        "pubsub": {"subscriptions": round(sum(holders)), "pushes_per_s": round(rate * sum(s * h for s, h in zip(sizes, holders))),
-                   "connections_per_primary": 2 * pods},
-        "hot_room": {"members": largest, "messages_per_s": round(largest * rate, 1),
-                     "deliveries_per_s_per_pod": round(largest * largest * rate / pods)},
+        "workload": {
+            "sockets": sockets,
+            "rooms": len(sizes),
+            "largest_room": largest,
+            "messages_per_s": round(messages_per_s),
+            "deliveries_per_s": round(deliveries_per_s),
+        },
+        "pods": {
+            "count": pods,
+            "for_cpu": pods_for_cpu,
+            "for_memory": pods_for_memory,
+            "for_sockets": pods_for_sockets,
+            "worker_cores": round(worker_cpu, 1),
+            "socket_memory_gib": round(memory_gib, 1),
+            "sockets_per_pod": round(sockets / pods),
+        },
+        "pubsub": {
+            "subscriptions": round(sum(holders)),
+            "pushes_per_s": round(rate * sum(s * h for s, h in zip(sizes, holders))),
+            "connections_per_primary": 2 * pods,
+        },
+        "hot_room": {
+            "members": largest,
+            "messages_per_s": round(largest * rate, 1),
+            "deliveries_per_s_per_pod": round(largest * largest * rate / pods),
+        },
     }
     if costs["redis_us_per_send"] is not None:
         us = [costs["redis_us_per_send"] + costs["redis_us_per_subscriber"] * h for h in holders]
@@ -130,25 +147,39 @@ def plan(costs, sizes, args):
                 break
             shards = needed
         hot_us = costs["redis_us_per_send"] + costs["redis_us_per_subscriber"] * distinct_pods(largest, pods)
-        result["redis"] = {"cores": round(redis_cores, 2), "shards": shards, "converged": converged, "busiest_over_mean": skew,
-                           "subscriptions_per_primary": round(sum(holders) / shards),
-                           "hot_room_us_per_message": round(hot_us, 1),
-                           "one_room_max_messages_per_s": round(args.redis_core_budget * 1e6 / hot_us)}
+        result["redis"] = {
+            "cores": round(redis_cores, 2),
+            "shards": shards,
+            "converged": converged,
+            "busiest_over_mean": skew,
+            "subscriptions_per_primary": round(sum(holders) / shards),
+            "hot_room_us_per_message": round(hot_us, 1),
+            "one_room_max_messages_per_s": round(args.redis_core_budget * 1e6 / hot_us),
+        }
     return result
 
 
 def markdown(costs, result, skew, args):
     w, p, s, h = result["workload"], result["pods"], result["pubsub"], result["hot_room"]
     lines = [
-        "## Capacity model (`python -m loadtest.capacity`)", "",
+        "## Capacity model (`python -m loadtest.capacity`)",
+        "",
         f"Measured here: {costs['worker_cpu_us_per_delivery']} µs of worker CPU per delivered frame (at "
         f"{costs['deliveries_per_s_measured']:,} deliveries/s), {costs['kib_per_socket']} KiB per idle socket"
-        + (f", Redis {costs['redis_us_per_send']} µs per group_send plus {costs['redis_us_per_subscriber']} µs per "
-           f"subscribed worker" if costs["redis_us_per_send"] is not None else "") + ".", "",
+        + (
+            f", Redis {costs['redis_us_per_send']} µs per group_send plus {costs['redis_us_per_subscriber']} µs per "
+            f"subscribed worker"
+            if costs["redis_us_per_send"] is not None
+            else ""
+        )
+        + ".",
+        "",
         f"Workload: {w['sockets']:,} sockets in {w['rooms']:,} rooms, sizes Zipf (exponent {args.zipf}, at most "
         f"{args.largest_room:,} members), each socket sending {args.messages_per_socket_per_minute:g} messages a minute: "
-        f"{w['messages_per_s']:,} messages/s, {w['deliveries_per_s']:,} deliveries/s.", "",
-        "| resource | need | why |", "| --- | --- | --- |",
+        f"{w['messages_per_s']:,} messages/s, {w['deliveries_per_s']:,} deliveries/s.",
+        "",
+        "| resource | need | why |",
+        "| --- | --- | --- |",
         f"| pods ({args.pod_cores:g} cores, {args.pod_memory_gib:g} GiB) | **{p['count']}** | CPU {p['for_cpu']} "
         f"({p['worker_cores']} cores at {args.cpu_headroom:.0%} use), memory {p['for_memory']} ({p['socket_memory_gib']} GiB "
         f"of sockets at {args.memory_headroom:.0%}), socket limit {p['for_sockets']} ({args.max_sockets_per_pod:,} per pod): "
@@ -167,12 +198,19 @@ def markdown(costs, result, skew, args):
             f"of its primary per message: one room can send at most {r['one_room_max_messages_per_s']:,} messages/s; "
             f"it owes each pod {h['deliveries_per_s_per_pod']:,} deliveries/s |",
         ]
-    lines += ["", "How rooms spread over shards: each shard's messages (every member sending at the same rate) "
-              "against the mean, for rooms of even size and for the Zipf sizes above:", "",
-              "| shards | even: busiest / mean | even: quietest / mean | Zipf: busiest / mean | Zipf: quietest / mean |",
-              "| --- | --- | --- | --- | --- |"]
-    lines += [f"| {row['shards']} | {row['even']['max_over_mean']} | {row['even']['min_over_mean']} | "
-              f"{row['zipf']['max_over_mean']} | {row['zipf']['min_over_mean']} |" for row in skew]
+    lines += [
+        "",
+        "How rooms spread over shards: each shard's messages (every member sending at the same rate) "
+        "against the mean, for rooms of even size and for the Zipf sizes above:",
+        "",
+        "| shards | even: busiest / mean | even: quietest / mean | Zipf: busiest / mean | Zipf: quietest / mean |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    lines += [
+        f"| {row['shards']} | {row['even']['max_over_mean']} | {row['even']['min_over_mean']} | "
+        f"{row['zipf']['max_over_mean']} | {row['zipf']['min_over_mean']} |"
+        for row in skew
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -197,13 +235,23 @@ def parse(argv=None):
 def small_end(costs, report):
     """The model against runs it was not fitted on: worker cores predicted and used, per run of this report."""
     rows = []
-    for label, run in (("1,000-member room", report["backends"]["redis-cluster"].get("big_room")),
-                       *((f"scale curve {curve}, x={p['x']}", p) for curve, c in
-                         (report.get("curves") or {}).get("redis-cluster", {}).items() for p in c["points"])):
+    for label, run in (
+        ("1,000-member room", report["backends"]["redis-cluster"].get("big_room")),
+        *(
+            (f"scale curve {curve}, x={p['x']}", p)
+            for curve, c in (report.get("curves") or {}).get("redis-cluster", {}).items()
+            for p in c["points"]
+        ),
+    ):
         if run and run.get("server_cpu_percent") and run.get("achieved_per_s"):
-            rows.append({"run": label, "deliveries_per_s": run["achieved_per_s"],
-                         "predicted_cores": round(run["achieved_per_s"] * costs["worker_cpu_us_per_delivery"] / 1e6, 3),
-                         "used_cores": round(sum(run["server_cpu_percent"]) / 100, 3)})
+            rows.append(
+                {
+                    "run": label,
+                    "deliveries_per_s": run["achieved_per_s"],
+                    "predicted_cores": round(run["achieved_per_s"] * costs["worker_cpu_us_per_delivery"] / 1e6, 3),
+                    "used_cores": round(sum(run["server_cpu_percent"]) / 100, 3),
+                }
+            )
     return rows
 
 
@@ -212,20 +260,32 @@ def section(report, args=None):
     args = args or parse([])
     costs = measured_costs(report)
     rng = random.Random(args.seed)
-    distributions = {"even": [args.sockets // args.rooms] * args.rooms,
-                     "zipf": zipf_rooms(args.rooms, args.sockets, args.zipf, args.largest_room, rng)}
+    distributions = {
+        "even": [args.sockets // args.rooms] * args.rooms,
+        "zipf": zipf_rooms(args.rooms, args.sockets, args.zipf, args.largest_room, rng),
+    }
     result = plan(costs, distributions["zipf"], args)
-    skew = [{"shards": shards, **{name: spread(sizes, shards) for name, sizes in distributions.items()}}
-            for shards in (3, 6, 12, 24, 48)]
+    skew = [
+        {"shards": shards, **{name: spread(sizes, shards) for name, sizes in distributions.items()}}
+        for shards in (3, 6, 12, 24, 48)
+    ]
     checks = small_end(costs, report)
     text = markdown(costs, result, skew, args)
     if checks:
-        text += "\n".join([
-            "", "Checked at the small end, on this run's other parts (worker cores the model predicts from the "
-            "deliveries, against the cores the workers used):", "",
-            "| run | deliveries/s | predicted cores | used cores |", "| --- | --- | --- | --- |",
-            *(f"| {c['run']} | {c['deliveries_per_s']:,} | {c['predicted_cores']} | {c['used_cores']} |" for c in checks),
-        ]) + "\n"
+        text += (
+            "\n".join(
+                [
+                    "",
+                    "Checked at the small end, on this run's other parts (worker cores the model predicts from the "
+                    "deliveries, against the cores the workers used):",
+                    "",
+                    "| run | deliveries/s | predicted cores | used cores |",
+                    "| --- | --- | --- | --- |",
+                    *(f"| {c['run']} | {c['deliveries_per_s']:,} | {c['predicted_cores']} | {c['used_cores']} |" for c in checks),
+                ]
+            )
+            + "\n"
+        )
     return {"costs": costs, **result, "skew": skew, "small_end": checks}, text
 
 

@@ -20,11 +20,11 @@ v1 and v2 members alternate, to show the mixed room costs what a plain one does.
 import asyncio
 from contextlib import ExitStack
 
-from localstack.cluster import LocalCluster
 from loadtest.benchload import Load
 from loadtest.peers import NchanStack, SocketIOStack, install
 from loadtest.profiling import profile
 from loadtest.stacks import Stack
+from localstack.cluster import LocalCluster
 
 # (rooms, members, offered deliveries/s for the cost, steps of offered deliveries/s for the sustainable rate).
 # The cost's load is one every system keeps up with while all of them are up on these 2 cores (their 18
@@ -71,8 +71,18 @@ def _passes(step, limit_ms):
 
 
 def _cell(step):
-    keep = ("offered_per_s", "delivered_ratio", "achieved_per_s", "p50_ms", "p99_ms", "system_us_per_delivery",
-            "redis_us_per_delivery", "client_us_per_delivery", "server_cpu_percent", "client_cpu_percent")
+    keep = (
+        "offered_per_s",
+        "delivered_ratio",
+        "achieved_per_s",
+        "p50_ms",
+        "p99_ms",
+        "system_us_per_delivery",
+        "redis_us_per_delivery",
+        "client_us_per_delivery",
+        "server_cpu_percent",
+        "client_cpu_percent",
+    )
     return {key: step[key] for key in keep}
 
 
@@ -84,8 +94,13 @@ async def compare(chat_cluster, redis_port, args, shapes, repeats, limit_ms, out
         clusters = {"chat": chat_cluster, "socketio": socketio_cluster, "nchan": nchan_cluster}
         for rooms, members, cost_rate, steps in shapes:
             names = systems_for(members)
-            shape = results[f"{rooms}x{members}"] = {"rooms": rooms, "members": members, "cost_rate": cost_rate,
-                                                     "p99_limit_ms": limit_ms, "systems": {}}
+            shape = results[f"{rooms}x{members}"] = {
+                "rooms": rooms,
+                "members": members,
+                "cost_rate": cost_rate,
+                "p99_limit_ms": limit_ms,
+                "systems": {},
+            }
             with ExitStack() as running:
                 loads = {}
                 for name in names:
@@ -95,11 +110,15 @@ async def compare(chat_cluster, redis_port, args, shapes, repeats, limit_ms, out
                     running.callback(load.shutdown)
                     subprotocol = "mixed" if name == "chat-mixed" else None
                     # Rooms named by shape: nchan keeps a room's messages in the cluster across shapes.
-                    await load.add_rooms([(f"cmp{rooms}x{members}-{index}", members) for index in range(rooms)],
-                                         subprotocol=subprotocol)
+                    await load.add_rooms(
+                        [(f"cmp{rooms}x{members}-{index}", members) for index in range(rooms)], subprotocol=subprotocol
+                    )
                 for name in names:
-                    shape["systems"][name] = {"idle_cpu_percent": await loads[name].idle_cpu_percent(
-                        args.step_seconds if args.smoke else IDLE_SECONDS), "steps": [], "sustainable": None}
+                    shape["systems"][name] = {
+                        "idle_cpu_percent": await loads[name].idle_cpu_percent(args.step_seconds if args.smoke else IDLE_SECONDS),
+                        "steps": [],
+                        "sustainable": None,
+                    }
                 runs = {name: [] for name in names}
                 for _ in range(repeats):
                     for name in names:
@@ -112,7 +131,8 @@ async def compare(chat_cluster, redis_port, args, shapes, repeats, limit_ms, out
                     # What the messages cost beyond the system's CPU at rest over the same time.
                     above_idle = median_run["system_cpu_seconds"] - found["idle_cpu_percent"] / 100 * median_run["window_seconds"]
                     found["cost"]["above_idle_us_per_delivery"] = (
-                        round(1e6 * above_idle / median_run["delivered"], 1) if median_run["delivered"] else None)
+                        round(1e6 * above_idle / median_run["delivered"], 1) if median_run["delivered"] else None
+                    )
                     found["cost_runs"] = [run["system_us_per_delivery"] for run in runs[name]]
                     print(f"  {rooms}x{members} {name} at {cost_rate}/s: {found['cost']}", flush=True)
                 if args.profile:
@@ -147,62 +167,95 @@ def targets(comparison):
     """CPU per delivery at or below Socket.IO's on every shape, at most 1.5x nchan's at 50 members and 2x at 2;
     the load client cheaper per delivery than every server."""
     rows = []
-    costs = {key: {name: found["cost"]["system_us_per_delivery"] for name, found in shape["systems"].items()}
-             for key, shape in comparison.items()}
+    costs = {
+        key: {name: found["cost"]["system_us_per_delivery"] for name, found in shape["systems"].items()}
+        for key, shape in comparison.items()
+    }
     against_socketio = {key: _ratio(cost.get("chat"), cost.get("socketio")) for key, cost in costs.items()}
-    rows.append({
-        "target": "server CPU per delivery (all server processes and Redis) at or below Socket.IO's on every room shape",
-        "measured": "; ".join(f"{key}: {cost.get('chat')} µs against {cost.get('socketio')} µs ({against_socketio[key]}x)"
-                              for key, cost in costs.items()),
-        "met": all(ratio is not None and ratio <= 1.0 for ratio in against_socketio.values()),
-    })
+    rows.append(
+        {
+            "target": "server CPU per delivery (all server processes and Redis) at or below Socket.IO's on every room shape",
+            "measured": "; ".join(
+                f"{key}: {cost.get('chat')} µs against {cost.get('socketio')} µs ({against_socketio[key]}x)"
+                for key, cost in costs.items()
+            ),
+            "met": all(ratio is not None and ratio <= 1.0 for ratio in against_socketio.values()),
+        }
+    )
     for members, limit in ((50, 1.5), (2, 2.0)):
         keys = [key for key, shape in comparison.items() if shape["members"] == members]
         for key in keys:
             ratio = _ratio(costs[key].get("chat"), costs[key].get("nchan"))
-            rows.append({
-                "target": f"server CPU per delivery at most {limit}x nchan's in rooms of {members}",
-                "measured": f"{key}: {costs[key].get('chat')} µs against {costs[key].get('nchan')} µs ({ratio}x)",
-                "met": ratio is not None and ratio <= limit,
-            })
+            rows.append(
+                {
+                    "target": f"server CPU per delivery at most {limit}x nchan's in rooms of {members}",
+                    "measured": f"{key}: {costs[key].get('chat')} µs against {costs[key].get('nchan')} µs ({ratio}x)",
+                    "met": ratio is not None and ratio <= limit,
+                }
+            )
     # The bare app is the floor, one process broadcasting in memory, not a system a team would pick.
-    client = {(key, name): (found["cost"]["client_us_per_delivery"], found["cost"]["system_us_per_delivery"])
-              for key, shape in comparison.items() for name, found in shape["systems"].items() if name != "ceiling"}
+    client = {
+        (key, name): (found["cost"]["client_us_per_delivery"], found["cost"]["system_us_per_delivery"])
+        for key, shape in comparison.items()
+        for name, found in shape["systems"].items()
+        if name != "ceiling"
+    }
     worst = max(client.items(), key=lambda item: (item[1][0] or 0) / (item[1][1] or float("inf")))
-    rows.append({
-        "target": "the load client costs less CPU per delivery than each system compared (the bare app aside), every shape",
-        "measured": f"closest: {worst[0][0]} {SYSTEMS[worst[0][1]]}: client {worst[1][0]} µs against the system's {worst[1][1]} µs",
-        "met": all(c is not None and s is not None and c < s for c, s in client.values()),
-    })
+    rows.append(
+        {
+            "target": "the load client costs less CPU per delivery than each system compared (the bare app aside), every shape",
+            "measured": f"closest: {worst[0][0]} {SYSTEMS[worst[0][1]]}: client {worst[1][0]} µs against the system's {worst[1][1]} µs",
+            "met": all(c is not None and s is not None and c < s for c, s in client.values()),
+        }
+    )
     # A step a system failed while a client process was near a full core may have failed for the client.
-    failed = [(key, name, step) for key, shape in comparison.items() for name, found in shape["systems"].items()
-              for step in found["steps"] if not _passes(step, shape["p99_limit_ms"])]
-    busiest = max((max(step["client_cpu_percent"]), key, name, step["offered_per_s"]) for key, name, step in failed) if failed else None
-    rows.append({
-        "target": "the load client is not what fails a step: at every failed step each client process under 90% of a core",
-        "measured": (f"busiest client process at a failed step: {busiest[0]}% of a core ({busiest[1]} {SYSTEMS[busiest[2]]} at "
-                     f"{busiest[3]:,}/s)" if busiest else "no step failed"),
-        "met": busiest is None or busiest[0] < 90,
-    })
+    failed = [
+        (key, name, step)
+        for key, shape in comparison.items()
+        for name, found in shape["systems"].items()
+        for step in found["steps"]
+        if not _passes(step, shape["p99_limit_ms"])
+    ]
+    busiest = (
+        max((max(step["client_cpu_percent"]), key, name, step["offered_per_s"]) for key, name, step in failed) if failed else None
+    )
+    rows.append(
+        {
+            "target": "the load client is not what fails a step: at every failed step each client process under 90% of a core",
+            "measured": (
+                f"busiest client process at a failed step: {busiest[0]}% of a core ({busiest[1]} {SYSTEMS[busiest[2]]} at "
+                f"{busiest[3]:,}/s)"
+                if busiest
+                else "no step failed"
+            ),
+            "met": busiest is None or busiest[0] < 90,
+        }
+    )
     mixed = [(key, costs[key].get("chat-mixed"), costs[key].get("chat")) for key in costs if costs[key].get("chat-mixed")]
     for key, mixed_cost, plain_cost in mixed:
-        rows.append({
-            "target": "a room of alternating v1 and v2 members costs about what a plain one does (within 1.25x)",
-            "measured": f"{key}: {mixed_cost} µs against {plain_cost} µs per delivery ({_ratio(mixed_cost, plain_cost)}x)",
-            "met": bool(plain_cost and mixed_cost <= 1.25 * plain_cost),
-        })
+        rows.append(
+            {
+                "target": "a room of alternating v1 and v2 members costs about what a plain one does (within 1.25x)",
+                "measured": f"{key}: {mixed_cost} µs against {plain_cost} µs per delivery ({_ratio(mixed_cost, plain_cost)}x)",
+                "met": bool(plain_cost and mixed_cost <= 1.25 * plain_cost),
+            }
+        )
     return rows
 
 
 def lines(comparison, repeats, step_seconds):
     """The report's section: per shape, each system's cost and sustainable rate."""
-    out = ["## Against the systems people pick instead (one run, steps alternating between systems)", "",
-           f"Each system: 3 server processes and its own 6-node Redis Cluster (the bare app: one process, no Redis). "
-           f"Server CPU per delivery counts every server process and every Redis node, from the first send to the "
-           f"last delivery, at the shape's fixed offered load ({repeats} run(s) of {step_seconds} s per system, alternating, "
-           "the median run). Sustainable: the highest step with 100% delivered and p99 <= 100 ms.", "",
-           "| rooms x members @ offered/s | " + " | ".join(SYSTEMS.values()) + " |",
-           "| --- |" + " --- |" * len(SYSTEMS)]
+    out = [
+        "## Against the systems people pick instead (one run, steps alternating between systems)",
+        "",
+        f"Each system: 3 server processes and its own 6-node Redis Cluster (the bare app: one process, no Redis). "
+        f"Server CPU per delivery counts every server process and every Redis node, from the first send to the "
+        f"last delivery, at the shape's fixed offered load ({repeats} run(s) of {step_seconds} s per system, alternating, "
+        "the median run). Sustainable: the highest step with 100% delivered and p99 <= 100 ms.",
+        "",
+        "| rooms x members @ offered/s | " + " | ".join(SYSTEMS.values()) + " |",
+        "| --- |" + " --- |" * len(SYSTEMS),
+    ]
     for key, shape in comparison.items():
         cells = []
         for name in SYSTEMS:
@@ -211,28 +264,42 @@ def lines(comparison, repeats, step_seconds):
                 cells.append("-")
                 continue
             cost, top = found["cost"], found["sustainable"] or {}
-            cells.append(f"**{cost['system_us_per_delivery']} µs** ({cost['above_idle_us_per_delivery']} above its "
-                         f"{found['idle_cpu_percent']}% at rest; client {cost['client_us_per_delivery']} µs), "
-                         f"p50/p99 {cost['p50_ms']}/{cost['p99_ms']} ms, {cost['delivered_ratio']:.2%}; "
-                         f"sustainable {top.get('offered_per_s', 'none')}/s")
+            cells.append(
+                f"**{cost['system_us_per_delivery']} µs** ({cost['above_idle_us_per_delivery']} above its "
+                f"{found['idle_cpu_percent']}% at rest; client {cost['client_us_per_delivery']} µs), "
+                f"p50/p99 {cost['p50_ms']}/{cost['p99_ms']} ms, {cost['delivered_ratio']:.2%}; "
+                f"sustainable {top.get('offered_per_s', 'none')}/s"
+            )
         out.append(f"| {key} @ {shape['cost_rate']:,} | " + " | ".join(cells) + " |")
     out += ["", "Where each system's CPU per delivery went at the fixed load: its server processes + its Redis nodes (µs):", ""]
     for key, shape in comparison.items():
-        parts = [f"{SYSTEMS[name]} {found['cost']['system_us_per_delivery'] - found['cost']['redis_us_per_delivery']:.0f} + "
-                 f"{found['cost']['redis_us_per_delivery']:.0f}" for name, found in shape["systems"].items()
-                 if found["cost"]["system_us_per_delivery"] is not None and found["cost"]["redis_us_per_delivery"] is not None]
+        parts = [
+            f"{SYSTEMS[name]} {found['cost']['system_us_per_delivery'] - found['cost']['redis_us_per_delivery']:.0f} + "
+            f"{found['cost']['redis_us_per_delivery']:.0f}"
+            for name, found in shape["systems"].items()
+            if found["cost"]["system_us_per_delivery"] is not None and found["cost"]["redis_us_per_delivery"] is not None
+        ]
         out.append(f"- {key}: " + "; ".join(parts))
         prof = shape["systems"].get("chat", {}).get("profile") or {}
         if prof.get("inclusive"):
-            out.append(f"  - the chat's busiest worker (py-spy, {prof['samples']} samples): with each function on the stack "
-                       + ", ".join(f"`{name}` {share}%" for name, share in prof["inclusive"][:8])
-                       + "; leaf functions " + ", ".join(f"`{name}` {share}%" for name, share in prof["leaf_functions"][:5]))
+            out.append(
+                f"  - the chat's busiest worker (py-spy, {prof['samples']} samples): with each function on the stack "
+                + ", ".join(f"`{name}` {share}%" for name, share in prof["inclusive"][:8])
+                + "; leaf functions "
+                + ", ".join(f"`{name}` {share}%" for name, share in prof["leaf_functions"][:5])
+            )
     per_message = fit_per_message(comparison)
     if per_message:
-        out += ["", "Server CPU per delivery fitted as per recipient + per message / members (least squares over the "
-                "shapes, relative error): " + "; ".join(f"{SYSTEMS[name]} {fit['per_recipient_us']} µs + "
-                                                       f"{fit['per_message_us']} µs / members" for name, fit in per_message.items())]
-    return out + [""]
+        out += [
+            "",
+            "Server CPU per delivery fitted as per recipient + per message / members (least squares over the "
+            "shapes, relative error): "
+            + "; ".join(
+                f"{SYSTEMS[name]} {fit['per_recipient_us']} µs + {fit['per_message_us']} µs / members"
+                for name, fit in per_message.items()
+            ),
+        ]
+    return [*out, ""]
 
 
 def fit_per_message(comparison):
@@ -241,8 +308,11 @@ def fit_per_message(comparison):
 
     fits = {}
     for name in SYSTEMS:
-        points = [(shape["members"], shape["systems"][name]["cost"]["system_us_per_delivery"])
-                  for shape in comparison.values() if name in shape["systems"]]
+        points = [
+            (shape["members"], shape["systems"][name]["cost"]["system_us_per_delivery"])
+            for shape in comparison.values()
+            if name in shape["systems"]
+        ]
         points = [(members, cost) for members, cost in points if cost]
         if len({members for members, _ in points}) < 2:
             continue
@@ -250,4 +320,3 @@ def fit_per_message(comparison):
         slope, intercept = numpy.polyfit([1 / members for members, _ in points], costs, 1, w=[1 / c for c in costs])
         fits[name] = {"per_recipient_us": round(float(intercept), 1), "per_message_us": round(float(slope), 1)}
     return fits
-

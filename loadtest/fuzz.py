@@ -25,13 +25,33 @@ from hypothesis import strategies as st
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
-# What the protocol documents (the README's protocol section); the server's WebSocket library adds 1007 (a text frame
+# What the protocol documents (docs/protocol.md); the server's WebSocket library adds 1007 (a text frame
 # that is no UTF-8) and 1009 (a frame over its size limit) before the chat sees the frame.
 V1_CLOSES = {4400, 4401, 4403, 4404, 4413, 4415, 4429, 4503, 1013, 1007, 1009}
-V2_ERRORS = {"bad_json", "bad_frame", "unknown_field", "bad_message", "message_too_long", "frame_too_large",
-             "bad_nonce", "binary_frame", "rate_limited", "bad_room", "bad_resume", "bad_history", "token_missing",
-             "token_invalid", "token_expired", "room_forbidden", "too_many_rooms", "too_many_sockets", "worker_full",
-             "unavailable", "bad_presence", "bad_member_key"}
+V2_ERRORS = {
+    "bad_json",
+    "bad_frame",
+    "unknown_field",
+    "bad_message",
+    "message_too_long",
+    "frame_too_large",
+    "bad_nonce",
+    "binary_frame",
+    "rate_limited",
+    "bad_room",
+    "bad_resume",
+    "bad_history",
+    "token_missing",
+    "token_invalid",
+    "token_expired",
+    "room_forbidden",
+    "too_many_rooms",
+    "too_many_sockets",
+    "worker_full",
+    "unavailable",
+    "bad_presence",
+    "bad_member_key",
+}
 HANDSHAKE_STATUSES = {403, 404}  # a foreign or missing Origin; not a WebSocket path at all
 ANSWER_S = 5.0
 
@@ -49,8 +69,18 @@ messages = st.one_of(
     st.integers(1, 60_000).map(lambda depth: "[" * depth + "]" * depth),
     st.integers(1, 60_000).map(lambda depth: '{"message":' + "[" * depth),
     st.integers(300, 20_000).map(lambda digits: '{"message": 1' + "0" * digits + "}"),
-    st.sampled_from(['{"message": 1e999}', '{"message": NaN}', '{"message": "\\ud800"}', '{"message": "\\u0000"}', "",
-                     "null", "{", '{"message": "a"} trailing']),
+    st.sampled_from(
+        [
+            '{"message": 1e999}',
+            '{"message": NaN}',
+            '{"message": "\\ud800"}',
+            '{"message": "\\u0000"}',
+            "",
+            "null",
+            "{",
+            '{"message": "a"} trailing',
+        ]
+    ),
     st.integers(10_000, 120_000).map(lambda size: json.dumps({"message": "x" * size})),
     any_text,
 )
@@ -61,10 +91,25 @@ frames = st.one_of(
     st.lists(st.text(max_size=30), min_size=2, max_size=5).map(lambda parts: ("fragments", parts)),
 )
 query_values = st.one_of(st.text(max_size=30), st.integers(-5, 10**20).map(str), st.sampled_from(["0", "1", "abc", "00ff"]))
-queries = st.dictionaries(st.sampled_from(["since", "epoch", "history", "token", "presence", "member_key", "x"]), query_values, max_size=4)
+queries = st.dictionaries(
+    st.sampled_from(["since", "epoch", "history", "token", "presence", "member_key", "x"]), query_values, max_size=4
+)
 http_paths = st.one_of(
-    st.sampled_from(["/", "/chat/", "/chat/lobby/", "/chat/bad%20room/", "/auth/token", "/healthz", "/readyz", "/metrics",
-                     "/ws/chat/lobby/", "/static/x.js", "/chat/" + "a" * 300 + "/"]),
+    st.sampled_from(
+        [
+            "/",
+            "/chat/",
+            "/chat/lobby/",
+            "/chat/bad%20room/",
+            "/auth/token",
+            "/healthz",
+            "/readyz",
+            "/metrics",
+            "/ws/chat/lobby/",
+            "/static/x.js",
+            "/chat/" + "a" * 300 + "/",
+        ]
+    ),
     st.text(string.printable.strip(), max_size=60).map(lambda p: "/" + urllib.parse.quote(p, safe="/?&=%")),
 )
 
@@ -96,8 +141,16 @@ class Fuzzer:
         url = f"{self.ws}/ws/chat/{room}/" + (f"?{urllib.parse.urlencode(query)}" if query else "")
         options.setdefault("origin", self.http)
         self.sockets += 1
-        return connect(url, subprotocols=["chat.v2"] if v2 else None, proxy=None, compression=None,
-                       open_timeout=ANSWER_S, close_timeout=2, max_size=None, **options)
+        return connect(
+            url,
+            subprotocols=["chat.v2"] if v2 else None,
+            proxy=None,
+            compression=None,
+            open_timeout=ANSWER_S,
+            close_timeout=2,
+            max_size=None,
+            **options,
+        )
 
     def frames(self, v2, sent):
         """Send ``sent`` on a fresh socket; each must be answered by its message or a documented code."""
@@ -154,8 +207,15 @@ class Fuzzer:
             query = {**query, "token": self.token}
         url = f"{self.ws}/ws/{urllib.parse.quote(path, safe='/%')}" + (f"?{urllib.parse.urlencode(query)}" if query else "")
         try:
-            with connect(url, origin=origin, subprotocols=subprotocols or None, proxy=None, open_timeout=ANSWER_S,
-                         close_timeout=2, compression=None) as ws:
+            with connect(
+                url,
+                origin=origin,
+                subprotocols=subprotocols or None,
+                proxy=None,
+                open_timeout=ANSWER_S,
+                close_timeout=2,
+                compression=None,
+            ) as ws:
                 try:
                     frame = json.loads(ws.recv(ANSWER_S if ws.subprotocol else 0.3))
                     outcome = f"accepted, {frame.get('type')} {frame.get('error', '')}".strip()
@@ -193,22 +253,40 @@ class Fuzzer:
         header_values = st.text(string.ascii_letters + string.digits + " ./:-_;=,", max_size=40)
 
         # derandomize off also under CI=true (hypothesis's CI profile would repeat one batch all run long).
-        @settings(max_examples=batch, deadline=None, database=None, derandomize=False, phases=[Phase.generate, Phase.shrink],
-                  suppress_health_check=list(HealthCheck))
-        @given(st.one_of(
-            st.tuples(st.just("frames"), st.booleans(), st.lists(frames, min_size=1, max_size=3)),
-            st.tuples(st.just("flood"), st.booleans(), st.integers(35, 60)),
-            st.tuples(st.just("handshake"),
-                      st.one_of(st.sampled_from(["chat/lobby/", "chat/fuzz/", "chat//", "chat/a b/", "other/"]),
-                                st.text(max_size=70)),
-                      queries, st.one_of(st.just(self.http), st.just(self.http), st.none(), header_values),
-                      st.lists(st.sampled_from(["chat.v2", "chat.v3", "x"]), max_size=2, unique=True)),
-            st.tuples(st.just("request"), st.sampled_from(["GET", "POST", "HEAD", "PUT", "DELETE", "OPTIONS", "PATCH", "BREW"]),
-                      http_paths,
-                      st.dictionaries(st.sampled_from(["host", "content-type", "cookie", "x-forwarded-for", "origin"]),
-                                      header_values, max_size=3),
-                      st.binary(max_size=300)),
-        ))
+        @settings(
+            max_examples=batch,
+            deadline=None,
+            database=None,
+            derandomize=False,
+            phases=[Phase.generate, Phase.shrink],
+            suppress_health_check=list(HealthCheck),
+        )
+        @given(
+            st.one_of(
+                st.tuples(st.just("frames"), st.booleans(), st.lists(frames, min_size=1, max_size=3)),
+                st.tuples(st.just("flood"), st.booleans(), st.integers(35, 60)),
+                st.tuples(
+                    st.just("handshake"),
+                    st.one_of(
+                        st.sampled_from(["chat/lobby/", "chat/fuzz/", "chat//", "chat/a b/", "other/"]), st.text(max_size=70)
+                    ),
+                    queries,
+                    st.one_of(st.just(self.http), st.just(self.http), st.none(), header_values),
+                    st.lists(st.sampled_from(["chat.v2", "chat.v3", "x"]), max_size=2, unique=True),
+                ),
+                st.tuples(
+                    st.just("request"),
+                    st.sampled_from(["GET", "POST", "HEAD", "PUT", "DELETE", "OPTIONS", "PATCH", "BREW"]),
+                    http_paths,
+                    st.dictionaries(
+                        st.sampled_from(["host", "content-type", "cookie", "x-forwarded-for", "origin"]),
+                        header_values,
+                        max_size=3,
+                    ),
+                    st.binary(max_size=300),
+                ),
+            )
+        )
         def example(case):
             kind, *args = case
             getattr(self, kind)(*args)

@@ -19,7 +19,6 @@ from collections import defaultdict
 from pathlib import Path
 from socket import gethostname
 
-
 RECORDS = ("joins", "leaves", "sends", "receipts", "recoveries", "cpu", "horizons")
 # A generator process this busy delays its own reads: the latencies it measures are its own, not the server's.
 SATURATED_CPU_PERCENT = 90.0
@@ -92,8 +91,10 @@ def verdict(ledger, leave_grace, max_p99_ms, ended_at=None):
     horizon = {}
     for process, at in ledger.horizons:
         horizon[process] = max(at, horizon.get(process, at))
-    members = {member: (room, joined_at, left.get(member, horizon.get(process[0] if process else None, ended_at)), served_by)
-               for member, room, joined_at, served_by, *process in ledger.joins}
+    members = {
+        member: (room, joined_at, left.get(member, horizon.get(process[0] if process else None, ended_at)), served_by)
+        for member, room, joined_at, served_by, *process in ledger.joins
+    }
     by_room = defaultdict(list)
     for member, (room, joined_at, left_at, served_by) in members.items():
         by_room[room].append((member, joined_at, left_at, served_by))
@@ -117,11 +118,17 @@ def verdict(ledger, leave_grace, max_p99_ms, ended_at=None):
             arrived = received[nonce].get(member)
             if arrived is None:
                 if len(missing_examples) < 10:
-                    missing_examples.append({
-                        "nonce": nonce, "room": room, "member": member, "member_worker": served_by,
-                        "sender_worker": sender_worker, "sent_after_join_s": round(sent_at - joined_at, 3),
-                        "left_after_send_s": round(left_at - sent_at, 3),
-                    })
+                    missing_examples.append(
+                        {
+                            "nonce": nonce,
+                            "room": room,
+                            "member": member,
+                            "member_worker": served_by,
+                            "sender_worker": sender_worker,
+                            "sent_after_join_s": round(sent_at - joined_at, 3),
+                            "left_after_send_s": round(left_at - sent_at, 3),
+                        }
+                    )
                 continue
             delivered += 1
             rooms[room]["delivered"] += 1
@@ -136,8 +143,14 @@ def verdict(ledger, leave_grace, max_p99_ms, ended_at=None):
     samples = defaultdict(list)
     for process, percent in ledger.cpu:
         samples[process].append(percent)
-    generators = {process: {"samples": len(values), "mean_percent": round(statistics.fmean(values), 1),
-                            "max_percent": round(max(values), 1)} for process, values in sorted(samples.items())}
+    generators = {
+        process: {
+            "samples": len(values),
+            "mean_percent": round(statistics.fmean(values), 1),
+            "max_percent": round(max(values), 1),
+        }
+        for process, values in sorted(samples.items())
+    }
     saturated = [process for process, cpu in generators.items() if cpu["max_percent"] >= SATURATED_CPU_PERCENT]
     summary = {
         "messages_sent": len(ledger.sends),
@@ -171,8 +184,10 @@ def verdict(ledger, leave_grace, max_p99_ms, ended_at=None):
     if p99 is not None and p99 > max_p99_ms:
         reason = f"p99 fan-out latency {p99:.1f} ms is over the {max_p99_ms} ms limit"
         if saturated:
-            inconclusive.append(f"{reason}, measured by saturated load generators ({', '.join(saturated)} at "
-                                f">= {SATURATED_CPU_PERCENT:.0f}% CPU): run more generator processes")
+            inconclusive.append(
+                f"{reason}, measured by saturated load generators ({', '.join(saturated)} at "
+                f">= {SATURATED_CPU_PERCENT:.0f}% CPU): run more generator processes"
+            )
         else:
             failures.append(reason)
     summary["outcome"] = "FAIL" if failures else "INCONCLUSIVE" if inconclusive else "PASS"
@@ -194,14 +209,17 @@ def save(summary, directory):
         writer = csv.writer(out)
         writer.writerow(["room", "messages", "deliveries_expected", "delivered", "missing"])
         for room, counts in summary["rooms"].items():
-            writer.writerow([room, counts["messages"], counts["expected"], counts["delivered"],
-                             counts["expected"] - counts["delivered"]])
-        writer.writerow(["TOTAL", summary["messages_sent"], summary["deliveries_expected"], summary["delivered"],
-                         summary["missing"]])
+            writer.writerow(
+                [room, counts["messages"], counts["expected"], counts["delivered"], counts["expected"] - counts["delivered"]]
+            )
+        writer.writerow(
+            ["TOTAL", summary["messages_sent"], summary["deliveries_expected"], summary["delivered"], summary["missing"]]
+        )
 
 
 def describe(summary):
     """The verdict as a few human lines."""
+
     def ms(value):
         return "-" if value is None else f"{value:.1f}"
 
@@ -217,9 +235,15 @@ def describe(summary):
         f"  latency ms p50 {ms(summary['latency_ms_p50'])} p95 {ms(summary['latency_ms_p95'])} "
         f"p99 {ms(summary['latency_ms_p99'])} (limit {summary['max_p99_ms']})",
     ]
-    lines += ["  load generators' CPU: " + ", ".join(
-        f"{process} mean {cpu['mean_percent']:.0f}% max {cpu['max_percent']:.0f}%"
-        for process, cpu in summary["generators"].items()) if summary["generators"] else "  load generators' CPU: not sampled"]
+    lines += [
+        "  load generators' CPU: "
+        + ", ".join(
+            f"{process} mean {cpu['mean_percent']:.0f}% max {cpu['max_percent']:.0f}%"
+            for process, cpu in summary["generators"].items()
+        )
+        if summary["generators"]
+        else "  load generators' CPU: not sampled"
+    ]
     lines += [f"  FAIL: {reason}" for reason in summary["failures"]]
     lines += [f"  INCONCLUSIVE: {reason}" for reason in summary["inconclusive"]]
     return "\n".join(lines)

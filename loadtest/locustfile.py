@@ -28,7 +28,7 @@ from locust import User, constant, events, task
 from locust.runners import MasterRunner, WorkerRunner
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ledger import Ledger, describe, generator, save, verdict  # noqa: E402
+from ledger import Ledger, describe, generator, save, verdict
 
 logger = logging.getLogger("loadtest")
 EXIT_STATUS = {"PASS": 0, "FAIL": 1, "INCONCLUSIVE": 2}
@@ -40,20 +40,51 @@ _user_numbers = itertools.count()
 def add_options(parser):
     group = parser.add_argument_group("chat fan-out")
     group.add_argument("--rooms", type=int, default=5, env_var="LOADTEST_ROOMS", help="rooms the users spread over")
-    group.add_argument("--room-distribution", choices=["uniform", "zipf"], default="uniform",
-                       env_var="LOADTEST_ROOM_DISTRIBUTION", help="room sizes: even, or room k weighted 1/k")
-    group.add_argument("--message-interval", type=float, default=1.0, env_var="LOADTEST_MESSAGE_INTERVAL",
-                       help="seconds between two messages of one user")
-    group.add_argument("--max-p99-ms", type=float, default=1000.0, env_var="LOADTEST_MAX_P99_MS",
-                       help="fail when the p99 fan-out latency is higher")
-    group.add_argument("--leave-grace", type=float, default=1.0, env_var="LOADTEST_LEAVE_GRACE",
-                       help="messages sent this close before a member leaves are not expected to reach it")
-    group.add_argument("--churn-messages", type=int, default=3, env_var="LOADTEST_CHURN_MESSAGES",
-                       help="ChurnUser: messages sent before leaving and joining another room")
-    group.add_argument("--storm-interval", type=float, default=10.0, env_var="LOADTEST_STORM_INTERVAL",
-                       help="ReconnectStormUser: seconds between storms (all users drop at once)")
-    group.add_argument("--report-dir", default="artifacts/loadtest", env_var="LOADTEST_REPORT_DIR",
-                       help="where verdict.json and verdict.csv go")
+    group.add_argument(
+        "--room-distribution",
+        choices=["uniform", "zipf"],
+        default="uniform",
+        env_var="LOADTEST_ROOM_DISTRIBUTION",
+        help="room sizes: even, or room k weighted 1/k",
+    )
+    group.add_argument(
+        "--message-interval",
+        type=float,
+        default=1.0,
+        env_var="LOADTEST_MESSAGE_INTERVAL",
+        help="seconds between two messages of one user",
+    )
+    group.add_argument(
+        "--max-p99-ms",
+        type=float,
+        default=1000.0,
+        env_var="LOADTEST_MAX_P99_MS",
+        help="fail when the p99 fan-out latency is higher",
+    )
+    group.add_argument(
+        "--leave-grace",
+        type=float,
+        default=1.0,
+        env_var="LOADTEST_LEAVE_GRACE",
+        help="messages sent this close before a member leaves are not expected to reach it",
+    )
+    group.add_argument(
+        "--churn-messages",
+        type=int,
+        default=3,
+        env_var="LOADTEST_CHURN_MESSAGES",
+        help="ChurnUser: messages sent before leaving and joining another room",
+    )
+    group.add_argument(
+        "--storm-interval",
+        type=float,
+        default=10.0,
+        env_var="LOADTEST_STORM_INTERVAL",
+        help="ReconnectStormUser: seconds between storms (all users drop at once)",
+    )
+    group.add_argument(
+        "--report-dir", default="artifacts/loadtest", env_var="LOADTEST_REPORT_DIR", help="where verdict.json and verdict.csv go"
+    )
 
 
 @events.test_start.add_listener
@@ -133,7 +164,9 @@ class ChatUser(User):
     def on_start(self):
         options = self.environment.parsed_options
         number = next(_user_numbers)
-        worker = getattr(self.environment.runner, "worker_index", 0) if not isinstance(self.environment.runner, MasterRunner) else 0
+        worker = (
+            getattr(self.environment.runner, "worker_index", 0) if not isinstance(self.environment.runner, MasterRunner) else 0
+        )
         self.random = random.Random(f"{worker}-{number}")
         self.rooms = options.rooms
         self.weights = [1 / (k + 1) for k in range(self.rooms)] if options.room_distribution == "zipf" else None
@@ -160,7 +193,9 @@ class ChatUser(User):
         try:
             self.socket = websocket.create_connection(
                 f"{'wss' if target.scheme == 'https' else 'ws'}://{target.netloc}/ws/chat/{room}/{query}",
-                subprotocols=["chat.v2"], origin=f"{target.scheme}://{target.netloc}", timeout=15,
+                subprotocols=["chat.v2"],
+                origin=f"{target.scheme}://{target.netloc}",
+                timeout=15,
             )
         except (websocket.WebSocketException, OSError) as error:
             self.socket = None
@@ -197,7 +232,7 @@ class ChatUser(User):
             except (websocket.WebSocketException, OSError, ValueError):
                 return
             kind = frame.get("type")
-            if kind == "joined" and self.epoch is None or kind == "recovered":
+            if (kind == "joined" and self.epoch is None) or kind == "recovered":
                 self.offset, self.epoch = frame["offset"], frame["epoch"]
                 if kind == "recovered":
                     ledger.recovered(member, frame["recovered"])
@@ -212,8 +247,12 @@ class ChatUser(User):
             kind = "same-worker" if frame.get("sender") == self.served_by else "cross-worker"
             ledger.receive(frame["nonce"], member, received_at)
             self.environment.events.request.fire(
-                request_type="DELIVER", name=kind, response_time=(received_at - sent_at) * 1000,
-                response_length=len(frame["message"]), exception=None, context={},
+                request_type="DELIVER",
+                name=kind,
+                response_time=(received_at - sent_at) * 1000,
+                response_length=len(frame["message"]),
+                exception=None,
+                context={},
             )
 
     def say(self):
@@ -230,8 +269,12 @@ class ChatUser(User):
 
     def report(self, kind, name, started, error=None):
         self.environment.events.request.fire(
-            request_type=kind, name=name, response_time=(time.perf_counter() - started) * 1000,
-            response_length=0, exception=error, context={},
+            request_type=kind,
+            name=name,
+            response_time=(time.perf_counter() - started) * 1000,
+            response_length=0,
+            exception=error,
+            context={},
         )
 
     def pause(self):

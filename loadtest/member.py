@@ -36,6 +36,7 @@ class Member:
         self.recoveries = []  # v2: the recovered flag of every recovered frame
         self.close_codes = []
         self.pending = {}  # nonce -> text typed but not seen back yet
+        self.sending = set()  # resends under way, kept until done: the loop holds tasks only weakly
         self.connections = 0
         self.socket = None
         self.ready = asyncio.Event()
@@ -63,8 +64,9 @@ class Member:
         delay = self.backoff[0]
         while not self.stopping:
             try:
-                async with connect(self.url(), origin=self.origin, subprotocols=[V2] if self.v2 else None,
-                                   open_timeout=10, close_timeout=2) as socket:
+                async with connect(
+                    self.url(), origin=self.origin, subprotocols=[V2] if self.v2 else None, open_timeout=10, close_timeout=2
+                ) as socket:
                     self.socket = socket
                     self.served_by = socket.response.headers.get("x-served-by")
                     self.connections += 1
@@ -76,7 +78,7 @@ class Member:
                     self.close_codes.append(socket.close_code)
             except ConnectionClosed as closed:
                 self.close_codes.append(closed.rcvd.code if closed.rcvd else None)
-            except (OSError, InvalidHandshake, asyncio.TimeoutError):
+            except (TimeoutError, OSError, InvalidHandshake):
                 pass
             finally:
                 self.socket = None
@@ -130,7 +132,9 @@ class Member:
 
     def _resend(self):
         for nonce, text in self.pending.items():
-            asyncio.ensure_future(self._send(nonce, text))
+            sending = asyncio.ensure_future(self._send(nonce, text))
+            self.sending.add(sending)
+            sending.add_done_callback(self.sending.discard)
 
     async def _send(self, nonce, text):
         socket = self.socket
@@ -213,11 +217,22 @@ class Conversation:
         await until(lambda: not self.sender.pending, timeout, "the typed messages to come back")
         top = (self.sender.offset, self.sender.epoch)
         try:
-            await until(lambda: all((m.offset, m.epoch) == top for m in self.members), timeout, "every resuming member to reach the top")
+            await until(
+                lambda: all((m.offset, m.epoch) == top for m in self.members), timeout, "every resuming member to reach the top"
+            )
         except AssertionError as late:
-            behind = [{"offset": m.offset, "epoch": m.epoch, "connections": m.connections, "open": m.socket is not None,
-                       "close_codes": m.close_codes[-5:], "recoveries": m.recoveries[-5:]}
-                      for m in self.members if (m.offset, m.epoch) != top]
+            behind = [
+                {
+                    "offset": m.offset,
+                    "epoch": m.epoch,
+                    "connections": m.connections,
+                    "open": m.socket is not None,
+                    "close_codes": m.close_codes[-5:],
+                    "recoveries": m.recoveries[-5:],
+                }
+                for m in self.members
+                if (m.offset, m.epoch) != top
+            ]
             raise AssertionError(f"{late}: the top is {top}; behind it: {behind}") from None
         await asyncio.sleep(0.5)  # a window for duplicates or v1 stragglers to show; nothing is awaited here
         for member in (*self.members, *self.plain, self.sender):

@@ -12,9 +12,9 @@ from pathlib import Path
 import redis
 
 from chatsite.worker import WS_DEFAULT
+from loadtest.benchload import Load
 from localstack.cluster import die_with_parent, free_port, server_binary
 from localstack.run import start_workers, stop, wait_ready
-from loadtest.benchload import Load
 
 ROOT = Path(__file__).resolve().parent.parent
 BACKENDS = {
@@ -33,7 +33,9 @@ def standalone_redis():
     port = free_port()
     process = subprocess.Popen(
         [server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=die_with_parent,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        preexec_fn=die_with_parent,
     )
     try:
         client = redis.Redis(port=port)
@@ -61,11 +63,18 @@ class Stack:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {
-            **os.environ, "BIND": f"127.0.0.1:{self.port}", "WEB_CONCURRENCY": str(workers),
-            "UVICORN_WS": ws, "UVICORN_LOOP": loop,
-            "PYTHONPATH": f"{ROOT / 'services'}:{ROOT}", "LOG_LEVEL": "warning",
-            "CHANNEL_LAYER": {"ceiling": "memory", "redis-cluster-nohistory": "redis-cluster",
-                              "redis-cluster-unreplicated": "redis-cluster"}.get(backend, backend),
+            **os.environ,
+            "BIND": f"127.0.0.1:{self.port}",
+            "WEB_CONCURRENCY": str(workers),
+            "UVICORN_WS": ws,
+            "UVICORN_LOOP": loop,
+            "PYTHONPATH": f"{ROOT / 'services'}:{ROOT}",
+            "LOG_LEVEL": "warning",
+            "CHANNEL_LAYER": {
+                "ceiling": "memory",
+                "redis-cluster-nohistory": "redis-cluster",
+                "redis-cluster-unreplicated": "redis-cluster",
+            }.get(backend, backend),
             "CHAT_REPLICATE_BEFORE_PUBLISH": "0" if backend == "redis-cluster-unreplicated" else "1",
             "CHAT_HISTORY_SIZE": "0" if backend == "redis-cluster-nohistory" else os.environ.get("CHAT_HISTORY_SIZE", "500"),
             "CHANNEL_LAYER_PREFIX": f"bench{random.randrange(10**6)}",

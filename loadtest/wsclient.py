@@ -52,7 +52,7 @@ class Socket(asyncio.Protocol):
             end = self.buffer.find(b"\r\n\r\n")
             if end < 0:
                 return
-            head, self.buffer = bytes(self.buffer[:end]).decode("latin-1"), self.buffer[end + 4:]
+            head, self.buffer = bytes(self.buffer[:end]).decode("latin-1"), self.buffer[end + 4 :]
             status, *lines = head.split("\r\n")
             if " 101 " not in status + " ":
                 self.handshake.set_exception(ConnectionError(status))
@@ -83,7 +83,7 @@ class Socket(asyncio.Protocol):
                 start += 8
             if size < start + length:
                 break
-            payload = bytes(buffer[start:start + length])
+            payload = bytes(buffer[start : start + length])
             offset = start + length
             if opcode == OPCODE_TEXT:
                 self.on_text(payload)
@@ -108,8 +108,10 @@ def handshake_request(host, port, path, origin=None, subprotocol=None):
     key = base64.b64encode(os.urandom(16)).decode()
     origin = origin or f"http://{host}:{port}"
     protocol = f"Sec-WebSocket-Protocol: {subprotocol}\r\n" if subprotocol else ""
-    return (f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nOrigin: {origin}\r\n{protocol}\r\n").encode()
+    return (
+        f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nOrigin: {origin}\r\n{protocol}\r\n"
+    ).encode()
 
 
 async def connect(host, port, path, on_text, origin=None, subprotocol=None):

@@ -18,9 +18,9 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "chatsite.settings")
 # testcontainers' reaper is an image from a registry, which CI cannot reach; the fixtures remove what they start.
 os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
 
-import django  # noqa: E402
+import django
 
-from localstack.cluster import LocalCluster, free_base_port, free_port  # noqa: E402
+from localstack.cluster import LocalCluster, free_base_port, free_port
 
 django.setup()
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,8 +36,12 @@ def local_stack(**env):
     port, redis_port = free_port(), free_base_port(6, 16000, 22000)
     process = subprocess.Popen(
         [sys.executable, "-m", "localstack.run", "--port", str(port), "--redis-port", str(redis_port)],
-        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT / "services"), "WEB_CONCURRENCY": "3", **env},
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "services"), "WEB_CONCURRENCY": "3", **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
     )
     said = []  # every line the stack printed, kept for the tests that judge its log
     try:
@@ -49,8 +53,13 @@ def local_stack(**env):
             pytest.fail(f"make run topology did not start (status {process.wait()}):\n{''.join(said[-40:])}")
         # Keep reading so the stack never blocks on a full pipe.
         threading.Thread(target=lambda: said.extend(process.stdout), daemon=True).start()
-        yield {"url": f"http://127.0.0.1:{port}", "ws": f"ws://127.0.0.1:{port}", "process": process,
-               "ports": [port, *range(redis_port, redis_port + 6)], "log": said}
+        yield {
+            "url": f"http://127.0.0.1:{port}",
+            "ws": f"ws://127.0.0.1:{port}",
+            "process": process,
+            "ports": [port, *range(redis_port, redis_port + 6)],
+            "log": said,
+        }
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGINT)
@@ -111,7 +120,11 @@ async def application(cluster_hosts):
     """The chat's ASGI app on the cluster layer, with room history, small frames and no message rate limit."""
     from channels.layers import channel_layers
 
-    config = {"hosts": cluster_hosts, "prefix": f"app{uuid.uuid4().hex[:6]}", "group_history": {"chat_*": {"size": 20, "age": 60}}}
+    config = {
+        "hosts": cluster_hosts,
+        "prefix": f"app{uuid.uuid4().hex[:6]}",
+        "group_history": {"chat_*": {"size": 20, "age": 60}},
+    }
     layers = {"default": {"BACKEND": "channels_redis_cluster.RedisClusterChannelLayer", "CONFIG": config}}
     with override_settings(CHANNEL_LAYERS=layers, CHAT_MAX_MESSAGE_CHARS=100, CHAT_MAX_FRAME_BYTES=1000, CHAT_MESSAGES_PER_S=0):
         from chatsite.asgi import application
@@ -174,15 +187,17 @@ class ComposeStack:
         self.url = f"http://127.0.0.1:{self.port}"
         self.ws = f"ws://127.0.0.1:{self.port}"
         env_file = tmp_path / f"{self.project}.env"
-        env_file.write_text(images_env.read_text() + f"COMPOSE_PROJECT_NAME={self.project}\nINGRESS_PORT={self.port}\n"
-                            + "".join(f"{name}={value}\n" for name, value in {**UNLIMITED_TYPING, **COMPOSE_INGRESS_LIMITS}.items()))
+        env_file.write_text(
+            images_env.read_text()
+            + f"COMPOSE_PROJECT_NAME={self.project}\nINGRESS_PORT={self.port}\n"
+            + "".join(f"{name}={value}\n" for name, value in {**UNLIMITED_TYPING, **COMPOSE_INGRESS_LIMITS}.items())
+        )
         self.compose = DockerCompose(ROOT, env_file=str(env_file), wait=True)
 
     def run(self, *args, check=True, **env):
         """`docker compose ARGS` for this project (ENV added to its environment); the completed process."""
         command = [*self.compose.compose_command_property, *args]
-        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240,
-                                env={**os.environ, **env})
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240, env={**os.environ, **env})
         if check and result.returncode != 0:
             raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stderr[-3000:]}")
         return result

@@ -15,8 +15,14 @@ from loadtest.member import Member, until
 from loadtest.wsclient import handshake_request
 
 SECRET = "s" * 40
-IDENTITY_ON = {"ALLOWED_HOSTS": ["testserver", "127.0.0.1"], "CHAT_IDENTITY": "nickname", "CHAT_TOKEN_SECRET": SECRET, "CHAT_TOKEN_AUDIENCE": "chat",
-               "CHAT_TOKEN_TTL": 600, "CHAT_TOKEN_LEEWAY": 0}
+IDENTITY_ON = {
+    "ALLOWED_HOSTS": ["testserver", "127.0.0.1"],
+    "CHAT_IDENTITY": "nickname",
+    "CHAT_TOKEN_SECRET": SECRET,
+    "CHAT_TOKEN_AUDIENCE": "chat",
+    "CHAT_TOKEN_TTL": 600,
+    "CHAT_TOKEN_LEEWAY": 0,
+}
 
 
 def rejected(reason):
@@ -25,8 +31,9 @@ def rejected(reason):
 
 async def refused(application, room, code, query="", v2=False):
     """Connect and expect the handshake to be accepted and closed with ``code``; the v2 error frame if v2."""
-    client = WebsocketCommunicator(application, f"/ws/chat/{room}/{query}", headers=ORIGIN,
-                                   subprotocols=["chat.v2"] if v2 else None)
+    client = WebsocketCommunicator(
+        application, f"/ws/chat/{room}/{query}", headers=ORIGIN, subprotocols=["chat.v2"] if v2 else None
+    )
     connected, _ = await client.connect(timeout=5)
     assert connected, "refused after accept, so the client can read why"
     error = await client.receive_json_from(timeout=3) if v2 else None
@@ -165,7 +172,7 @@ async def fill_workers(stack, rooms, token=None, workers=3, most=3):
 async def drop_handshake(stack, path, delay):
     """Send a WebSocket handshake for ``path`` and drop the connection ``delay`` seconds later, unanswered."""
     host, port = stack["url"].removeprefix("http://").split(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
+    _reader, writer = await asyncio.open_connection(host, int(port))
     writer.write(handshake_request(host, port, path, subprotocol="chat.v2"))
     await writer.drain()
     await asyncio.sleep(delay)
@@ -176,18 +183,29 @@ async def test_on_the_stack_handshakes_dropped_mid_connect_give_back_presence_an
     """A client gone while its connect runs (a page navigating away): listed nowhere, holding no place."""
     from conftest import local_stack
 
-    env = {**{k: str(v) for k, v in IDENTITY_ON.items() if k.startswith("CHAT_")},
-           "CHAT_MAX_SOCKETS_PER_WORKER": "3", "CHAT_MAX_SOCKETS_PER_IDENTITY": "12", "CHAT_PRESENCE_GRACE": "1"}
+    env = {
+        **{k: str(v) for k, v in IDENTITY_ON.items() if k.startswith("CHAT_")},
+        "CHAT_MAX_SOCKETS_PER_WORKER": "3",
+        "CHAT_MAX_SOCKETS_PER_IDENTITY": "12",
+        "CHAT_PRESENCE_GRACE": "1",
+    }
     with local_stack(**env) as stack:
         with override_settings(**IDENTITY_ON):
             watching, dropping = mint("watcher", "Watcher"), mint("dropper", "Dropper")
         watcher = await Member(stack["ws"], "dropped", token=watching, presence=True).start()
         # Spread over 40 ms: the drops land before, during and just after the consumers' connect.
-        await asyncio.gather(*(drop_handshake(stack, f"/ws/chat/dropped/?presence=1&token={dropping}", n / 1000)
-                               for n in range(40)))
-        joined = lambda: [m for kind, m in watcher.presence_frames if kind == "join" and m != watcher.member]  # noqa: E731
-        await until(lambda: joined() and watcher.present.keys() == {watcher.member}, 20,
-                    "the dropped handshakes' member to have come and gone")
+        await asyncio.gather(
+            *(drop_handshake(stack, f"/ws/chat/dropped/?presence=1&token={dropping}", n / 1000) for n in range(40))
+        )
+
+        def joined():
+            return [m for kind, m in watcher.presence_frames if kind == "join" and m != watcher.member]
+
+        await until(
+            lambda: joined() and watcher.present.keys() == {watcher.member},
+            20,
+            "the dropped handshakes' member to have come and gone",
+        )
         tracebacks = [line for line in stack["log"] if "Traceback" in line]
         assert not tracebacks, tracebacks
         await watcher.stop()
@@ -200,8 +218,12 @@ async def test_on_the_stack_handshakes_dropped_mid_connect_give_back_presence_an
 async def test_on_the_stack_each_worker_holds_its_most_sockets_and_an_identity_its_rooms_on_any_worker():
     from conftest import local_stack
 
-    env = {**{k: str(v) for k, v in IDENTITY_ON.items() if k.startswith("CHAT_")},
-           "CHAT_MAX_SOCKETS_PER_WORKER": "3", "CHAT_MAX_ROOMS_PER_IDENTITY": "2", "CHAT_MAX_SOCKETS_PER_IDENTITY": "50"}
+    env = {
+        **{k: str(v) for k, v in IDENTITY_ON.items() if k.startswith("CHAT_")},
+        "CHAT_MAX_SOCKETS_PER_WORKER": "3",
+        "CHAT_MAX_ROOMS_PER_IDENTITY": "2",
+        "CHAT_MAX_SOCKETS_PER_IDENTITY": "50",
+    }
     with local_stack(**env) as stack:
         with override_settings(**IDENTITY_ON):
             token = mint("stack-user", "Stacked")

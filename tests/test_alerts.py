@@ -8,7 +8,6 @@ import shutil
 import subprocess
 
 import yaml
-
 from test_helm_chart import one, render
 
 SERIES = 'namespace="chat", service="channels-chat", pod="chat-0"'

@@ -15,8 +15,11 @@ def test_benchmark_smoke_writes_the_report_with_every_part():
     try:
         result = subprocess.run(
             [sys.executable, "-m", "loadtest.benchmark", "--smoke"],
-            cwd=ROOT, env={"PYTHONPATH": f"{ROOT / 'services'}:{ROOT}", "PATH": "/usr/bin:/bin"},
-            timeout=720, capture_output=True, text=True,
+            cwd=ROOT,
+            env={"PYTHONPATH": f"{ROOT / 'services'}:{ROOT}", "PATH": "/usr/bin:/bin"},
+            timeout=720,
+            capture_output=True,
+            text=True,
         )
     except subprocess.TimeoutExpired as late:
         pytest.fail(f"the smoke run passed 720 s; its last output:\n{(late.stdout or b'')[-3000:]}")
@@ -31,12 +34,20 @@ def test_benchmark_smoke_writes_the_report_with_every_part():
     for shape in compared.values():
         for name, found in shape["systems"].items():
             cost = found["cost"]
-            assert cost["delivered_ratio"] == 1.0 and cost["system_us_per_delivery"] > 0 and cost["client_us_per_delivery"] > 0, name
+            assert cost["delivered_ratio"] == 1.0 and cost["system_us_per_delivery"] > 0 and cost["client_us_per_delivery"] > 0, (
+                name
+            )
             assert (cost["redis_us_per_delivery"] > 0) == (name != "ceiling"), name
     assert "| rooms x members @ offered/s |" in (ROOT / "artifacts" / "bench" / "report.md").read_text()
     assert any("at or below Socket.IO's on every room shape" in row["target"] for row in report["targets"])
-    assert set(report["backends"]) == {"redis-cluster", "redis-cluster-nohistory", "redis-cluster-unreplicated", "redis",
-                                       "redis-pubsub", "ceiling"}
+    assert set(report["backends"]) == {
+        "redis-cluster",
+        "redis-cluster-nohistory",
+        "redis-cluster-unreplicated",
+        "redis",
+        "redis-pubsub",
+        "ceiling",
+    }
     ours = report["backends"]["redis-cluster"]
     assert ours["sustainable"]["delivered_ratio"] == 1.0 and ours["big_room"]["delivered_ratio"] == 1.0
     assert ours["overload"]["counted_drops"] == ours["overload"]["expected"] - ours["overload"]["delivered"]
@@ -51,8 +62,10 @@ def test_benchmark_smoke_writes_the_report_with_every_part():
     assert report["memory"]["chat/wsproto"]["kib_per_socket"] is not None
     met = {row["target"]: row["met"] for row in report["targets"]}
     assert met["no silent drop at 2x overload"]
-    assert met["a fixed number of Redis commands per group_send whatever the room size: 1 without waiting for replicas, "
-               "at most 3 with (write, WAIT, publish)"]
+    assert met[
+        "a fixed number of Redis commands per group_send whatever the room size: 1 without waiting for replicas, "
+        "at most 3 with (write, WAIT, publish)"
+    ]
     assert any(target.startswith("publishing a room message only once its replicas hold it") for target in met)
     assert "room history on costs at most 10% of the sustainable rate with it off" in met
     assert set(report["server_settings"]) == {"wsproto/uvloop"}
@@ -75,10 +88,14 @@ def test_benchmark_smoke_writes_the_report_with_every_part():
     assert (out / "scale_curves.png").stat().st_size > 0 and "## Capacity model" in (out / "report.md").read_text()
     # Where the gap to the ceiling is: both sides' costs per recipient and per message, from the room-size curve.
     ceiling_points = report["curves"]["ceiling"]["room_size"]["points"]
-    assert [p["x"] for p in ceiling_points] == report["args"]["curve_room_sizes"] and all(p["delivered_ratio"] == 1.0 for p in ceiling_points)
+    assert [p["x"] for p in ceiling_points] == report["args"]["curve_room_sizes"] and all(
+        p["delivered_ratio"] == 1.0 for p in ceiling_points
+    )
     # A second per point at 300/s is mostly the workers' idle CPU: the fit's values are noise here, its
     # arithmetic is tested in test_capacity_model; the smoke checks that both sides were fitted.
-    assert all(set(report["gap"][side]["split"]) == {"per_recipient_us", "per_message_us"} for side in ("redis-cluster", "ceiling"))
+    assert all(
+        set(report["gap"][side]["split"]) == {"per_recipient_us", "per_message_us"} for side in ("redis-cluster", "ceiling")
+    )
     assert "## Why this layer stops short of the ceiling" in (out / "report.md").read_text()
     # Presence: one command per join or leave, its event included, whatever the room size.
     assert all(r["commands_per_join_and_leave"] == 1.0 for r in report["presence"]["rooms"].values()), report["presence"]

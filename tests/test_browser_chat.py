@@ -106,7 +106,12 @@ async def test_nickname_pages_chat_under_their_names_and_resume_when_their_token
     """CHAT_IDENTITY=nickname on the make run topology, with tokens that last 5 s: the page's own flow."""
     if not shutil.which(CHROMIUM):
         pytest.skip("Debian's chromium is not installed: run `sudo docker/host-setup.sh`")
-    env = {"CHAT_IDENTITY": "nickname", "CHAT_TOKEN_SECRET": "browser-" + "k" * 40, "CHAT_TOKEN_TTL": "5", "CHAT_TOKEN_LEEWAY": "0"}
+    env = {
+        "CHAT_IDENTITY": "nickname",
+        "CHAT_TOKEN_SECRET": "browser-" + "k" * 40,
+        "CHAT_TOKEN_TTL": "5",
+        "CHAT_TOKEN_LEEWAY": "0",
+    }
     with local_stack(**env) as stack:
         async with async_playwright() as playwright:
             browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
@@ -115,7 +120,10 @@ async def test_nickname_pages_chat_under_their_names_and_resume_when_their_token
                 context = await browser.new_context(viewport={"width": 720, "height": 480})
                 page = pages[name] = await context.new_page()
                 asked = []  # the names this page asked tokens for
-                page.on("request", lambda request, asked=asked: request.url.endswith("/auth/token") and asked.append(request.post_data))
+                page.on(
+                    "request",
+                    lambda request, asked=asked: request.url.endswith("/auth/token") and asked.append(request.post_data),
+                )
                 await page.goto(f"{stack['url']}/chat/lobby/")  # no name yet: sent to the form, room kept
                 await expect(page.locator("#room-name-input")).to_have_value("lobby", timeout=10_000)
                 assert asked == [], "a page sent to the form joined the room nameless first"

@@ -6,6 +6,7 @@ from redis.exceptions import DataError
 
 from channels_redis_cluster.cluster import pack_commands
 
+
 class StrSubclass(str):
     pass
 
@@ -19,7 +20,21 @@ class FloatSubclass(float):
 
 
 COMMANDS = [
-    ("EVALSHA", "a" * 40, 4, "k1", b"k2", "{p:g:room}:log", -7, 1732838400123, 0.25, "é ü", b"", bytearray(b"ba"), memoryview(b"mv")),
+    (
+        "EVALSHA",
+        "a" * 40,
+        4,
+        "k1",
+        b"k2",
+        "{p:g:room}:log",
+        -7,
+        1732838400123,
+        0.25,
+        "é ü",
+        b"",
+        bytearray(b"ba"),
+        memoryview(b"mv"),
+    ),
     ("SPUBLISH", "chan", b"\x00\xff" * 300),
     ("SET", StrSubclass("k"), IntSubclass(3), FloatSubclass(0.5)),
     ("PING",),

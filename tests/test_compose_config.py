@@ -18,8 +18,9 @@ def compose_config(*env_files, profiles=("loadtest",)):
         command += ["--env-file", str(env_file)]
     for profile in profiles:
         command += ["--profile", profile]
-    result = subprocess.run([*command, "config", "--format", "json"], capture_output=True, text=True, check=True,
-                            env={"PATH": "/usr/bin:/bin"})
+    result = subprocess.run(
+        [*command, "config", "--format", "json"], capture_output=True, text=True, check=True, env={"PATH": "/usr/bin:/bin"}
+    )
     return json.loads(result.stdout)
 
 
@@ -69,7 +70,9 @@ def test_chat_replicas_wait_for_the_cluster_and_stop_gracefully(services):
     assert chat["deploy"]["replicas"] == 3 and "ports" not in chat
     assert chat["environment"]["CHANNEL_LAYER"] == "redis-cluster"
     # No one-shot job: the nodes form the cluster, and a node is healthy once it held a role in it.
-    assert {name: dep["condition"] for name, dep in chat["depends_on"].items()} == {f"redis-{n}": "service_healthy" for n in range(6)}
+    assert {name: dep["condition"] for name, dep in chat["depends_on"].items()} == {
+        f"redis-{n}": "service_healthy" for n in range(6)
+    }
     assert int(chat["stop_grace_period"].rstrip("s")) >= 30 and chat["tmpfs"] == ["/tmp"]
     for n in range(6):
         node = services[f"redis-{n}"]
@@ -105,8 +108,11 @@ def test_ingress_balances_round_robin_with_no_affinity():
     haproxy = (ROOT / "docker" / "haproxy.cfg").read_text()
     directives = [line.split("#")[0].strip() for line in haproxy.splitlines() if line.split("#")[0].strip()]
     assert "balance roundrobin" in directives
-    assert not [d for d in directives
-                if re.match(r"(cookie|stick (on|match|store-request|store-response)|hash-type|balance (source|uri|hdr|url_param))\b", d)]
+    assert not [
+        d
+        for d in directives
+        if re.match(r"(cookie|stick (on|match|store-request|store-response)|hash-type|balance (source|uri|hdr|url_param))\b", d)
+    ]
     tables = [d for d in directives if d.startswith("stick-table")]
     assert tables and all("server_id" not in t for t in tables), "per-address counters only, never a replica choice"
     assert any(d.startswith("timeout tunnel") for d in directives)

@@ -12,8 +12,12 @@ from conftest import ROOT, ComposeStack
 
 def make(target, stack):
     # With a Redis password given (it replaces the generated one): the nodes and chat both use it.
-    env = {**os.environ, "COMPOSE_PROJECT_NAME": stack.project, "INGRESS_PORT": str(stack.port),
-           "REDIS_PASSWORD": "lifecycle-test-password"}
+    env = {
+        **os.environ,
+        "COMPOSE_PROJECT_NAME": stack.project,
+        "INGRESS_PORT": str(stack.port),
+        "REDIS_PASSWORD": "lifecycle-test-password",
+    }
     return subprocess.run(["make", target], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -37,8 +41,14 @@ def test_second_up_is_harmless_and_down_leaves_nothing_behind(chat_images, tmp_p
         assert "NOAUTH" in refused.stdout + refused.stderr, "the nodes must refuse clients without the password"
         plain = stack.run("exec", "-T", "redis-0", "redis-cli", "ping", check=False)
         assert "PONG" not in plain.stdout and "NOAUTH" not in plain.stdout, "the nodes must speak TLS only"
-        answered = stack.run("exec", "-T", "redis-0", "sh", "-c", 'REDISCLI_AUTH="$(cat /run/chat-secrets/redis-password)" '
-                             f'redis-cli {" ".join(tls)} ping')
+        answered = stack.run(
+            "exec",
+            "-T",
+            "redis-0",
+            "sh",
+            "-c",
+            f'REDISCLI_AUTH="$(cat /run/chat-secrets/redis-password)" redis-cli {" ".join(tls)} ping',
+        )
         assert answered.stdout.strip() == "PONG"
         with urllib.request.urlopen(f"{stack.url}/chat/", timeout=10) as response:
             assert response.status == 200 and response.headers["X-Served-By"]

@@ -4,17 +4,16 @@ import asyncio
 import json
 import subprocess
 import time
-
 import urllib.error
 import urllib.request
 
 import pytest
+from test_rolling_restart import save
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from conftest import COMPOSE_INGRESS_LIMITS, ROOT
 from loadtest.member import Conversation
-from test_rolling_restart import save
 
 ROOM_TIMEOUT_S = 15
 
@@ -122,18 +121,40 @@ async def test_every_chat_replica_restarted_in_turn_resuming_members_miss_nothin
 
 def health(container):
     """The health status docker reports for ``container``."""
-    return subprocess.run(["docker", "inspect", "--format", "{{.State.Health.Status}}", container],
-                          capture_output=True, text=True).stdout.strip()
+    return subprocess.run(
+        ["docker", "inspect", "--format", "{{.State.Health.Status}}", container], capture_output=True, text=True
+    ).stdout.strip()
 
 
 def test_helm_test_script_runs_in_the_chat_image_against_the_stack(compose_stack):
     """The chart's `helm test` check, in the chat image, through the ingress: containers stand in for pods."""
     script = ROOT / "deploy/helm/files/fanout_check.py"
     result = subprocess.run(
-        ["docker", "run", "--rm", "--network", f"{compose_stack.project}_edge", "--read-only", "--user", "10001",
-         "--volume", f"{script}:/check/fanout_check.py:ro", "--entrypoint", "python", "chat-blueprint/chat:latest",
-         "/check/fanout_check.py", "--url", "http://ingress:8080", "--min-workers", "2", "--by", "pod"],
-        capture_output=True, text=True, timeout=180,
+        [
+            "docker",
+            "run",
+            "--rm",
+            "--network",
+            f"{compose_stack.project}_edge",
+            "--read-only",
+            "--user",
+            "10001",
+            "--volume",
+            f"{script}:/check/fanout_check.py:ro",
+            "--entrypoint",
+            "python",
+            "chat-blueprint/chat:latest",
+            "/check/fanout_check.py",
+            "--url",
+            "http://ingress:8080",
+            "--min-workers",
+            "2",
+            "--by",
+            "pod",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert result.returncode == 0 and result.stdout.startswith("OK:"), result.stdout + result.stderr
 
@@ -141,8 +162,7 @@ def test_helm_test_script_runs_in_the_chat_image_against_the_stack(compose_stack
 def test_loadtest_profile_reports_cross_worker_deliveries_with_nothing_missing(compose_stack):
     """Locust master and two workers (the `loadtest` profile) through the ingress; the master's exit is the verdict."""
     try:
-        compose_stack.run("--profile", "loadtest", "up", "--detach", "locust-worker",
-                          USERS="24", SPAWN_RATE="12", DURATION="15")
+        compose_stack.run("--profile", "loadtest", "up", "--detach", "locust-worker", USERS="24", SPAWN_RATE="12", DURATION="15")
         waited = compose_stack.run("--profile", "loadtest", "wait", "locust-master", check=False)
         log = compose_stack.run("--profile", "loadtest", "logs", "locust-master").stdout
         assert waited.returncode == 0, log[-4000:]
@@ -150,8 +170,7 @@ def test_loadtest_profile_reports_cross_worker_deliveries_with_nothing_missing(c
         cross = int(log.split("cross-worker ", 1)[1].split(" ", 1)[0])
         assert cross > 0
     finally:
-        compose_stack.run("--profile", "loadtest", "rm", "--force", "--stop", "locust-master", "locust-worker",
-                          check=False)
+        compose_stack.run("--profile", "loadtest", "rm", "--force", "--stop", "locust-master", "locust-worker", check=False)
 
 
 async def test_the_ingress_refuses_sockets_past_an_address_limit_with_429_and_takes_them_again(compose_stack):

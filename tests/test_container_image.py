@@ -15,8 +15,12 @@ IMAGE = "chat-blueprint/chat:latest"
 
 
 def test_dockerfile_passes_hadolint_at_warning():
-    result = subprocess.run([str(ROOT / ".venv/bin/hadolint"), "--failure-threshold", "warning", "Dockerfile"],
-                            cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run(
+        [str(ROOT / ".venv/bin/hadolint"), "--failure-threshold", "warning", "Dockerfile"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -24,8 +28,13 @@ def test_image_runs_non_root_on_a_read_only_root_and_turns_healthy(chat_images):
     config = json.loads(subprocess.run(["docker", "image", "inspect", IMAGE], capture_output=True, check=True).stdout)[0]
     assert config["Config"]["User"].split(":")[0].isdigit() and not config["Config"]["User"].startswith("0")
     assert config["Config"]["Healthcheck"]["Test"][-1] == "/healthz"
-    container = (DockerContainer(IMAGE).with_env("CHANNEL_LAYER", "memory").with_exposed_ports(8000, 9000)
-                 .with_tmpfs_mount("/tmp").with_kwargs(read_only=True, cap_drop=["ALL"]))
+    container = (
+        DockerContainer(IMAGE)
+        .with_env("CHANNEL_LAYER", "memory")
+        .with_exposed_ports(8000, 9000)
+        .with_tmpfs_mount("/tmp")
+        .with_kwargs(read_only=True, cap_drop=["ALL"])
+    )
     with container:
         wrapped = container.get_wrapped_container()
         deadline = time.monotonic() + 90

@@ -98,7 +98,9 @@ async def test_bad_input_closes_only_that_socket(stack):
 def test_helm_test_script_passes_against_the_local_stack(stack):
     result = subprocess.run(
         [sys.executable, str(ROOT / "deploy/helm/files/fanout_check.py"), "--url", stack["url"], "--by", "process"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0 and result.stdout.startswith("OK:"), result.stdout + result.stderr
 
@@ -111,4 +113,3 @@ def test_ctrl_c_stops_everything(stack):
     while any(listening(port) for port in stack["ports"]) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not [port for port in stack["ports"] if listening(port)], "a server outlived make run"
-

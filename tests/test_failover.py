@@ -34,7 +34,7 @@ async def test_primary_failover_under_traffic(own_cluster):
             try:
                 await sender.group_send("failover-room", {"type": "tick", "n": n})
                 sent[n] = time.monotonic()
-            except Exception:  # noqa: BLE001 - a reported failure, counted separately from silent loss
+            except Exception:
                 failed.append(n)
             await asyncio.sleep(0.01)
 
@@ -95,15 +95,17 @@ async def test_primary_failover_under_traffic(own_cluster):
 async def test_primary_killed_under_traffic_resuming_members_recover_or_are_told():
     """The make run topology; the primary of a room's slot is killed while the room talks."""
     import redis
+    from test_rolling_restart import children, command_line, presence_in_redis, save
 
     from conftest import UNLIMITED_TYPING, local_stack
     from loadtest.member import Conversation, Member, until
-    from test_rolling_restart import children, command_line, presence_in_redis, save
 
     with local_stack(**UNLIMITED_TYPING) as stack:
         room = await Conversation(stack["ws"], "failover", resuming=12, plain=6).start()
         watcher = await Member(stack["ws"], "failover", presence=True).start()
-        sockets = len(room.members) + len(room.plain) + 2  # each its own member: the v2 ones, the v1 ones, the typist, the watcher
+        sockets = (
+            len(room.members) + len(room.plain) + 2
+        )  # each its own member: the v2 ones, the v1 ones, the typist, the watcher
         await until(lambda: len(watcher.present) == sockets, 15, "the watcher listing the room")
         await room.typed_more(25)
         node = redis.Redis(port=stack["ports"][1], decode_responses=True)
@@ -115,7 +117,9 @@ async def test_primary_killed_under_traffic_resuming_members_recover_or_are_told
         await room.typed_more(100)  # 2 s at 50/s: through the election (node timeout 2 s) and after
         # Presence lives in the killed primary's slot too: after the election the list is still everyone, once.
         v2 = {m.member for m in (*room.members, room.sender, watcher)}
-        await until(lambda: len(watcher.present) == sockets and v2 <= set(watcher.present), 15, "the room's list after the failover")
+        await until(
+            lambda: len(watcher.present) == sockets and v2 <= set(watcher.present), 15, "the room's list after the failover"
+        )
         assert len(await presence_in_redis(stack, "chat_failover")) == sockets
         await watcher.stop()
         await room.finish()

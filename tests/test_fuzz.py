@@ -24,15 +24,18 @@ IDENTITY = {"CHAT_IDENTITY": "nickname", "CHAT_TOKEN_SECRET": "fuzz-stack-secret
 async def test_fuzzed_clients_get_documented_answers_and_the_room_misses_nothing():
     with local_stack(**IDENTITY) as stack:
         # 4 messages a second: within the default limit of 5 a second, which this room must not feel.
-        room = await Conversation(stack["ws"], "calm", resuming=4, plain=2, interval=0.25,
-                                  token=nickname_token(stack["url"], "calm")).start()
+        room = await Conversation(
+            stack["ws"], "calm", resuming=4, plain=2, interval=0.25, token=nickname_token(stack["url"], "calm")
+        ).start()
         fuzzer = Fuzzer(stack["url"], SECONDS, token=nickname_token(stack["url"], "fuzzer"))
         counts = await asyncio.to_thread(fuzzer.run, 1_000_000)
         await room.finish()
         report = room.report()
         log = "".join(stack["log"])
     (ROOT / "artifacts").mkdir(exist_ok=True)
-    (ROOT / "artifacts" / "fuzz.json").write_text(json.dumps({"seconds": SECONDS, "counts": dict(sorted(counts.items())), "room": report}, indent=1))
+    (ROOT / "artifacts" / "fuzz.json").write_text(
+        json.dumps({"seconds": SECONDS, "counts": dict(sorted(counts.items())), "room": report}, indent=1)
+    )
     print(json.dumps(dict(sorted(counts.items())), indent=1))
 
     for kind in ("frames", "flood", "handshake", "request"):
@@ -45,4 +48,5 @@ async def test_fuzzed_clients_get_documented_answers_and_the_room_misses_nothing
     assert report["v1_missed"] == 0 and report["resuming_reconnects"] == report["v1_reconnects"] == 0, report
     assert log.count("Booting worker with pid") == 3, "a worker was restarted"
     assert not re.search(r'"level": "(ERROR|CRITICAL)"|Traceback', log), [
-        line for line in log.splitlines() if "ERROR" in line or "CRITICAL" in line or "Traceback" in line][:5]
+        line for line in log.splitlines() if "ERROR" in line or "CRITICAL" in line or "Traceback" in line
+    ][:5]

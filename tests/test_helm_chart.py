@@ -19,8 +19,14 @@ SCENARIOS = sorted(CHART.glob("ci/*-values.yaml"))
 # Custom resources whose schemas kubernetes-validate does not carry; their fields are asserted below.
 CUSTOM_KINDS = {"HTTPRoute", "ServiceMonitor", "PrometheusRule"}
 # `helm template` reaches no cluster, so the chart refuses to generate secrets there: tests give them.
-SECRETS = ["--set", "secrets.djangoSecretKey=test-secret-key", "--set", "secrets.redisPassword=test-redis-password",
-           "--set", "redis.tls.existingSecret=test-redis-tls"]
+SECRETS = [
+    "--set",
+    "secrets.djangoSecretKey=test-secret-key",
+    "--set",
+    "secrets.redisPassword=test-redis-password",
+    "--set",
+    "redis.tls.existingSecret=test-redis-tls",
+]
 
 
 def helm(*args, check=True, secrets=True):
@@ -41,8 +47,11 @@ def render(*args):
 
 def validate(path):
     """kubernetes-validate --strict; returns its output, asserting every known kind passed."""
-    result = subprocess.run([str(ROOT / ".venv/bin/kubernetes-validate"), "--strict", "-k", KUBERNETES_VERSION, str(path)],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [str(ROOT / ".venv/bin/kubernetes-validate"), "--strict", "-k", KUBERNETES_VERSION, str(path)],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     unknown = [line for line in result.stdout.splitlines() if "Couldn't find schema" in line]
     assert all(any(f"kind {kind} " in line for kind in CUSTOM_KINDS) for line in unknown), unknown
@@ -56,7 +65,9 @@ def one(objects, kind, name_suffix=""):
 
 
 def chat_deployment(objects):
-    return next(o for o in objects if o["kind"] == "Deployment" and o["metadata"]["labels"]["app.kubernetes.io/component"] == "chat")
+    return next(
+        o for o in objects if o["kind"] == "Deployment" and o["metadata"]["labels"]["app.kubernetes.io/component"] == "chat"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -109,8 +120,13 @@ def test_no_session_affinity_anywhere(values):
             assert not any(word in key for word in ("affinity", "session-cookie", "upstream-hash", "sticky")), key
     for route in (o for o in objects if o["kind"] == "HTTPRoute"):
         assert all("sessionPersistence" not in rule for rule in route["spec"]["rules"])
-    chat_service = next(o for o in objects if o["kind"] == "Service" and o["spec"].get("clusterIP") != "None"
-                        and o["metadata"]["labels"].get("app.kubernetes.io/component") == "chat")
+    chat_service = next(
+        o
+        for o in objects
+        if o["kind"] == "Service"
+        and o["spec"].get("clusterIP") != "None"
+        and o["metadata"]["labels"].get("app.kubernetes.io/component") == "chat"
+    )
     assert chat_service["spec"]["sessionAffinity"] == "None" and chat_service["spec"]["type"] == "ClusterIP"
     assert chat_service["spec"]["ports"][0]["appProtocol"] == "kubernetes.io/ws"
 
@@ -134,14 +150,19 @@ def test_chat_pods_have_probes_security_and_a_safe_rollout(default_objects):
     assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"]
     assert any(v["name"] == "tmp" and "emptyDir" in v for v in pod["volumes"])
     assert pod["automountServiceAccountToken"] is False
-    assert {c["topologyKey"] for c in pod["topologySpreadConstraints"]} == {"topology.kubernetes.io/zone", "kubernetes.io/hostname"}
+    assert {c["topologyKey"] for c in pod["topologySpreadConstraints"]} == {
+        "topology.kubernetes.io/zone",
+        "kubernetes.io/hostname",
+    }
     assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
     assert one(default_objects, "ServiceAccount")["automountServiceAccountToken"] is False
 
 
 def test_config_change_rolls_the_pods(default_objects):
     before = chat_deployment(default_objects)["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
-    after = chat_deployment(render("--set", "chat.logLevel=debug"))["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+    after = chat_deployment(render("--set", "chat.logLevel=debug"))["spec"]["template"]["metadata"]["annotations"][
+        "checksum/config"
+    ]
     assert before != after
 
 
@@ -211,18 +232,34 @@ REFUSED = [
     (["--set", "chat.drainSeconds=25"], "chat.drainSeconds must be below chat.gracefulTimeoutSeconds"),
     (["--set", "chat.webConcurrency=2"], "at least 500m per worker"),
     (["--set", "redis.maxmemory=512mb"], "at least twice redis.maxmemory"),
-    (["--set", "ingress.enabled=true", "--set", "ingress.hosts[0]=chat.example.com",
-      "--set-string", "ingress.annotations.nginx\\.ingress\\.kubernetes\\.io/affinity=cookie"], "no affinity"),
+    (
+        [
+            "--set",
+            "ingress.enabled=true",
+            "--set",
+            "ingress.hosts[0]=chat.example.com",
+            "--set-string",
+            "ingress.annotations.nginx\\.ingress\\.kubernetes\\.io/affinity=cookie",
+        ],
+        "no affinity",
+    ),
 ]
 
 
 def test_a_render_without_a_cluster_refuses_to_generate_secrets():
     result = helm("template", "channels-chat", str(CHART), check=False, secrets=False)
     assert result.returncode != 0 and "secrets.existingSecret" in result.stderr, result.stderr
-    existing = render("--set", "secrets.existingSecret=mine", "--set", "secrets.djangoSecretKey=", "--set", "secrets.redisPassword=")
+    existing = render(
+        "--set", "secrets.existingSecret=mine", "--set", "secrets.djangoSecretKey=", "--set", "secrets.redisPassword="
+    )
     assert not [o for o in existing if o["kind"] == "Secret"]
-    refs = {e["valueFrom"]["secretKeyRef"]["name"] for o in existing for c in containers(o)
-            for e in c.get("env", []) if "secretKeyRef" in e.get("valueFrom", {})}
+    refs = {
+        e["valueFrom"]["secretKeyRef"]["name"]
+        for o in existing
+        for c in containers(o)
+        for e in c.get("env", [])
+        if "secretKeyRef" in e.get("valueFrom", {})
+    }
     assert refs == {"mine"}
 
 
@@ -250,8 +287,11 @@ def test_install_notes_render_and_say_how_to_check(values):
 
 def pod_spec(obj):
     spec = obj.get("spec", {})
-    return spec.get("template", {}).get("spec") or spec.get("jobTemplate", {}).get("spec", {}).get("template", {}).get("spec") \
+    return (
+        spec.get("template", {}).get("spec")
+        or spec.get("jobTemplate", {}).get("spec", {}).get("template", {}).get("spec")
         or (spec if obj["kind"] == "Pod" else None)
+    )
 
 
 def containers(obj):
@@ -263,11 +303,15 @@ def containers(obj):
 def test_nothing_an_install_waits_for_is_a_hook(values):
     """helm --wait, --rollback-on-failure, Argo CD and Flux wait for readiness before hooks run: only tests are hooks."""
     objects = render("-f", str(values))
-    hooks = {o["metadata"]["name"]: o["metadata"]["annotations"]["helm.sh/hook"] for o in objects
-             if "helm.sh/hook" in o["metadata"].get("annotations", {})}
+    hooks = {
+        o["metadata"]["name"]: o["metadata"]["annotations"]["helm.sh/hook"]
+        for o in objects
+        if "helm.sh/hook" in o["metadata"].get("annotations", {})
+    }
     assert set(hooks.values()) == {"test"}, hooks
-    assert not [o for o in objects if o["kind"] == "Job" and o["metadata"]["name"] not in hooks
-                and "locust" not in o["metadata"]["name"]], "no Job forms or repairs anything"
+    assert not [
+        o for o in objects if o["kind"] == "Job" and o["metadata"]["name"] not in hooks and "locust" not in o["metadata"]["name"]
+    ], "no Job forms or repairs anything"
 
 
 def test_the_redis_nodes_form_and_repair_the_cluster_themselves(default_objects):
@@ -304,7 +348,9 @@ def test_persistence_keeps_the_data_set_or_the_node_rejoins_empty(persistent):
     statefulset = one(render("--set", f"redis.persistence.enabled={str(persistent).lower()}"), "StatefulSet")
     assert env_of(containers(statefulset)[0])["REDIS_APPENDONLY"] == ("yes" if persistent else "no")
     claims = statefulset["spec"].get("volumeClaimTemplates", [])
-    data = next(v for v in pod_spec(statefulset)["volumes"] + [{"name": c["metadata"]["name"]} for c in claims] if v["name"] == "data")
+    data = next(
+        v for v in pod_spec(statefulset)["volumes"] + [{"name": c["metadata"]["name"]} for c in claims] if v["name"] == "data"
+    )
     assert ("emptyDir" not in data) == persistent and bool(claims) == persistent
 
 
@@ -318,8 +364,11 @@ def test_redis_memory_limit_leaves_room_for_a_fork_and_buffers(default_objects):
 
 def test_secrets_roll_the_pods_and_never_reach_a_command_line(default_objects):
     def checksums(objects):
-        return [o["spec"]["template"]["metadata"]["annotations"]["checksum/secret"]
-                for o in objects if o["kind"] in ("Deployment", "StatefulSet") and "locust" not in o["metadata"]["name"]]
+        return [
+            o["spec"]["template"]["metadata"]["annotations"]["checksum/secret"]
+            for o in objects
+            if o["kind"] in ("Deployment", "StatefulSet") and "locust" not in o["metadata"]["name"]
+        ]
 
     assert len(set(checksums(default_objects))) == 1 and len(checksums(default_objects)) == 2
     assert checksums(render()) == checksums(default_objects), "the same values render the same checksum"
@@ -339,9 +388,18 @@ def test_chat_probes_and_metrics_use_the_internal_port_no_route_reaches(default_
     assert config["OPS_BIND"] == f"0.0.0.0:{ports['ops']}" and ports["http"] == 8000 and ports["ops"] != 8000
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
         assert container[probe]["httpGet"]["port"] == "ops", probe
-    routed = render("--set", "httpRoute.enabled=true", "--set", "httpRoute.parentRefs[0].name=gw",
-                    "--set", "ingress.enabled=true", "--set", "ingress.hosts[0]=chat.example.com",
-                    "--set", "metrics.serviceMonitor.enabled=true")
+    routed = render(
+        "--set",
+        "httpRoute.enabled=true",
+        "--set",
+        "httpRoute.parentRefs[0].name=gw",
+        "--set",
+        "ingress.enabled=true",
+        "--set",
+        "ingress.hosts[0]=chat.example.com",
+        "--set",
+        "metrics.serviceMonitor.enabled=true",
+    )
     service = next(o for o in routed if o["kind"] == "Service" and o["metadata"]["name"] == "channels-chat")
     by_port = {p["port"]: p["targetPort"] for p in service["spec"]["ports"]}
     route = one(routed, "HTTPRoute")
@@ -353,9 +411,13 @@ def test_chat_probes_and_metrics_use_the_internal_port_no_route_reaches(default_
 
 
 def policies_selecting(objects, labels):
-    return [o for o in objects if o["kind"] == "NetworkPolicy" and all(
-        labels.get(k) == v for k, v in o["spec"]["podSelector"].get("matchLabels", {}).items()) and all(
-        labels.get(e["key"]) in e["values"] for e in o["spec"]["podSelector"].get("matchExpressions", []))]
+    return [
+        o
+        for o in objects
+        if o["kind"] == "NetworkPolicy"
+        and all(labels.get(k) == v for k, v in o["spec"]["podSelector"].get("matchLabels", {}).items())
+        and all(labels.get(e["key"]) in e["values"] for e in o["spec"]["podSelector"].get("matchExpressions", []))
+    ]
 
 
 @pytest.mark.parametrize("values", SCENARIOS, ids=lambda p: p.stem)
@@ -376,15 +438,15 @@ def test_every_pod_works_in_a_default_deny_namespace(values):
     egress_ports = {port["port"] for rule in chat["spec"]["egress"] for port in rule["ports"]}
     values_doc = yaml.safe_load(values.read_text()) or {}
     external = values_doc.get("redis", {}).get("externalNodes")
-    assert egress_ports == {53, *( {int(n.rpartition(":")[2]) for n in external} if external else {6379})}
+    assert egress_ports == {53, *({int(n.rpartition(":")[2]) for n in external} if external else {6379})}
 
 
 def prometheus_names():
     """Every sample name the chat and the layer export."""
     import prometheus_client
 
-    import chat.metrics  # noqa: F401 - registers the chat's metrics
     import channels_redis_cluster.metrics  # noqa: F401 - registers the layer's
+    import chat.metrics  # noqa: F401 - registers the chat's metrics
 
     names = set()
     for family in prometheus_client.REGISTRY.collect():
@@ -415,7 +477,11 @@ def test_alerts_and_dashboard_are_valid_promql_on_metrics_that_exist():
 
 def test_limits_and_identity_reach_the_pods_and_the_token_key_is_kept_in_the_secret(default_objects):
     config = one(default_objects, "ConfigMap", "chat")["data"]
-    assert (config["CHAT_IDENTITY"], config["CHAT_MESSAGES_PER_S"], config["CHAT_MAX_SOCKETS_PER_WORKER"]) == ("off", "5", "10000")
+    assert (config["CHAT_IDENTITY"], config["CHAT_MESSAGES_PER_S"], config["CHAT_MAX_SOCKETS_PER_WORKER"]) == (
+        "off",
+        "5",
+        "10000",
+    )
     assert "CHAT_TOKEN_SECRET" not in one(default_objects, "Secret")["data"]
     on = ["--set", "chat.identity=token"]
     refused = helm("template", "channels-chat", str(CHART), *on, check=False)
@@ -471,6 +537,8 @@ def test_a_generated_redis_certificate_is_valid_for_every_node_name(tmp_path):
     assert "*.channels-chat-redis-headless" in names and "*.channels-chat-redis-headless.chat.svc.cluster.local" in names
     cert.verify_directly_issued_by(ca)
     nodes = env_of(chat_deployment(objects)["spec"]["template"]["spec"]["containers"][0])
-    assert all(n.split(":")[0].split(".", 1)[1] == "channels-chat-redis-headless"
-               for n in one(objects, "ConfigMap", "chat")["data"]["REDIS_CLUSTER_NODES"].split(",")), "covered by the wildcard"
+    assert all(
+        n.split(":")[0].split(".", 1)[1] == "channels-chat-redis-headless"
+        for n in one(objects, "ConfigMap", "chat")["data"]["REDIS_CLUSTER_NODES"].split(",")
+    ), "covered by the wildcard"
     assert nodes["REDIS_TLS_CA"] == "/redis-tls/ca.crt"

@@ -13,8 +13,22 @@ async def send_numbered(layer, group, body, writer=WRITER, channel=None):
     bound = layer.history.bound(group)
     _, fresh, now, age, keep = layer._history_args(bound)
     keys = [*layer.keys.group_history(group), layer.keys.group_queues(group)]
-    return await _send_numbered(state.publisher, keys, writer, fresh, now, age, keep, bound.size, channel,
-                                state.frame(channel, kind=NUMBERED), layer.serialize(body), "", 0, "1")
+    return await _send_numbered(
+        state.publisher,
+        keys,
+        writer,
+        fresh,
+        now,
+        age,
+        keep,
+        bound.size,
+        channel,
+        state.frame(channel, kind=NUMBERED),
+        layer.serialize(body),
+        "",
+        0,
+        "1",
+    )
 
 
 async def test_offsets_are_gapless_and_messages_carry_them(make_layer):

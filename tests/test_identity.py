@@ -6,10 +6,10 @@ import time
 import jwt
 import pytest
 from django.test import AsyncClient, override_settings
+from test_abuse_limits import IDENTITY_ON, SECRET, refused, rejected
 
 from chat.tokens import mint
 from conftest import ROOT, join
-from test_abuse_limits import IDENTITY_ON, SECRET, refused, rejected
 
 
 def forged(**claims):
@@ -115,10 +115,18 @@ def test_settings_refuse_identity_without_a_strong_shared_secret():
     import subprocess
     import sys
 
-    for env, ok in (({"CHAT_IDENTITY": "nickname"}, False), ({"CHAT_IDENTITY": "token", "CHAT_TOKEN_SECRET": "short"}, False),
-                    ({"CHAT_IDENTITY": "sometimes"}, False), ({"CHAT_IDENTITY": "token", "CHAT_TOKEN_SECRET": SECRET}, True)):
-        result = subprocess.run([sys.executable, "-c", "import chatsite.settings"], capture_output=True, text=True,
-                                env={"PYTHONPATH": str(ROOT / "services"), **env})
+    for env, ok in (
+        ({"CHAT_IDENTITY": "nickname"}, False),
+        ({"CHAT_IDENTITY": "token", "CHAT_TOKEN_SECRET": "short"}, False),
+        ({"CHAT_IDENTITY": "sometimes"}, False),
+        ({"CHAT_IDENTITY": "token", "CHAT_TOKEN_SECRET": SECRET}, True),
+    ):
+        result = subprocess.run(
+            [sys.executable, "-c", "import chatsite.settings"],
+            capture_output=True,
+            text=True,
+            env={"PYTHONPATH": str(ROOT / "services"), **env},
+        )
         assert (result.returncode == 0) == ok, (env, result.stderr[-300:])
         if not ok:
             assert "ImproperlyConfigured: CHAT_" in result.stderr

@@ -40,8 +40,14 @@ WORKER = textwrap.dedent(
 
 async def start_worker(hosts, prefix, sockets):
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", WORKER, json.dumps(hosts), prefix, str(sockets),
-        cwd=SERVICES, stdout=subprocess.PIPE,
+        sys.executable,
+        "-c",
+        WORKER,
+        json.dumps(hosts),
+        prefix,
+        str(sockets),
+        cwd=SERVICES,
+        stdout=subprocess.PIPE,
         env={"PYTHONPATH": str(SERVICES), "PATH": ""},
     )
     line = await asyncio.wait_for(process.stdout.readline(), 30)
@@ -71,7 +77,10 @@ async def test_group_send_reaches_members_in_every_process(cluster_hosts):
         # Messages on different shard channels have no order between them: read everything first.
         for process, channels in workers:
             received = await read_messages(process, 20 * sockets + 1)
-            per_channel = {c: [r["message"].get("n") for r in received if r["channel"] == c and r["message"]["type"] == "chat"] for c in channels}
+            per_channel = {
+                c: [r["message"].get("n") for r in received if r["channel"] == c and r["message"]["type"] == "chat"]
+                for c in channels
+            }
             assert per_channel == {c: list(range(20)) for c in channels}, "every member gets every message, in order"
             directs = [r["channel"] for r in received if r["message"]["type"] == "direct"]
             assert directs == [channels[0]]

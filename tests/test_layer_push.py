@@ -3,6 +3,7 @@
 import asyncio
 import contextvars
 import uuid
+from typing import ClassVar
 
 import pytest
 from channels.consumer import AsyncConsumer
@@ -67,7 +68,7 @@ class Recorder(LayerPushMixin, AsyncConsumer):
     """Joins a group when told to; its handlers wait on a gate when the message asks them to."""
 
     gate = started = None
-    seen = []
+    seen: ClassVar[list] = []
 
     async def join(self, message):
         await self.channel_layer.group_add(message["group"], self.channel_name)
@@ -89,9 +90,13 @@ class Recorder(LayerPushMixin, AsyncConsumer):
 async def recorder(cluster_hosts, make_layer):
     """Starts Recorder connections on the default layer; returns (join, a layer in another process's role)."""
     prefix = f"push{uuid.uuid4().hex[:8]}"
-    layers = {"default": {"BACKEND": "channels_redis_cluster.RedisClusterChannelLayer",
-                          "CONFIG": {"hosts": cluster_hosts, "prefix": prefix, "capacity": 2}},
-              "memory": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+    layers = {
+        "default": {
+            "BACKEND": "channels_redis_cluster.RedisClusterChannelLayer",
+            "CONFIG": {"hosts": cluster_hosts, "prefix": prefix, "capacity": 2},
+        },
+        "memory": {"BACKEND": "channels.layers.InMemoryChannelLayer"},
+    }
     with override_settings(CHANNEL_LAYERS=layers):
         Recorder.gate, Recorder.started, Recorder.seen = asyncio.Event(), asyncio.Event(), []
         communicators = []

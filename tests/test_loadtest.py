@@ -12,11 +12,37 @@ USERS, SECONDS, PROCESSES = 24, 10, 2
 def run_locust(url, scenario, report_dir, *options, processes=PROCESSES):
     """A bounded headless run, as `make loadtest` starts it; returns (exit status, verdict, output)."""
     result = subprocess.run(
-        [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtest/locustfile.py"), "--headless", "--only-summary",
-         "-H", url, "-u", str(USERS), "-r", str(USERS), "-t", f"{SECONDS}s", "--processes", str(processes),
-         "--report-dir", str(report_dir),
-         "--html", str(report_dir / "report.html"), "--csv", str(report_dir / "locust"), *options, scenario],
-        cwd=ROOT, capture_output=True, text=True, timeout=SECONDS + 60,
+        [
+            sys.executable,
+            "-m",
+            "locust",
+            "-f",
+            str(ROOT / "loadtest/locustfile.py"),
+            "--headless",
+            "--only-summary",
+            "-H",
+            url,
+            "-u",
+            str(USERS),
+            "-r",
+            str(USERS),
+            "-t",
+            f"{SECONDS}s",
+            "--processes",
+            str(processes),
+            "--report-dir",
+            str(report_dir),
+            "--html",
+            str(report_dir / "report.html"),
+            "--csv",
+            str(report_dir / "locust"),
+            *options,
+            scenario,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=SECONDS + 60,
     )
     verdict = json.loads((report_dir / "verdict.json").read_text())
     return result.returncode, verdict, result.stdout + result.stderr

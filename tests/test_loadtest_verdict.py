@@ -5,7 +5,7 @@ import sys
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "loadtest"))
-from ledger import Ledger, save, verdict  # noqa: E402
+from ledger import Ledger, save, verdict
 
 
 def ledger_of(joins, sends, receipts, leaves=()):
@@ -35,8 +35,9 @@ def test_a_missing_delivery_fails_and_is_shown():
 
 def test_members_who_joined_after_or_left_within_the_grace_are_not_owed_the_message():
     joins = [*JOINS, ("late", "room", 10.5, "w1:1"), ("leaving", "room", 1.0, "w2:1")]
-    summary = verdict(ledger_of(joins, SENDS, [("n1", "a", 10.01), ("n1", "b", 10.01)], leaves=[("leaving", 10.5)]),
-                      1.0, 100, ended_at=20)
+    summary = verdict(
+        ledger_of(joins, SENDS, [("n1", "a", 10.01), ("n1", "b", 10.01)], leaves=[("leaving", 10.5)]), 1.0, 100, ended_at=20
+    )
     assert summary["passed"] and summary["deliveries_expected"] == 2
 
 

@@ -40,8 +40,13 @@ def managed(request, tmp_path_factory):
     client = authority.issue_cert("channels-layer")
     client.private_key_pem.write_to_path(files / "client.key")
     client.cert_chain_pems[0].write_to_path(files / "client.pem")
-    secured = Secured(ca=files / "ca.pem", cert=files / "server.pem", key=files / "server.pem",
-                      admin_password=uuid.uuid4().hex, users=(acl_rule("chat"),))
+    secured = Secured(
+        ca=files / "ca.pem",
+        cert=files / "server.pem",
+        key=files / "server.pem",
+        admin_password=uuid.uuid4().hex,
+        users=(acl_rule("chat"),),
+    )
     with LocalCluster(binary=binary, secured=secured) as cluster:
         cluster.name, cluster.version = server_version(binary)
         cluster.files = files
@@ -134,7 +139,7 @@ async def test_a_primary_killed_under_tls_fails_over_and_the_room_goes_on(manage
             try:
                 got = await asyncio.wait_for(receiver.receive(member), 1)
                 break
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 assert asyncio.get_running_loop().time() < deadline, "delivery did not resume after the failover"
         assert got["n"] <= n
         assert receiver.stats["resubscribes"] >= 1

@@ -64,8 +64,8 @@ def dist(tmp_path_factory):
 
 
 def test_the_wheel_and_sdist_carry_the_metadata_a_package_index_shows(dist):
-    wheel, = dist.glob("channels_redis_cluster-*.whl")
-    sdist, = dist.glob("channels_redis_cluster-*.tar.gz")
+    (wheel,) = dist.glob("channels_redis_cluster-*.whl")
+    (sdist,) = dist.glob("channels_redis_cluster-*.tar.gz")
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
         info = next(n for n in names if n.endswith(".dist-info/METADATA"))
@@ -89,18 +89,41 @@ def test_the_tutorial_consumer_runs_on_the_wheel_in_a_clean_environment(dist, tm
     """A new project: a fresh venv with the wheel, Django and Channels only; two processes share a room."""
     venv = tmp_path / "venv"
     python = venv / "bin/python"
-    wheel, = dist.glob("*.whl")
+    (wheel,) = dist.glob("*.whl")
     # Django, Channels and the layer's dependencies at the locked versions, from uv's cache (`make env`
     # filled it; no index is asked), then the wheel alone; `uv pip check` proves it needs nothing more.
-    subprocess.run([UV, "sync", "--frozen", "--offline", "--quiet", "--only-group", "clean-project",
-                    "--no-install-package", "channels-redis-cluster", "--python", sys.executable],
-                   cwd=ROOT, env={**os.environ, "UV_PROJECT_ENVIRONMENT": str(venv)}, check=True)
+    subprocess.run(
+        [
+            UV,
+            "sync",
+            "--frozen",
+            "--offline",
+            "--quiet",
+            "--only-group",
+            "clean-project",
+            "--no-install-package",
+            "channels-redis-cluster",
+            "--python",
+            sys.executable,
+        ],
+        cwd=ROOT,
+        env={**os.environ, "UV_PROJECT_ENVIRONMENT": str(venv)},
+        check=True,
+    )
     subprocess.run([UV, "pip", "install", "--quiet", "--offline", "--no-deps", "--python", python, wheel], check=True)
     subprocess.run([UV, "pip", "check", "--quiet", "--python", python], check=True)
     installed = subprocess.run([UV, "pip", "freeze", "--python", python], capture_output=True, text=True, check=True)
     names = {re.split(r"==| @ ", line)[0].lower() for line in installed.stdout.splitlines()}
-    assert names <= {"channels-redis-cluster", "django", "channels", "channels-redis", "redis", "msgpack",
-                     "asgiref", "sqlparse"}, names
+    assert names <= {
+        "channels-redis-cluster",
+        "django",
+        "channels",
+        "channels-redis",
+        "redis",
+        "msgpack",
+        "asgiref",
+        "sqlparse",
+    }, names
     project = tmp_path / "project"
     (project / "chat").mkdir(parents=True)
     (project / "chat/__init__.py").write_text("")

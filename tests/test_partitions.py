@@ -8,14 +8,15 @@ dark is measured against its bound.
 """
 
 import asyncio
+import itertools
 import json
 import time
 
 import pytest
 
 from conftest import ROOT, UNLIMITED_TYPING
-from localstack.nethosts import CHAT_HOSTS, REDIS_HOSTS, REDIS_PORT, PartitionStack
 from loadtest.member import Conversation, until
+from localstack.nethosts import CHAT_HOSTS, REDIS_HOSTS, REDIS_PORT, PartitionStack
 
 ARTIFACTS = ROOT / "artifacts"
 
@@ -56,7 +57,7 @@ def watch_role(stack, host, became, role="master"):
             if stack.role(host) == role:
                 became["at"] = time.monotonic()
                 return
-        except Exception:  # noqa: BLE001 - not answering yet
+        except Exception:
             pass
         time.sleep(0.02)
 
@@ -77,7 +78,7 @@ def longest_silence(members, start, end):
     longest = 0.0
     for member in members:
         times = [start, *(at for at in arrivals(member) if start < at < end), end]
-        longest = max(longest, max(b - a for a, b in zip(times, times[1:])))
+        longest = max(longest, max(b - a for a, b in itertools.pairwise(times)))
     return longest
 
 
@@ -111,8 +112,11 @@ async def talk_through(hosts, room_name, fault, hold, heal, base=None, measure=N
     await room.finish()
     report = room.report()
     report.update(
-        node_timeout_s=hosts.node_timeout_ms / 1000, fault_s=round(healed - started, 2),
-        longest_silence_s=round(silence, 2), sender_refusals=room.sender.refusals, offline_members=len(offline),
+        node_timeout_s=hosts.node_timeout_ms / 1000,
+        fault_s=round(healed - started, 2),
+        longest_silence_s=round(silence, 2),
+        sender_refusals=room.sender.refusals,
+        offline_members=len(offline),
         duplicated=duplicated(room),
     )
     report.update(measure(room) if measure else {})
@@ -141,9 +145,13 @@ def watch_members_move(room, from_host, to_host, within, moved):
     moved.update(members=members, at=time.monotonic())
 
     def start():
-        moved["waiter"] = asyncio.ensure_future(until(
-            lambda: all(m.socket is not None and m.served_by.startswith(to_host) for m in members), within,
-            f"the members on {from_host} to resume on {to_host}"))
+        moved["waiter"] = asyncio.ensure_future(
+            until(
+                lambda: all(m.socket is not None and m.served_by.startswith(to_host) for m in members),
+                within,
+                f"the members on {from_host} to resume on {to_host}",
+            )
+        )
         moved["waiter"].add_done_callback(lambda _: moved.setdefault("done", time.monotonic()))
 
     return start
@@ -177,11 +185,14 @@ def test_room_primary_cut_off_from_its_cluster(hosts):
         assert "at" in promoted, "the replica was promoted"
 
     def measure(room):
-        return {"promoted_after_cut_s": round(promoted["at"] - cut["at"], 2),
-                "dark_after_promotion_s": round(first_after(room.members[OFFLINE:], promoted["at"]), 2)}
+        return {
+            "promoted_after_cut_s": round(promoted["at"] - cut["at"], 2),
+            "dark_after_promotion_s": round(first_after(room.members[OFFLINE:], promoted["at"]), 2),
+        }
 
-    report = hosts.hosts.call("client", asyncio.run,
-                              talk_through(hosts, "cutoff", fault, 2.5 * node_timeout, heal, measure=measure))
+    report = hosts.hosts.call(
+        "client", asyncio.run, talk_through(hosts, "cutoff", fault, 2.5 * node_timeout, heal, measure=measure)
+    )
     save("room_primary_cut_off", report)
     assert_owed_everything(report)
     # Live delivery resumes within the node timeout plus 1 s of the promotion.
@@ -207,11 +218,15 @@ def test_chat_host_cut_off_from_redis(hosts):
         hosts.hosts.heal(cut_host)
 
     def measure(room):
-        return {"members_on_cut_host": len(moved["members"]), "handed_over_after_s": round(moved["done"] - moved["at"], 2),
-                "close_codes": sorted({c for m in moved["members"] for c in m.close_codes if c})}
+        return {
+            "members_on_cut_host": len(moved["members"]),
+            "handed_over_after_s": round(moved["done"] - moved["at"], 2),
+            "close_codes": sorted({c for m in moved["members"] for c in m.close_codes if c}),
+        }
 
-    report = hosts.hosts.call("client", asyncio.run, talk_through(
-        hosts, "hostcut", fault, 10, heal, base=hosts.ws_keeping_sessions, measure=measure))
+    report = hosts.hosts.call(
+        "client", asyncio.run, talk_through(hosts, "hostcut", fault, 10, heal, base=hosts.ws_keeping_sessions, measure=measure)
+    )
     save("chat_host_cut_off", report)
     assert_owed_everything(report)
     assert 1012 in report["close_codes"], "the cut-off host handed its sockets over with 1012"
@@ -238,8 +253,9 @@ def test_room_primary_port_blackholed(hosts):
     def measure(room):
         return {"dark_after_port_back_s": round(first_after(room.members[OFFLINE:], held["at"]), 2)}
 
-    report = hosts.hosts.call("client", asyncio.run,
-                              talk_through(hosts, "blackhole", fault, 3 * node_timeout, heal, measure=measure))
+    report = hosts.hosts.call(
+        "client", asyncio.run, talk_through(hosts, "blackhole", fault, 3 * node_timeout, heal, measure=measure)
+    )
     save("room_primary_port_blackholed", report)
     assert_owed_everything(report)
     # Bounded by one subscription deadline (health_interval + command_timeout, 3 s) and a reconnect.

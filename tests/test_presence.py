@@ -5,11 +5,11 @@ import asyncio
 import time
 
 from django.test import override_settings
+from test_abuse_limits import IDENTITY_ON, refused
 
 from chat import consumers
 from chat.tokens import mint
 from conftest import join
-from test_abuse_limits import IDENTITY_ON, refused
 
 
 async def next_frame(client, timeout=3):

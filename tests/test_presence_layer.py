@@ -23,7 +23,7 @@ HOLDER = textwrap.dedent(
     from channels_redis_cluster import RedisClusterChannelLayer
 
     async def main(hosts, prefix, rooms):
-        layer = RedisClusterChannelLayer(hosts=hosts, prefix=prefix, presence_timeout=%s)
+        layer = RedisClusterChannelLayer(hosts=hosts, prefix=prefix, presence_timeout=PRESENCE_TIMEOUT)
         channels = [await layer.new_channel() for _ in range(100)]
         for room in rooms:
             for index, channel in enumerate(channels):
@@ -32,15 +32,22 @@ HOLDER = textwrap.dedent(
         await asyncio.sleep(120)
 
     asyncio.run(main(json.loads(sys.argv[1]), sys.argv[2], sys.argv[3:] or ["room"]))
-    """ % TIMEOUT
-)
+    """
+).replace("PRESENCE_TIMEOUT", str(TIMEOUT))
 
 
 async def start_holder(hosts, prefix, *rooms):
     """The holder process and its channels, once they are all shown."""
     holder = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", HOLDER, json.dumps(hosts), prefix, *rooms,
-        cwd=ROOT / "services", stdout=subprocess.PIPE, env={"PYTHONPATH": str(ROOT / "services"), "PATH": ""},
+        sys.executable,
+        "-c",
+        HOLDER,
+        json.dumps(hosts),
+        prefix,
+        *rooms,
+        cwd=ROOT / "services",
+        stdout=subprocess.PIPE,
+        env={"PYTHONPATH": str(ROOT / "services"), "PATH": ""},
     )
     try:
         return holder, json.loads(await asyncio.wait_for(holder.stdout.readline(), 60))["channels"]

@@ -9,8 +9,9 @@ import os
 import signal
 import time
 
-from conftest import local_stack
 from test_rolling_restart import presence_in_redis
+
+from conftest import local_stack
 from loadtest import wsclient
 from loadtest.member import Member, until
 
@@ -59,9 +60,13 @@ async def test_members_of_a_sigkilled_worker_leave_within_the_bound_and_come_bac
             assert {m.member for m in back} == {m.member for m in doomed}
             await until(lambda: set(watcher.present) == everyone, 15, "the members back")
             joins = collections.Counter(member for kind, member in watcher.presence_frames[seen_before:] if kind == "join")
-            assert joins == collections.Counter(m.member for m in doomed), "a member came back more than once, or one that never left"
-            print(f"{len(doomed)} members of a SIGKILLed worker left every list after {gone_after:.2f} s (bound {TIMEOUT} s),"
-                  f" their entries removed from Redis after {reaped_after:.2f} s")
+            assert joins == collections.Counter(m.member for m in doomed), (
+                "a member came back more than once, or one that never left"
+            )
+            print(
+                f"{len(doomed)} members of a SIGKILLed worker left every list after {gone_after:.2f} s (bound {TIMEOUT} s),"
+                f" their entries removed from Redis after {reaped_after:.2f} s"
+            )
             members += back
         finally:
             for member in (*members, *watchers):
@@ -80,16 +85,17 @@ async def test_presence_stays_exact_through_a_join_storm():
         sockets = []
         try:
             started = time.monotonic()
-            for batch in range(0, STORM, 1000):  # a thousand handshakes in flight at a time
-                sockets += await asyncio.gather(*(
-                    wsclient.connect("127.0.0.1", port, f"/ws/chat/{room}/", lambda _: None) for _ in range(1000)))
+            for _ in range(0, STORM, 1000):  # a thousand handshakes in flight at a time
+                sockets += await asyncio.gather(
+                    *(wsclient.connect("127.0.0.1", port, f"/ws/chat/{room}/", lambda _: None) for _ in range(1000))
+                )
             joined_in = time.monotonic() - started
             await until(lambda: len(watcher.present) == STORM + 1, 30, "every socket in the watcher's list")
             joins = [member for kind, member in watcher.presence_frames if kind == "join"]
             assert len(joins) == len(set(joins)) == STORM, "a join was shown twice, or missed"
             listed = await presence_in_redis(stack, f"chat_{room}")
             assert len(listed) == STORM + 1 and sum(len(entry["channels"]) for entry in listed) == STORM + 1
-            for socket in sockets[:STORM // 2]:
+            for socket in sockets[: STORM // 2]:
                 socket.close()  # a goodbye (1000): gone at once
             await until(lambda: len(watcher.present) == STORM - STORM // 2 + 1, 30, "half of them leaving")
             print(f"{STORM} sockets joined in {joined_in:.1f} s; the watcher listed each once, then saw half leave")

@@ -25,8 +25,11 @@ def status(url):
 def primaries(ports):
     """Ports of the cluster's primaries that serve slots, as the first node sees them."""
     nodes = redis.Redis(port=ports[0]).execute_command("CLUSTER NODES")
-    return [int(address.split("@")[0].rpartition(":")[2]) for address, node in nodes.items()
-            if "master" in node["flags"] and "fail" not in node["flags"] and node["slots"]]
+    return [
+        int(address.split("@")[0].rpartition(":")[2])
+        for address, node in nodes.items()
+        if "master" in node["flags"] and "fail" not in node["flags"] and node["slots"]
+    ]
 
 
 def pid_listening(port):

@@ -8,10 +8,10 @@ whole again: six nodes, three primaries with one replica each, no id left over. 
 import time
 
 import pytest
-
-from conftest import ComposeStack
 from test_compose_stack import everyone_gets_everything, join_until
 from test_rolling_restart import save
+
+from conftest import ComposeStack
 
 NODES = [f"redis-{n}" for n in range(6)]
 REPAIR_TIMEOUT_S = 90
@@ -40,8 +40,15 @@ def cluster_nodes(stack, via):
     table = []
     for line in out.splitlines():
         fields = line.split()
-        table.append({"id": fields[0], "host": fields[1].partition(",")[2], "flags": set(fields[2].split(",")),
-                      "master": fields[3], "slots": fields[8:]})
+        table.append(
+            {
+                "id": fields[0],
+                "host": fields[1].partition(",")[2],
+                "flags": set(fields[2].split(",")),
+                "master": fields[3],
+                "slots": fields[8:],
+            }
+        )
     return table
 
 
@@ -55,9 +62,13 @@ def whole(stack, via="redis-0"):
     healthy = [n for n in table if not n["flags"] & {"fail", "fail?", "noaddr", "handshake"}]
     primaries = [n for n in healthy if "master" in n["flags"] and n["slots"]]
     replicas = [n for n in healthy if "slave" in n["flags"]]
-    if (len(table) == 6 and sorted(n["host"] for n in table) == NODES and len(primaries) == 3
-            and sorted(r["master"] for r in replicas) == sorted(p["id"] for p in primaries)
-            and all("cluster_state:ok" in state for state in states)):
+    if (
+        len(table) == 6
+        and sorted(n["host"] for n in table) == NODES
+        and len(primaries) == 3
+        and sorted(r["master"] for r in replicas) == sorted(p["id"] for p in primaries)
+        and all("cluster_state:ok" in state for state in states)
+    ):
         return {n["host"]: n for n in table}
     return None
 
@@ -133,8 +144,14 @@ async def test_a_primary_restarted_without_its_data_does_not_wipe_its_replica(co
     until_whole(compose_stack, via=survivor, settled=lambda nodes: "slave" in nodes[primary]["flags"])
     assert "lost its data set" in compose_stack.run("logs", primary).stdout
     kept = read_keys(compose_stack, keys, via=survivor)
-    record("primary restarted without its data", started, node=primary, keys_written=keys,
-           keys_on_that_primary=held, keys_read_back=kept)
+    record(
+        "primary restarted without its data",
+        started,
+        node=primary,
+        keys_written=keys,
+        keys_on_that_primary=held,
+        keys_read_back=kept,
+    )
     assert kept == keys, "the replica kept every key"
     await room_works(compose_stack, "lost-data")
 
@@ -185,10 +202,21 @@ def placed_cluster(chat_images, tmp_path):
     """The six Redis nodes alone, told they run on three hosts: each primary shares a host with one node."""
     stack = ComposeStack(chat_images, tmp_path)
     override = tmp_path / "placement.yaml"
-    hosts = {"redis-0": "host-a", "redis-1": "host-b", "redis-2": "host-c",
-             "redis-3": "host-a", "redis-4": "host-b", "redis-5": "host-c"}
-    override.write_text("services:\n" + "".join(
-        f"  {node}:\n    environment:\n      NODE_NAME: {host}\n      REPAIR_INTERVAL_S: '1'\n" for node, host in hosts.items()))
+    hosts = {
+        "redis-0": "host-a",
+        "redis-1": "host-b",
+        "redis-2": "host-c",
+        "redis-3": "host-a",
+        "redis-4": "host-b",
+        "redis-5": "host-c",
+    }
+    override.write_text(
+        "services:\n"
+        + "".join(
+            f"  {node}:\n    environment:\n      NODE_NAME: {host}\n      REPAIR_INTERVAL_S: '1'\n"
+            for node, host in hosts.items()
+        )
+    )
     stack.compose.compose_file_name = ["compose.yaml", str(override)]
     try:
         stack.run("up", "--detach", "--wait", *NODES)

@@ -5,9 +5,9 @@ import json
 
 from channels.layers import get_channel_layer
 from channels.testing import WebsocketCommunicator
+from test_history import send_numbered
 
 from conftest import ORIGIN, join
-from test_history import send_numbered
 
 
 async def say(client, count, prefix="m", nonce=False):
@@ -144,8 +144,9 @@ async def test_a_gap_in_live_offsets_is_filled_from_history(application):
     client = await join(application, "gap", v2=True)
     # A message kept in the history whose publish never reached this worker, as in a failover window.
     lost = layer.keys.group_channel("chat_gap") + b":unsubscribed"  # same slot, no subscriber
-    await send_numbered(layer, "chat_gap", {"type": "chat.message", "message": "unseen", "sent_at": 1.0, "sender": "x:1"},
-                        channel=lost)
+    await send_numbered(
+        layer, "chat_gap", {"type": "chat.message", "message": "unseen", "sent_at": 1.0, "sender": "x:1"}, channel=lost
+    )
     await say(client, 1, "after")
     got = await frames(client, 2)
     assert [(f["offset"], f["message"]) for f in got] == [(1, "unseen"), (2, "after0")]
@@ -156,7 +157,7 @@ async def test_lost_history_gives_a_new_epoch_and_says_so(application):
     layer = get_channel_layer()
     client = await join(application, "wiped", v2=True)
     await say(client, 2)
-    offset, epoch = await drain(client, 2)
+    _offset, epoch = await drain(client, 2)
     state = await layer._state()
     for key in layer.keys.group_history("chat_wiped"):  # as a primary that came back empty
         await state.publisher.execute(key.encode(), "DEL", key)

@@ -66,8 +66,11 @@ async def test_rolling_restart_loses_nothing_for_resuming_members():
         assert len(originals) == 3
         for pid in originals:
             os.kill(pid, signal.SIGTERM)
-            await until(lambda: pid not in gunicorn_workers(stack["process"]) and len(gunicorn_workers(stack["process"])) == 3,
-                        30, f"worker {pid} to be replaced")
+            await until(
+                lambda pid=pid: pid not in gunicorn_workers(stack["process"]) and len(gunicorn_workers(stack["process"])) == 3,
+                30,
+                f"worker {pid} to be replaced",
+            )
         await room.typed_more(50)
         # Presence after every worker was replaced: each socket open now is listed once, no one else.
         # Resuming members kept their ids; a v1 socket is a new member after each reconnect.

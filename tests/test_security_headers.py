@@ -19,5 +19,7 @@ def test_pages_send_a_nonce_policy_no_framing_and_no_sniffing():
         assert policy["frame-ancestors"] == "'none'" and policy["object-src"] == "'none'" and policy["base-uri"] == "'none'"
         assert response["X-Frame-Options"] == "DENY" and response["X-Content-Type-Options"] == "nosniff"
         assert response["Referrer-Policy"] == "same-origin" and response["Cross-Origin-Opener-Policy"] == "same-origin"
-    assert Client().get("/chat/")["Content-Security-Policy"] != Client().get("/chat/")["Content-Security-Policy"], "a nonce per response"
+    assert Client().get("/chat/")["Content-Security-Policy"] != Client().get("/chat/")["Content-Security-Policy"], (
+        "a nonce per response"
+    )
     assert b'id="nickname-input"' in Client().get("/chat/").content

@@ -12,8 +12,14 @@ import pytest
 from localstack.cluster import server_version
 
 ROOT = Path(__file__).resolve().parent.parent
-SUITES = ["tests/peers", "tests/test_layer_conformance.py", "tests/test_sync_callers.py", "tests/test_history.py",
-          "tests/test_failover.py", "tests/test_slot_migration.py"]
+SUITES = [
+    "tests/peers",
+    "tests/test_layer_conformance.py",
+    "tests/test_sync_callers.py",
+    "tests/test_history.py",
+    "tests/test_failover.py",
+    "tests/test_slot_migration.py",
+]
 
 
 @pytest.mark.parametrize("binary, expected", [("redis-server", ("redis", "7")), ("valkey-server", ("valkey", "8"))])
@@ -24,7 +30,11 @@ def test_the_layer_suites_pass_on(binary, expected):
     assert (name, version.split(".")[0]) == expected
     run = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *SUITES],
-        cwd=ROOT, env={**os.environ, "REDIS_SERVER_BIN": path}, capture_output=True, text=True, timeout=900,
+        cwd=ROOT,
+        env={**os.environ, "REDIS_SERVER_BIN": path},
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     summary = run.stdout.strip().splitlines()[-1]
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]

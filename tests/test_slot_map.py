@@ -47,6 +47,8 @@ def test_replicas_are_those_that_name_their_primary_and_no_view_marks_failed():
 
 
 def test_a_node_announcing_a_hostname_is_reached_by_it_and_migrating_slots_are_skipped():
-    view = ("a 127.0.0.1:7000@17000,node-a myself,master - 0 0 1 connected 0-16383 [77->-b]\n"
-            "b 127.0.0.1:7001@17001,node-b slave a 0 0 1 connected\n")
+    view = (
+        "a 127.0.0.1:7000@17000,node-a myself,master - 0 0 1 connected 0-16383 [77->-b]\n"
+        "b 127.0.0.1:7001@17001,node-b slave a 0 0 1 connected\n"
+    )
     assert slot_ranges([view]) == [(0, 16383, [("node-a", 7000, "primary"), ("node-b", 7001, "replica")])]

@@ -15,8 +15,14 @@ async def test_slow_client_is_closed_with_4408_then_resumes_without_loss():
     with local_stack(CHAT_HISTORY_SIZE="1000", CHAT_MAX_MESSAGE_CHARS="15000", **UNLIMITED_TYPING) as stack:
         url = urlsplit(stack["ws"])
         frames = []
-        slow = await wsclient.connect(url.hostname, url.port, "/ws/chat/slow/", lambda data: frames.append(json.loads(data)),
-                                      origin=stack["url"], subprotocol="chat.v2")
+        slow = await wsclient.connect(
+            url.hostname,
+            url.port,
+            "/ws/chat/slow/",
+            lambda data: frames.append(json.loads(data)),
+            origin=stack["url"],
+            subprotocol="chat.v2",
+        )
         slow.transport.pause_reading()  # the client stops reading: its kernel buffers, then the server's fill
         sender = await Member(stack["ws"], "slow").start()
         for n in range(MESSAGES):

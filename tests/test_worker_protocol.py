@@ -90,7 +90,8 @@ async def test_accepting_a_handshake_whose_client_is_gone_says_so(protocol_class
     config.load()
     state = ServerState()
     server = await asyncio.get_running_loop().create_server(
-        lambda: protocols.append(protocol_class(config, state, {})) or protocols[-1], "127.0.0.1", 0)
+        lambda: protocols.append(protocol_class(config, state, {})) or protocols[-1], "127.0.0.1", 0
+    )
     port = server.sockets[0].getsockname()[1]
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(handshake_request("127.0.0.1", port, "/ws/"))

@@ -326,15 +326,17 @@ def slot_ranges(views):
                 continue
             nodes[node_id] = (_address(fields[1]), "master" in flags, fields[3], epoch, fields[8:], myself)
     owners = [None] * SharedSlotMap.SLOTS
-    claims = sorted(((epoch, myself, node_id, slots) for node_id, (_, master, _, epoch, slots, myself) in nodes.items()
-                     if master), key=lambda claim: claim[:2])
+    claims = sorted(
+        ((epoch, myself, node_id, slots) for node_id, (_, master, _, epoch, slots, myself) in nodes.items() if master),
+        key=lambda claim: claim[:2],
+    )
     for _, _, node_id, slots in claims:  # ascending: the highest epoch is written last and wins
         for item in slots:
             if item.startswith("["):
                 continue  # a slot being migrated: its owner is listed as well
             first, _, last = item.partition("-")
             first, last = int(first), int(last or first)
-            owners[first:last + 1] = [node_id] * (last - first + 1)
+            owners[first : last + 1] = [node_id] * (last - first + 1)
 
     def replicas_of(owner):
         if owner in told:
@@ -364,7 +366,7 @@ def _address(field):
 async def _disconnect(connection):
     try:
         await connection.disconnect(nowait=True)
-    except Exception:  # noqa: BLE001 - the socket is being dropped either way
+    except Exception:
         pass
 
 
@@ -482,8 +484,11 @@ class NodePipeline:
                         elif acked >= wanted:
                             future.set_result(reply)
                         else:
-                            future.set_exception(NotReplicated(
-                                f"{acked} of {wanted} replicas of {self.node.name} confirmed within {self.replica_timeout}s"))
+                            future.set_exception(
+                                NotReplicated(
+                                    f"{acked} of {wanted} replicas of {self.node.name} confirmed within {self.replica_timeout}s"
+                                )
+                            )
                 timer.cancel()
                 batch = []
         except asyncio.CancelledError:
@@ -494,7 +499,7 @@ class NodePipeline:
             if self.stats is not None:
                 self.stats.inc("command_deadlines")
             logger.warning("pipeline to %s failed: %s", self.node.name, error)
-        except BaseException as exc:  # noqa: BLE001 - every failure must reach the waiting callers
+        except BaseException as exc:
             error = exc if isinstance(exc, Exception) else ConnectionError(str(exc))
             logger.warning("pipeline to %s failed: %s", self.node.name, exc)
         finally:
@@ -526,8 +531,7 @@ def mark_retrieved(future):
 class Publisher:
     """Sends single-slot commands through the pipeline of the slot's primary, retrying across failover."""
 
-    def __init__(self, topology: Topology, retry_timeout: float, command_timeout: float, replica_timeout: float,
-                 stats=None):
+    def __init__(self, topology: Topology, retry_timeout: float, command_timeout: float, replica_timeout: float, stats=None):
         self.topology = topology
         self.stats = stats
         self.retry_timeout = retry_timeout
@@ -560,8 +564,7 @@ class Publisher:
                 pipeline = self._pipeline(self.topology.primary_for(slot_key))
                 run_id = pipeline.run_id
                 replicas = self.topology.replicas_for(slot_key) if replicated else 0
-                return await pipeline.execute(*command(run_id.result() if run_id.done() else await run_id),
-                                              replicas=replicas)
+                return await pipeline.execute(*command(run_id.result() if run_id.done() else await run_id), replicas=replicas)
             except RETRYABLE:
                 if loop.time() + delay > deadline:
                     raise

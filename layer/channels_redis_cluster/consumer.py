@@ -31,7 +31,7 @@ class LayerPushMixin:
 
     async def __call__(self, scope, receive, send):
         layer = get_channel_layer(self.channel_layer_alias)
-        if not hasattr(layer, "attach"):
+        if "attach" not in getattr(layer, "extensions", ()):
             return await super().__call__(scope, receive, send)
         self.scope, self.channel_layer, self.base_send = scope, layer, send
         self.channel_name = await layer.new_channel()
@@ -90,11 +90,11 @@ class LayerPushMixin:
                 continue
             try:
                 task = start_eagerly(self.dispatch(message))
-            except Exception as exc:  # noqa: BLE001 - handled as Channels would end the connection
+            except Exception as exc:
                 self._handler_failed(exc)
                 continue
             if task is not None:
-                self._backlog = messages[index + 1:]
+                self._backlog = messages[index + 1 :]
                 task.add_done_callback(self._resume)
                 return
 
@@ -114,7 +114,7 @@ class LayerPushMixin:
         logger.error("layer message handler failed", exc_info=exc)
         try:
             start_eagerly(self.base_send({"type": "websocket.close", "code": 1011}))
-        except Exception:  # noqa: BLE001 - the socket is already closing
+        except Exception:
             pass
 
 
@@ -152,7 +152,7 @@ class _Suspended:
         while True:
             try:
                 value = yield waiting_on
-            except BaseException as exc:  # noqa: BLE001 - thrown in by the task (cancellation): pass it on
+            except BaseException as exc:
                 send, value = coroutine.throw, exc
             else:
                 send = coroutine.send

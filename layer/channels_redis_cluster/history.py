@@ -56,10 +56,13 @@ ENTRY_BODY = TIME_CHARS + wire.HEADER_BYTES
 # ARGV[1] the writer's run id, ARGV[2] an epoch if a new one is needed, ARGV[3] now (ms), ARGV[4] the
 # age bound (ms), ARGV[5] how long the hash outlives its last write (ms). Every script first brings the
 # group up to date: create or rotate the epoch, and drop expired entries.
-_PROLOGUE = DROP_EXPIRED + f"""
+_PROLOGUE = (
+    DROP_EXPIRED
+    + f"""
 local MAX_LINKS = 16
 local TIME_CHARS, ENTRY_BODY = {TIME_CHARS}, {ENTRY_BODY}
-""" + """
+"""
+    + """
 local meta, log, keys = KEYS[1], KEYS[2], KEYS[3]
 local writer, fresh, now, age, keep = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
 local state = redis.call('HMGET', meta, 'top', 'epoch', 'writer', 'published')
@@ -88,6 +91,7 @@ elseif state[3] ~= writer then
 end
 drop_expired(log, now)
 """
+)
 
 # A key's expiry is pushed out only when it is under ``ttl``, to 17/16 of it: the key still outlives every
 # write by ``ttl`` at least, and replicas apply one PEXPIRE per sixteenth of ``ttl`` instead of one per message.
@@ -101,7 +105,11 @@ end
 # sequence number, kind), ARGV[9] body, ARGV[10] idempotency key or '', ARGV[11] the membership cutoff,
 # ARGV[12] '1' to publish at once (nothing waits for replicas), else '0' (PUBLISH_SCRIPT publishes it).
 # Returns {offset, epoch, rotated, duplicate, normal channels to push to}.
-SEND_SCRIPT = _PROLOGUE + NORMAL_MEMBERS + OUTLIVE + """
+SEND_SCRIPT = (
+    _PROLOGUE
+    + NORMAL_MEMBERS
+    + OUTLIVE
+    + """
 local size, channel, header, body, key = tonumber(ARGV[6]), ARGV[7], ARGV[8], ARGV[9], ARGV[10]
 local at_once = ARGV[12] == '1'
 if key ~= '' then
@@ -134,12 +142,15 @@ else
 end
 return {top, epoch, rotated, 0, normal_members(KEYS[4], ARGV[11])}
 """
+)
 
 # ARGV[6] shard channel, ARGV[7] the offset to publish up to, ARGV[8] a frame to publish after them ('' for
 # none: a duplicate's header, so receivers count no gap in its sender's sequence). Publishes, in order,
 # every entry after the highest published up to ARGV[7]; each keeps the header its sender made.
 # Returns how many entries it published.
-PUBLISH_SCRIPT = _PROLOGUE + """
+PUBLISH_SCRIPT = (
+    _PROLOGUE
+    + """
 local channel, upto, after = ARGV[6], math.min(tonumber(ARGV[7]), top), ARGV[8]
 local sent = 0
 if upto > published then
@@ -157,11 +168,14 @@ end
 if after ~= '' then redis.call('SPUBLISH', channel, after) end
 return sent
 """
+)
 
 # ARGV[6] since ('' for a fresh join), ARGV[7] the epoch of since, ARGV[8] how many of the latest
 # entries a fresh join wants. Only published entries are shown: the top a reader learns is the highest one.
 # Returns {top, epoch, first offset returned, recovered, rotated, entries}.
-READ_SCRIPT = _PROLOGUE + """
+READ_SCRIPT = (
+    _PROLOGUE
+    + """
 local since, since_epoch, last = tonumber(ARGV[6]), ARGV[7], tonumber(ARGV[8])
 if rotated == 1 then redis.call('PEXPIRE', meta, keep) end
 local first = top - redis.call('LLEN', log) + 1
@@ -189,6 +203,7 @@ local entries = {}
 if from <= shown then entries = redis.call('LRANGE', log, from - first, shown - first) end
 return {shown, epoch, from, recovered, rotated, entries}
 """
+)
 
 # Keys the layer adds to every group message that has an offset; namespaced so no app field is touched.
 OFFSET = "__offset__"

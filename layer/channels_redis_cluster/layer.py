@@ -8,6 +8,7 @@ import os
 import secrets
 import time
 import weakref
+from typing import ClassVar
 
 from channels.exceptions import ChannelFull
 from channels.layers import BaseChannelLayer
@@ -46,7 +47,9 @@ logger = logging.getLogger(__name__)
 
 # Normal-channel push: drop expired heads, refuse at capacity, append, refresh the key's TTL.
 # Each entry starts with its expiry time in milliseconds, 13 ASCII digits.
-PUSH_SCRIPT = history.DROP_EXPIRED + """
+PUSH_SCRIPT = (
+    history.DROP_EXPIRED
+    + """
 local key = KEYS[1]
 local now = tonumber(ARGV[1])
 drop_expired(key, now)
@@ -55,6 +58,7 @@ redis.call('RPUSH', key, ARGV[4])
 redis.call('PEXPIRE', key, ARGV[3])
 return 1
 """
+)
 
 # Membership: sorted sets of channel -> join time that expire with group_expiry; KEYS[1] has every member,
 # KEYS[2] the normal ones (ARGV[4] is 1 for a normal channel).
@@ -74,10 +78,13 @@ return 1
 
 # A group message without history: one SPUBLISH reaches the processes that hold members; the group's
 # normal channels come back, for the sender to push to. KEYS[1] the normal channels, ARGV[3] the cutoff.
-PLAIN_GROUP_SCRIPT = history.NORMAL_MEMBERS + """
+PLAIN_GROUP_SCRIPT = (
+    history.NORMAL_MEMBERS
+    + """
 redis.call('SPUBLISH', ARGV[1], ARGV[2])
 return normal_members(KEYS[1], ARGV[3])
 """
+)
 
 BLOCK_SECONDS = 1  # BLPOP timeout; far below socket_timeout so the two never race
 ECHO_SECONDS = 1.0  # the longest a group_send waits for its own message to reach this process's members
@@ -230,9 +237,7 @@ class _LoopState:
 
     async def publish(self, shard_channel, body, kind=PLAIN):
         """SPUBLISH once; returns how many subscribers the shard's primary reached."""
-        return await self.publisher.execute(
-            shard_channel, "SPUBLISH", shard_channel, self.frame(shard_channel, body, kind)
-        )
+        return await self.publisher.execute(shard_channel, "SPUBLISH", shard_channel, self.frame(shard_channel, body, kind))
 
     async def ask_reread(self, shard_channel):
         """Have the watchers of a presence shard channel, in every process, read the group's members again."""
@@ -268,7 +273,7 @@ class _LoopState:
                 message[history.OFFSET] = int(data[EPOCH_END:OFFSET_END])
             else:
                 message = self.layer.deserialize(data[HEADER_BYTES:])
-        except Exception:  # noqa: BLE001 - a foreign or corrupt payload must not stop the reader
+        except Exception:
             logger.exception("undecodable message on %r", shard_channel)
             return
         if shard_channel == self.inbox:
@@ -454,7 +459,8 @@ def _log_failure(task):
 class RedisClusterChannelLayer(BaseChannelLayer):
     """Channel layer on Redis Cluster: sharded pub/sub for groups and process channels, lists for the rest."""
 
-    extensions = ["groups", "flush", "attach", "history", "presence"]
+    # What callers may test for ("history" in layer.extensions) instead of probing for methods.
+    extensions: ClassVar[list[str]] = ["groups", "flush", "attach", "history", "presence", "ready"]
 
     def __init__(
         self,
@@ -550,7 +556,7 @@ class RedisClusterChannelLayer(BaseChannelLayer):
             if state is not None and not loop.is_closed() and not loop.is_running():
                 try:
                     loop.run_until_complete(state.close())
-                except Exception as exc:  # noqa: BLE001 - the loop closes either way
+                except Exception as exc:
                     logger.debug("closing the layer with its loop failed: %r", exc)
             original()
 
@@ -573,8 +579,12 @@ class RedisClusterChannelLayer(BaseChannelLayer):
         expires_ms = int((time.time() + (expiry or self.expiry)) * 1000)
         entry = b"%013d" % expires_ms + self.serialize(message)
         return await _push(
-            state.publisher, self.keys.queue(channel), int(time.time() * 1000), self.get_capacity(channel),
-            int(self.expiry * 1000), entry,
+            state.publisher,
+            self.keys.queue(channel),
+            int(time.time() * 1000),
+            self.get_capacity(channel),
+            int(self.expiry * 1000),
+            entry,
         )
 
     @staticmethod
@@ -665,8 +675,12 @@ class RedisClusterChannelLayer(BaseChannelLayer):
         state = await self._state()
         owner = self.owner_of(channel)
         await _add_member(
-            state.publisher, (self.keys.group_members(group), self.keys.group_queues(group)), time.time(),
-            channel, self.group_expiry, int(owner is None),
+            state.publisher,
+            (self.keys.group_members(group), self.keys.group_queues(group)),
+            time.time(),
+            channel,
+            self.group_expiry,
+            int(owner is None),
         )
         if owner == state.client_prefix:
             await state.join(group, channel)
@@ -714,8 +728,17 @@ class RedisClusterChannelLayer(BaseChannelLayer):
                 replicated = self.replicate_before_publish
                 try:
                     offset, epoch, rotated, duplicate, queued = await _send_numbered(
-                        state.publisher, [*keys, self.keys.group_queues(group)], *args, bound.size, channel, frame,
-                        body, idempotency_key or "", cutoff, "0" if replicated else "1", replicated=replicated,
+                        state.publisher,
+                        [*keys, self.keys.group_queues(group)],
+                        *args,
+                        bound.size,
+                        channel,
+                        frame,
+                        body,
+                        idempotency_key or "",
+                        cutoff,
+                        "0" if replicated else "1",
+                        replicated=replicated,
                         retry_timeout=self.send_retry_timeout,
                     )
                 except NotReplicated:
@@ -725,8 +748,9 @@ class RedisClusterChannelLayer(BaseChannelLayer):
                 if replicated:
                     # Now that its replicas hold it: this and any entry before it not published yet go out, in order.
                     skipped = frame[:SEQ_END] + SKIPPED if duplicate else b""
-                    await _publish_numbered(state.publisher, keys, *args, channel, offset, skipped,
-                                            retry_timeout=self.send_retry_timeout)
+                    await _publish_numbered(
+                        state.publisher, keys, *args, channel, offset, skipped, retry_timeout=self.send_retry_timeout
+                    )
                 if rotated:
                     self.stats.inc("epoch_rotations")
                 if duplicate:
@@ -857,8 +881,12 @@ class RedisClusterChannelLayer(BaseChannelLayer):
         bound = self.history.bound(group)
         try:
             top, current, first, recovered, rotated, entries = await _read_history(
-                state.publisher, self.keys.group_history(group), *self._history_args(bound),
-                "" if since is None else int(since), epoch or "", int(last),
+                state.publisher,
+                self.keys.group_history(group),
+                *self._history_args(bound),
+                "" if since is None else int(since),
+                epoch or "",
+                int(last),
             )
         except RETRYABLE:
             self.stats.inc("errors")
@@ -868,7 +896,7 @@ class RedisClusterChannelLayer(BaseChannelLayer):
         current = shared(current.decode())  # callers keep it per channel: one string per epoch
         messages = []
         for offset, entry in enumerate(entries, first):
-            message = self.deserialize(entry[history.ENTRY_BODY:])
+            message = self.deserialize(entry[history.ENTRY_BODY :])
             message[history.OFFSET], message[history.EPOCH] = offset, current
             messages.append(message)
         return history.GroupHistory(messages, top, current, bool(recovered))
@@ -878,8 +906,13 @@ class RedisClusterChannelLayer(BaseChannelLayer):
         age bound, and how long the top and epoch outlive the last write (so a client that missed
         nothing resumes exactly after a quiet spell)."""
         age = int(bound.age * 1000)
-        return (WRITER, secrets.token_hex(history.EPOCH_CHARS // 2), int(time.time() * 1000), age,
-                max(age, int(self.group_expiry * 1000)))
+        return (
+            WRITER,
+            secrets.token_hex(history.EPOCH_CHARS // 2),
+            int(time.time() * 1000),
+            age,
+            max(age, int(self.group_expiry * 1000)),
+        )
 
     # Extensions
 
@@ -914,9 +947,7 @@ class RedisClusterChannelLayer(BaseChannelLayer):
         state.local.clear()
         keys = [
             key
-            async for key in state.cluster.scan_iter(
-                match=self.keys.pattern(), count=1000, target_nodes=RedisCluster.PRIMARIES
-            )
+            async for key in state.cluster.scan_iter(match=self.keys.pattern(), count=1000, target_nodes=RedisCluster.PRIMARIES)
         ]
         for key in keys:
             await state.publisher.execute(key, "UNLINK", key)

@@ -14,7 +14,7 @@ class ChannelBuffer:
     empty list, and these stay short (one waiter, at most ``capacity`` items).
     """
 
-    __slots__ = ("items", "waiters", "capacity", "idle_since")
+    __slots__ = ("capacity", "idle_since", "items", "waiters")
 
     def __init__(self, capacity):
         self.items = []
@@ -39,10 +39,6 @@ class ChannelBuffer:
                 return False
         items.append((expires_at, message))
         return True
-
-    def full(self):
-        """True when a put would be refused."""
-        return not self.waiters and len(self.items) >= self.capacity
 
     async def get(self, expiry):
         """The oldest unexpired message, waiting for one if there is none."""
@@ -148,7 +144,7 @@ class LocalChannels:
         """Give every live local member of ``group`` its own shallow copy of ``message``."""
         members = self.groups.get(group)
         if not members:
-            return []
+            return
         cutoff = time.time() - self.group_expiry
         expires_at = time.monotonic() + self.expiry
         buffers, sinks = self.buffers, self.sinks
@@ -195,6 +191,6 @@ def _call(deliver, message):
     """``deliver(message)``; a receiver that raises must not stop the reader that feeds every other one."""
     try:
         return deliver(message)
-    except Exception:  # noqa: BLE001
+    except Exception:
         logger.exception("an attached receiver failed on a message")
         return False

@@ -26,11 +26,7 @@ EVENTS = {
     "subscriptions_followed": "Shard subscriptions moved because the slot map gave their slot to another primary",
 }
 
-_exported = (
-    {name: Counter(f"channels_layer_{name}", text) for name, text in EVENTS.items()}
-    if Counter is not None
-    else {}
-)
+_exported = {name: Counter(f"channels_layer_{name}", text) for name, text in EVENTS.items()} if Counter is not None else {}
 
 
 class LayerStats:

@@ -132,7 +132,7 @@ def call(watcher, event):
     """``watcher(event)``; one that raises must not stop the reader that feeds every other subscription."""
     try:
         watcher(event)
-    except Exception:  # noqa: BLE001
+    except Exception:
         logger.exception("a presence watcher failed")
 
 
@@ -166,8 +166,12 @@ class Leases:
         """One renewal: whether this process's lease had ended or was lost, and the prefixes whose lease ended."""
         layer, now = self.state.layer, int(time.time() * 1000)
         reply = await renew_lease(
-            self.state.publisher, (layer.keys.presence_leases(), layer.keys.presence_reaping()),
-            now, now + int(2 * self.timeout / 3 * 1000), self.state.client_prefix, int(layer.group_expiry * 1000),
+            self.state.publisher,
+            (layer.keys.presence_leases(), layer.keys.presence_reaping()),
+            now,
+            now + int(2 * self.timeout / 3 * 1000),
+            self.state.client_prefix,
+            int(layer.group_expiry * 1000),
         )
         return bool(reply[0]), {prefix.decode() for prefix in reply[1:]}
 

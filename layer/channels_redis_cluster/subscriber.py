@@ -90,7 +90,7 @@ class _NodeReader:
                 # Closed by its owner (the layer closing, or its event loop ending): nothing moved.
                 self.channels.clear()
             raise
-        except Exception as exc:  # noqa: BLE001 - any failure ends this connection; the owner moves on
+        except Exception as exc:
             error = exc
             logger.warning("shard subscriber for %s lost: %s", self.node.name, exc)
         finally:
@@ -127,7 +127,7 @@ class _NodeReader:
                 return
             try:
                 await self.connection.send_command("PING", check_health=False)
-            except Exception:  # noqa: BLE001 - the reader sees the same failure and handles it
+            except Exception:
                 return
 
     async def close(self):
@@ -140,15 +140,25 @@ class _NodeReader:
                 pass
         try:
             await self.connection.disconnect(nowait=True)
-        except Exception:  # noqa: BLE001
+        except Exception:
             pass
 
 
 class ShardedSubscriber:
     """Keeps a set of shard channels subscribed on whichever primary owns each one's slot."""
 
-    def __init__(self, topology: Topology, on_message, *, retry_timeout, health_interval, command_timeout,
-                 follow_interval, stats, on_moved=None):
+    def __init__(
+        self,
+        topology: Topology,
+        on_message,
+        *,
+        retry_timeout,
+        health_interval,
+        command_timeout,
+        follow_interval,
+        stats,
+        on_moved=None,
+    ):
         self.topology = topology
         self.on_message = on_message
         self.on_moved = on_moved  # called with a channel once it is subscribed again after a loss

@@ -49,11 +49,21 @@ def install():
             policy.chmod(0o755)
         try:
             environment = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-            if subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends", *DEBIAN_PACKAGES],
-                              env=environment, capture_output=True).returncode != 0:
+            if (
+                subprocess.run(
+                    ["apt-get", "install", "-y", "-q", "--no-install-recommends", *DEBIAN_PACKAGES],
+                    env=environment,
+                    capture_output=True,
+                ).returncode
+                != 0
+            ):
                 subprocess.run(["apt-get", "update", "-q"], env=environment, check=True, capture_output=True)
-                subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends", *DEBIAN_PACKAGES],
-                               env=environment, check=True, capture_output=True)
+                subprocess.run(
+                    ["apt-get", "install", "-y", "-q", "--no-install-recommends", *DEBIAN_PACKAGES],
+                    env=environment,
+                    check=True,
+                    capture_output=True,
+                )
         finally:
             if not had_policy:
                 policy.unlink()
@@ -124,10 +134,15 @@ class SocketIOStack(_PeerStack):
 
     def __init__(self, cluster, workers=3):
         super().__init__(cluster, workers)
-        environment = {**os.environ, "PORT": str(self.port), "WORKERS": str(workers),
-                       "REDIS_CLUSTER_NODES": ",".join(cluster.startup_nodes)}
-        self.process = subprocess.Popen(["node", str(SOCKETIO / "server.js")], env=environment, stdout=subprocess.DEVNULL,
-                                        preexec_fn=die_with_parent)
+        environment = {
+            **os.environ,
+            "PORT": str(self.port),
+            "WORKERS": str(workers),
+            "REDIS_CLUSTER_NODES": ",".join(cluster.startup_nodes),
+        }
+        self.process = subprocess.Popen(
+            ["node", str(SOCKETIO / "server.js")], env=environment, stdout=subprocess.DEVNULL, preexec_fn=die_with_parent
+        )
         _wait_ready(self.url, self.process, "the Socket.IO peer")
         deadline = time.monotonic() + STARTUP_SECONDS
         # The primary listens as soon as one worker does: every worker must be up before a run.
@@ -146,11 +161,16 @@ class NchanStack(_PeerStack):
         self.prefix = Path(tempfile.mkdtemp(prefix="bench-nchan-"))
         servers = "\n".join(f"        nchan_redis_server redis://{node};" for node in cluster.startup_nodes)
         config = string.Template(NCHAN_TEMPLATE.read_text()).substitute(
-            workers=workers, prefix=self.prefix, port=self.port, redis_servers=servers)
+            workers=workers, prefix=self.prefix, port=self.port, redis_servers=servers
+        )
         (self.prefix / "nginx.conf").write_text(config)
         log = self.prefix / "error.log"
-        self.process = subprocess.Popen([str(NGINX), "-p", str(self.prefix), "-c", str(self.prefix / "nginx.conf"), "-e", str(log)],
-                                        stderr=subprocess.STDOUT, stdout=log.open("wb"), preexec_fn=die_with_parent)
+        self.process = subprocess.Popen(
+            [str(NGINX), "-p", str(self.prefix), "-c", str(self.prefix / "nginx.conf"), "-e", str(log)],
+            stderr=subprocess.STDOUT,
+            stdout=log.open("wb"),
+            preexec_fn=die_with_parent,
+        )
         try:
             _wait_ready(self.url, self.process, "the nchan peer")
         except (RuntimeError, TimeoutError) as error:

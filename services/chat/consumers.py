@@ -5,15 +5,16 @@ import json
 import logging
 import time
 
-from channels.generic.websocket import AsyncWebsocketConsumer
 from channels.consumer import get_handler_name
 from channels.exceptions import StopConsumer
+from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
 from channels_redis_cluster.consumer import LayerPushMixin
 from channels_redis_cluster.history import EPOCH, OFFSET
 from channels_redis_cluster.keys import shared
 from chatsite.identity import worker_id
+from chatsite.worker import DIRECT_WRITE
 
 from . import metrics, presence, tokens
 from .limits import IdentityQuota, TokenBucket, WorkerSockets
@@ -79,6 +80,8 @@ def _frame(event, version, room, live=True):
     texts[key] = text
     return text
 
+
+_NO_EXTENSIONS = {}  # the scope of a server that offers none
 
 SENT, GAP = "sent", "gap"  # where a room message falls in a v2 client's stream (ChatConsumer.place)
 
@@ -148,7 +151,7 @@ class ChatConsumer(LayerPushMixin, AsyncWebsocketConsumer):
             if settings.CHAT_IDENTITY != "off":
                 await self.identify(query.get("token"))
             resume = None
-            if self.version == 2 and hasattr(self.channel_layer, "group_history"):
+            if self.version == 2 and "history" in self.channel_layer.extensions:
                 resume = Resume(query)
             self.presence_query(query)
         except BadFrame as bad:
@@ -158,11 +161,9 @@ class ChatConsumer(LayerPushMixin, AsyncWebsocketConsumer):
         try:
             # Join before the handshake completes, so a connected client misses nothing sent to the room.
             await self.channel_layer.group_add(group, self.channel_name)
-        except Exception as exc:  # noqa: BLE001 - the client gets a clear close code instead
-            metrics.LAYER_ERRORS.labels("group_add").inc()
-            logger.warning("group_add failed for %s: %r", group, exc)
+        except Exception as exc:
             await self.accept(subprotocol)
-            return await self.refuse(BadFrame(CLOSE_UNAVAILABLE, "unavailable", "chat is unavailable, try again"), True)
+            return await self.refuse_unavailable("group_add", group, exc, "chat is unavailable, try again")
         self.room_group_name = group
         listed = await self.join_presence()
         found = None
@@ -171,11 +172,9 @@ class ChatConsumer(LayerPushMixin, AsyncWebsocketConsumer):
             # live, and one at or below it was sent before this client joined (or is in the replay).
             try:
                 found = await self.channel_layer.group_history(group, resume.since, resume.epoch, resume.history)
-            except Exception as exc:  # noqa: BLE001 - the client resumes later instead of being silently short
-                metrics.LAYER_ERRORS.labels("group_history").inc()
-                logger.warning("group_history failed for %s: %r", group, exc)
+            except Exception as exc:
                 await self.accept(subprotocol)
-                return await self.refuse(BadFrame(CLOSE_UNAVAILABLE, "unavailable", "room history is unavailable, try again"), True)
+                return await self.refuse_unavailable("group_history", group, exc, "room history is unavailable, try again")
         await self.accept(subprotocol)
         self.opened = True
         # Room messages are written once per recipient: past the handshake, skip the header wrapper.
@@ -191,7 +190,7 @@ class ChatConsumer(LayerPushMixin, AsyncWebsocketConsumer):
 
     def presence_query(self, query):
         """``?presence=1`` (v2 only) and an anonymous member's ``member_key``; the member's id."""
-        if "presence" not in getattr(self.channel_layer, "extensions", ()):
+        if "presence" not in self.channel_layer.extensions:
             return
         asked = query.get("presence", "0")
         if asked not in ("0", "1"):
@@ -217,17 +216,17 @@ class ChatConsumer(LayerPushMixin, AsyncWebsocketConsumer):
         name = self.member_name
         layer, group = self.channel_layer, self.room_group_name
         try:
-            await layer.presence_join(group, self.channel_name, self.member, name,
-                                      event=presence.join_event(self.channel_name, self.member, name))
+            await layer.presence_join(
+                group, self.channel_name, self.member, name, event=presence.join_event(self.channel_name, self.member, name)
+            )
             if self.watching:
                 listed = await presence.watch(self, layer, group)
                 # Its own join may reach the view after this read: a watcher is listed from the start.
                 if not any(entry["id"] == self.member for entry in listed):
                     listed.append({"id": self.member, "name": name})
                 return listed
-        except Exception as exc:  # noqa: BLE001 - the chat goes on; the room's list lacks this socket
-            metrics.LAYER_ERRORS.labels("presence").inc()
-            logger.warning("presence join failed for %s: %r", group, exc)
+        except Exception as exc:
+            self.layer_failed("presence", group, exc)
             self.watching = False
         return None
 
@@ -248,9 +247,8 @@ class ChatConsumer(LayerPushMixin, AsyncWebsocketConsumer):
             await asyncio.sleep(grace)
         try:
             await self.channel_layer.presence_leave(group, [channel], event=presence.leave_event(channel, member, name))
-        except Exception as exc:  # noqa: BLE001 - the entry then goes with this worker's lease, or the group's expiry
-            metrics.LAYER_ERRORS.labels("presence").inc()
-            logger.warning("presence leave failed for %s: %r", group, exc)
+        except Exception as exc:
+            self.layer_failed("presence", group, exc)
 
     async def identify(self, token):
         """Check the socket's token, that it names this room, and that its identity is within its limits."""
@@ -261,7 +259,7 @@ class ChatConsumer(LayerPushMixin, AsyncWebsocketConsumer):
             await IdentityQuota.claim(identity, self.room_name, self.channel_name)
         except BadFrame:
             raise
-        except Exception as exc:  # noqa: BLE001 - the client gets a clear close code instead
+        except Exception as exc:
             metrics.LAYER_ERRORS.labels("identity_quota").inc()
             logger.warning("identity quota failed: %r", exc)
             raise BadFrame(CLOSE_UNAVAILABLE, "unavailable", "chat is unavailable, try again") from None
@@ -306,10 +304,8 @@ class ChatConsumer(LayerPushMixin, AsyncWebsocketConsumer):
         """The room's history after ``since``; None (and the socket closing with 4503) when it cannot be read."""
         try:
             return await self.channel_layer.group_history(self.room_group_name, since, epoch, last)
-        except Exception as exc:  # noqa: BLE001 - the client resumes later instead of being silently short
-            metrics.LAYER_ERRORS.labels("group_history").inc()
-            logger.warning("group_history failed for %s: %r", self.room_group_name, exc)
-            await self.refuse(BadFrame(CLOSE_UNAVAILABLE, "unavailable", "room history is unavailable, try again"), True)
+        except Exception as exc:
+            await self.refuse_unavailable("group_history", self.room_group_name, exc, "room history is unavailable, try again")
             return None
 
     async def send_history(self, found):
@@ -330,7 +326,7 @@ class ChatConsumer(LayerPushMixin, AsyncWebsocketConsumer):
             self.claimed = False
             try:
                 await IdentityQuota.release(self.identity, self.room_name, self.channel_name)
-            except Exception as exc:  # noqa: BLE001 - the place then lapses when the token ends
+            except Exception as exc:
                 metrics.LAYER_ERRORS.labels("identity_quota").inc()
                 logger.warning("identity quota release failed: %r", exc)
         if self.room_group_name is None:
@@ -346,9 +342,8 @@ class ChatConsumer(LayerPushMixin, AsyncWebsocketConsumer):
             metrics.CONNECTIONS.dec()
         try:
             await self.channel_layer.group_discard(self.room_group_name, self.channel_name)
-        except Exception as exc:  # noqa: BLE001 - membership then lapses with group_expiry
-            metrics.LAYER_ERRORS.labels("group_discard").inc()
-            logger.warning("group_discard failed for %s: %r", self.room_group_name, exc)
+        except Exception as exc:
+            self.layer_failed("group_discard", self.room_group_name, exc)
 
     async def receive(self, text_data=None, bytes_data=None):
         # Frames the client sent before it read our close are not answered: one close per socket.
@@ -358,9 +353,12 @@ class ChatConsumer(LayerPushMixin, AsyncWebsocketConsumer):
             self.bucket = TokenBucket(settings.CHAT_MESSAGES_PER_S, settings.CHAT_MESSAGE_BURST)
         try:
             if not self.bucket.take():  # every frame counts, a bad one too
-                raise BadFrame(CLOSE_TOO_MANY, "rate_limited",
-                               f"at most {settings.CHAT_MESSAGES_PER_S:g} messages a second (bursts of "
-                               f"{settings.CHAT_MESSAGE_BURST:g}): this one was not sent")
+                raise BadFrame(
+                    CLOSE_TOO_MANY,
+                    "rate_limited",
+                    f"at most {settings.CHAT_MESSAGES_PER_S:g} messages a second (bursts of "
+                    f"{settings.CHAT_MESSAGE_BURST:g}): this one was not sent",
+                )
             frame = parse_client_frame(text_data, self.version)
         except BadFrame as bad:
             return await self.refuse(bad, self.version == 1)
@@ -370,17 +368,14 @@ class ChatConsumer(LayerPushMixin, AsyncWebsocketConsumer):
         options = {}
         if "nonce" in frame:
             event["nonce"] = frame["nonce"]
-            if "history" in getattr(self.channel_layer, "extensions", ()):
+            if "history" in self.channel_layer.extensions:
                 # A client that resends after a resume is published once within the history window.
                 options["idempotency_key"] = frame["nonce"]
         try:
             await self.channel_layer.group_send(self.room_group_name, event, **options)
-        except Exception as exc:  # noqa: BLE001 - the sender learns its message was not delivered
-            metrics.LAYER_ERRORS.labels("group_send").inc()
-            logger.warning("group_send failed for %s: %r", self.room_group_name, exc)
-            return await self.refuse(
-                BadFrame(CLOSE_UNAVAILABLE, "unavailable", "message not delivered: chat is unavailable"),
-                self.version == 1,
+        except Exception as exc:
+            return await self.refuse_unavailable(
+                "group_send", self.room_group_name, exc, "message not delivered: chat is unavailable", close=self.version == 1
             )
         metrics.MESSAGES_IN.inc()
 
@@ -411,8 +406,9 @@ class ChatConsumer(LayerPushMixin, AsyncWebsocketConsumer):
         place = self.place(event)
         if place is SENT:
             return True
-        # The server's direct write (chatsite.worker) when it runs this app; else the ASGI send.
-        send_text_now = getattr(getattr(self.base_send, "__self__", None), "send_text_now", None)
+        # The server's direct write, where it offers one in the scope (chatsite.worker); else the ASGI send.
+        direct = self.scope.get("extensions", _NO_EXTENSIONS).get(DIRECT_WRITE)
+        send_text_now = direct["send_text_now"]() if direct is not None else None
         if place is GAP or send_text_now is None or not send_text_now(_frame(event, self.version, self.room_name)):
             return False
         self.written(event)
@@ -451,6 +447,17 @@ class ChatConsumer(LayerPushMixin, AsyncWebsocketConsumer):
         """Run ``closing`` from a callback, holding it until done; a client already gone needs no close."""
         closer = self._closer = asyncio.ensure_future(closing)
         closer.add_done_callback(_ignore_result)
+
+    @staticmethod
+    def layer_failed(operation, group, error):
+        """A channel layer call failed: counted by operation (chat_layer_errors_total) and logged."""
+        metrics.LAYER_ERRORS.labels(operation).inc()
+        logger.warning("%s failed for %s: %r", operation, group, error)
+
+    async def refuse_unavailable(self, operation, group, error, detail, close=True):
+        """A layer call the client waits on failed: counted, logged, and the client told so (4503)."""
+        self.layer_failed(operation, group, error)
+        await self.refuse(BadFrame(CLOSE_UNAVAILABLE, "unavailable", detail), close)
 
     async def refuse(self, bad, close):
         """Tell the client what was wrong: an error frame for v2, and a close code where asked."""

@@ -3,10 +3,12 @@
 import asyncio
 import time
 import weakref
+from typing import ClassVar
 
-from channels_redis_cluster.cluster import parse_hosts
 from django.conf import settings
 from redis.asyncio.cluster import RedisCluster
+
+from channels_redis_cluster.cluster import parse_hosts
 
 from .protocol import CLOSE_TOO_MANY, BadFrame
 
@@ -14,7 +16,7 @@ from .protocol import CLOSE_TOO_MANY, BadFrame
 class TokenBucket:
     """``rate`` messages a second sustained, ``burst`` at once; a rate of 0 is no limit."""
 
-    __slots__ = ("rate", "burst", "tokens", "last")
+    __slots__ = ("burst", "last", "rate", "tokens")
 
     def __init__(self, rate, burst):
         self.rate, self.burst = rate, max(1.0, burst)
@@ -78,8 +80,8 @@ class IdentityQuota:
     layer (CHANNEL_LAYER memory, redis, redis-pubsub) the count is per worker.
     """
 
-    _clients = weakref.WeakKeyDictionary()  # event loop -> RedisCluster
-    _local = {}  # without a cluster: key -> {member: ends}
+    _clients: ClassVar[weakref.WeakKeyDictionary] = weakref.WeakKeyDictionary()  # event loop -> RedisCluster
+    _local: ClassVar[dict] = {}  # without a cluster: key -> {member: ends}
 
     @staticmethod
     def key(identity):
@@ -93,19 +95,29 @@ class IdentityQuota:
     @classmethod
     async def claim(cls, identity, room, channel):
         """Hold a place for this socket, or raise BadFrame (4429) when the identity is at a limit."""
-        args = (int(time.time() * 1000), cls.member(room, channel), int(identity.expires_at * 1000), room,
-                settings.CHAT_MAX_ROOMS_PER_IDENTITY, settings.CHAT_MAX_SOCKETS_PER_IDENTITY)
+        args = (
+            int(time.time() * 1000),
+            cls.member(room, channel),
+            int(identity.expires_at * 1000),
+            room,
+            settings.CHAT_MAX_ROOMS_PER_IDENTITY,
+            settings.CHAT_MAX_SOCKETS_PER_IDENTITY,
+        )
         client = cls._client()
         if client is None:
             verdict = cls._claim_here(cls.key(identity), *args)
         else:
             verdict = await client.eval(_CLAIM, 1, cls.key(identity), *args)
         if verdict == 1:
-            raise BadFrame(CLOSE_TOO_MANY, "too_many_rooms",
-                           f"one identity may be in {settings.CHAT_MAX_ROOMS_PER_IDENTITY} rooms at once")
+            raise BadFrame(
+                CLOSE_TOO_MANY, "too_many_rooms", f"one identity may be in {settings.CHAT_MAX_ROOMS_PER_IDENTITY} rooms at once"
+            )
         if verdict == 2:
-            raise BadFrame(CLOSE_TOO_MANY, "too_many_sockets",
-                           f"one identity may hold {settings.CHAT_MAX_SOCKETS_PER_IDENTITY} sockets at once")
+            raise BadFrame(
+                CLOSE_TOO_MANY,
+                "too_many_sockets",
+                f"one identity may hold {settings.CHAT_MAX_SOCKETS_PER_IDENTITY} sockets at once",
+            )
 
     @classmethod
     async def release(cls, identity, room, channel):

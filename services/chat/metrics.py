@@ -32,10 +32,13 @@ REJECTED = Counter("chat_rejected_total", "Client frames or connections refused"
 LAYER_ERRORS = Counter("chat_layer_errors_total", "Channel layer calls that failed", ["operation"])
 RESUMES = Counter("chat_resumes_total", "v2 reconnects with since/epoch, by whether the replay was exact", ["recovered"])
 CATCH_UPS = Counter(
-    "chat_catch_ups_total", "Gaps or epoch changes in a live v2 stream filled from room history, by whether exactly", ["recovered"]
+    "chat_catch_ups_total",
+    "Gaps or epoch changes in a live v2 stream filled from room history, by whether exactly",
+    ["recovered"],
 )
 DROPPED_CLOSING = Counter(
-    "chat_messages_dropped_closing_total", "Room messages not written because their socket was closing or ended (4408 or any close)"
+    "chat_messages_dropped_closing_total",
+    "Room messages not written because their socket was closing or ended (4408 or any close)",
 )
 CLOSED_TOO_SLOW = Counter("chat_closed_too_slow_total", "Sockets closed with 4408 because their backlog was full")
 FANOUT_LATENCY = Histogram(
@@ -43,4 +46,6 @@ FANOUT_LATENCY = Histogram(
     "From the sender's worker to the first write of a room message on a receiving worker (once per message and worker)",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
 )
-HANDED_OVER = Counter("chat_sockets_handed_over_total", "WebSockets this worker closed with 1012 because it could not reach Redis")
+HANDED_OVER = Counter(
+    "chat_sockets_handed_over_total", "WebSockets this worker closed with 1012 because it could not reach Redis"
+)

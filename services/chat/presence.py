@@ -51,7 +51,7 @@ def leave_event(channel, member, name):
 class RoomView:
     """A room's members as this worker knows them (id -> name and sockets), and the sockets here that watch it."""
 
-    __slots__ = ("layer", "group", "members", "watchers", "ready")
+    __slots__ = ("group", "layer", "members", "ready", "watchers")
 
     def __init__(self, layer, group):
         self.layer, self.group = layer, group
@@ -78,7 +78,7 @@ class RoomView:
     def on_event(self, event):
         """A presence event of the room (None: read the members again, after a gap or entries written back)."""
         if event is None:
-            asyncio.ensure_future(self.reload())
+            in_background(self.reload())
             return
         member, channel = event["id"], event["channel"]
         if event["type"] == "presence.join":
@@ -93,7 +93,7 @@ class RoomView:
     async def reload(self):
         try:
             frames = self.load(await self.layer.presence(self.group))
-        except Exception as exc:  # noqa: BLE001 - the next event or gap reads again
+        except Exception as exc:
             logger.warning("presence of %s not read again: %r", self.group, exc)
             return
         for frame in frames:
@@ -126,11 +126,21 @@ class RoomView:
         self.ready.cancel()
         try:
             await self.layer.presence_unwatch(self.group, self.on_event)
-        except Exception as exc:  # noqa: BLE001 - only unwanted traffic remains, which is ignored
+        except Exception as exc:
             logger.debug("presence unwatch of %s failed: %r", self.group, exc)
 
 
 VIEWS = {}  # group -> RoomView, for rooms with watchers on this worker
+_BACKGROUND = set()  # reloads and closes of views under way, kept until done: the loop holds tasks only weakly
+
+
+def in_background(coroutine):
+    """Run ``coroutine`` as a task held until it is done."""
+    task = asyncio.ensure_future(coroutine)
+    _BACKGROUND.add(task)
+    task.add_done_callback(_BACKGROUND.discard)
+
+
 _listening = weakref.WeakSet()  # layers whose process-gone events reach the views
 
 
@@ -159,4 +169,4 @@ def unwatch(consumer, group):
     view.watchers.discard(consumer)
     if not view.watchers:
         del VIEWS[group]
-        asyncio.ensure_future(view.close())
+        in_background(view.close())

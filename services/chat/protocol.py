@@ -62,7 +62,9 @@ def parse_client_frame(text, version):
     if not is_text(message):
         raise BadFrame(CLOSE_BAD_REQUEST, "bad_message", '"message" must be Unicode text (it holds a lone surrogate)')
     if len(message) > settings.CHAT_MAX_MESSAGE_CHARS:
-        raise BadFrame(CLOSE_TOO_LARGE, "message_too_long", f"messages are limited to {settings.CHAT_MAX_MESSAGE_CHARS} characters")
+        raise BadFrame(
+            CLOSE_TOO_LARGE, "message_too_long", f"messages are limited to {settings.CHAT_MAX_MESSAGE_CHARS} characters"
+        )
     nonce = frame.get("nonce")
     if nonce is not None and not (isinstance(nonce, str) and len(nonce) <= MAX_NONCE_CHARS and is_text(nonce)):
         raise BadFrame(CLOSE_BAD_REQUEST, "bad_nonce", f'"nonce" must be a string of at most {MAX_NONCE_CHARS} characters')
@@ -86,7 +88,7 @@ def parse_query(query_string):
 class Resume:
     """A v2 connection's query: resume after ``since`` of ``epoch``, or on a fresh join the ``history`` latest."""
 
-    __slots__ = ("since", "epoch", "history")
+    __slots__ = ("epoch", "history", "since")
 
     def __init__(self, query):
         since, epoch, history = (query.get(name) for name in ("since", "epoch", "history"))

@@ -41,8 +41,14 @@ class Identity:
 def mint(subject, name, rooms=("*",), ttl=None):
     """A token for ``subject`` shown as ``name``, valid for ``ttl`` seconds (CHAT_TOKEN_TTL by default)."""
     now = int(time.time())
-    claims = {"sub": str(subject), "name": str(name), "rooms": list(rooms), "aud": settings.CHAT_TOKEN_AUDIENCE,
-              "iat": now, "exp": now + int(ttl or settings.CHAT_TOKEN_TTL)}
+    claims = {
+        "sub": str(subject),
+        "name": str(name),
+        "rooms": list(rooms),
+        "aud": settings.CHAT_TOKEN_AUDIENCE,
+        "iat": now,
+        "exp": now + int(ttl or settings.CHAT_TOKEN_TTL),
+    }
     return jwt.encode(claims, settings.CHAT_TOKEN_SECRET, algorithm=ALGORITHM)
 
 
@@ -52,19 +58,30 @@ def verify(token):
         raise BadFrame(CLOSE_UNAUTHORIZED, "token_missing", "this chat needs a token: connect with ?token=<token>")
     try:
         claims = jwt.decode(
-            token, settings.CHAT_TOKEN_SECRET, algorithms=[ALGORITHM], audience=settings.CHAT_TOKEN_AUDIENCE,
-            options={"require": ["sub", "exp", "aud"]}, leeway=settings.CHAT_TOKEN_LEEWAY,
+            token,
+            settings.CHAT_TOKEN_SECRET,
+            algorithms=[ALGORITHM],
+            audience=settings.CHAT_TOKEN_AUDIENCE,
+            options={"require": ["sub", "exp", "aud"]},
+            leeway=settings.CHAT_TOKEN_LEEWAY,
         )
     except jwt.ExpiredSignatureError:
         raise BadFrame(CLOSE_UNAUTHORIZED, "token_expired", "the token has expired: get a new one") from None
     except jwt.InvalidTokenError as error:
         raise BadFrame(CLOSE_UNAUTHORIZED, "token_invalid", f"the token is not valid here: {_first_line(error)}") from None
     name, rooms = claims.get("name", claims["sub"]), claims.get("rooms", ["*"])
-    if not (isinstance(claims["sub"], str) and is_text(claims["sub"]) and isinstance(name, str) and is_text(name)
-            and 0 < len(name) <= MAX_NAME_CHARS):
+    if not (
+        isinstance(claims["sub"], str)
+        and is_text(claims["sub"])
+        and isinstance(name, str)
+        and is_text(name)
+        and 0 < len(name) <= MAX_NAME_CHARS
+    ):
         raise BadFrame(CLOSE_UNAUTHORIZED, "token_invalid", f"sub and name must be strings, name 1-{MAX_NAME_CHARS} characters")
     if not (isinstance(rooms, list) and len(rooms) <= MAX_ROOM_PATTERNS and all(isinstance(r, str) for r in rooms)):
-        raise BadFrame(CLOSE_UNAUTHORIZED, "token_invalid", f"rooms must be a list of at most {MAX_ROOM_PATTERNS} names or patterns")
+        raise BadFrame(
+            CLOSE_UNAUTHORIZED, "token_invalid", f"rooms must be a list of at most {MAX_ROOM_PATTERNS} names or patterns"
+        )
     return Identity(claims["sub"], name, tuple(rooms), float(claims["exp"]))
 
 

@@ -32,7 +32,8 @@ def nickname_token(request):
         raise Http404("this chat does not sign nicknames")
     name = request.POST.get("name", "").strip()
     if not (0 < len(name) <= tokens.MAX_NAME_CHARS and is_text(name) and name.isprintable()):
-        return JsonResponse({"error": "bad_name", "detail": f"a name is 1-{tokens.MAX_NAME_CHARS} printable characters"},
-                            status=400)
+        return JsonResponse(
+            {"error": "bad_name", "detail": f"a name is 1-{tokens.MAX_NAME_CHARS} printable characters"}, status=400
+        )
     token = tokens.mint(f"nickname:{name}", name)
     return JsonResponse({"token": token, "name": name, "expires_at": int(time.time()) + settings.CHAT_TOKEN_TTL})

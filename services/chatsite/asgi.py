@@ -7,12 +7,11 @@ from django.core.asgi import get_asgi_application
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "chatsite.settings")
 django_asgi_app = get_asgi_application()
 
-from channels.routing import ProtocolTypeRouter  # noqa: E402
+from channels.routing import ProtocolTypeRouter
 
-from chat.routing import WebsocketRouter  # noqa: E402
-from chatsite.health import OpsPortSplit, ops_port  # noqa: E402
-from chatsite.served_by import ServedByMiddleware  # noqa: E402
-
+from chat.routing import WebsocketRouter
+from chatsite.health import OpsPortSplit, ops_port
+from chatsite.served_by import ServedByMiddleware
 
 
 class ProtocolRouter(ProtocolTypeRouter):
@@ -22,7 +21,7 @@ class ProtocolRouter(ProtocolTypeRouter):
     def __call__(self, scope, receive, send):
         application = self.application_mapping.get(scope["type"])
         if application is None:
-            raise ValueError("No application configured for scope type %r" % scope["type"])
+            raise ValueError(f"No application configured for scope type {scope['type']!r}")
         return application(scope, receive, send)
 
 

@@ -7,8 +7,7 @@ import os
 from channels.layers import get_channel_layer
 from django.conf import settings
 from django.http import HttpResponse
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client import REGISTRY, multiprocess
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest, multiprocess
 
 logger = logging.getLogger(__name__)
 READY_TIMEOUT = 2.0
@@ -52,10 +51,10 @@ def connect_in_background():
     """Start this worker's channel layer at boot, so readiness reflects a connection made then."""
     if not settings.configured:  # an ASGI app without Django (the benchmark's ceiling) has no layer
         return
-    ready = getattr(get_channel_layer(), "ready", None)
-    if ready is not None:
+    layer = get_channel_layer()
+    if "ready" in layer.extensions:
         # A failure here is retried by the next readiness probe, which reports it.
-        asyncio.ensure_future(ready()).add_done_callback(lambda task: task.cancelled() or task.exception())
+        asyncio.ensure_future(layer.ready()).add_done_callback(lambda task: task.cancelled() or task.exception())
 
 
 def start_draining():
@@ -71,12 +70,12 @@ async def healthz(request):
 
 async def layer_ready():
     """None when the channel layer holds the cluster's slot map and heard from the cluster lately, else why not."""
-    ready = getattr(get_channel_layer(), "ready", None)
-    if ready is None:
+    layer = get_channel_layer()
+    if "ready" not in layer.extensions:
         return None
     try:
-        await asyncio.wait_for(ready(), READY_TIMEOUT)
-    except Exception as exc:  # noqa: BLE001 - any failure means not ready
+        await asyncio.wait_for(layer.ready(), READY_TIMEOUT)
+    except Exception as exc:
         return exc
     return None
 

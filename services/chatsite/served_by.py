@@ -35,7 +35,7 @@ class _SendWithHeader:
     A slotted object rather than a closure: one lives as long as each WebSocket, so its size counts.
     """
 
-    __slots__ = ("send", "header", "header_only", "can_deny", "started")
+    __slots__ = ("can_deny", "header", "header_only", "send", "started")
 
     def __init__(self, send, header, header_only, can_deny):
         self.send, self.header, self.header_only, self.can_deny, self.started = send, header, header_only, can_deny, False
@@ -58,7 +58,12 @@ class _SendWithHeader:
             # Refused before accept: answer with a real HTTP status instead of a bare close.
             self.started = True
             body = f"WebSocket refused ({message.get('reason') or 'forbidden'})\n".encode()
-            await self.send({"type": "websocket.http.response.start", "status": 403,
-                             "headers": [(b"content-type", b"text/plain"), self.header]})
+            await self.send(
+                {
+                    "type": "websocket.http.response.start",
+                    "status": 403,
+                    "headers": [(b"content-type", b"text/plain"), self.header],
+                }
+            )
             return await self.send({"type": "websocket.http.response.body", "body": body})
         return await self.send(message)

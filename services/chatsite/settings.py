@@ -1,4 +1,4 @@
-"""Settings of the chat site, all read from the environment (see the README's configuration table)."""
+"""Settings of the chat site, all read from the environment (docs/configuration.md lists them)."""
 
 import os
 import secrets
@@ -43,11 +43,13 @@ MIDDLEWARE = [
     "django.middleware.common.CommonMiddleware",
 ]
 ROOT_URLCONF = "chatsite.urls"
-TEMPLATES = [{
-    "BACKEND": "django.template.backends.django.DjangoTemplates",
-    "APP_DIRS": True,
-    "OPTIONS": {"context_processors": ["csp.context_processors.nonce"]},
-}]
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "APP_DIRS": True,
+        "OPTIONS": {"context_processors": ["csp.context_processors.nonce"]},
+    }
+]
 ASGI_APPLICATION = "chatsite.asgi.application"
 DATABASES = {}
 USE_TZ = True
@@ -58,10 +60,19 @@ TIME_ZONE = "UTC"
 # site's own scripts (the pages' inline ones by nonce) run and sockets go only to this host.
 SECURE_CONTENT_TYPE_NOSNIFF = True
 X_FRAME_OPTIONS = "DENY"
-CONTENT_SECURITY_POLICY = {"DIRECTIVES": {
-    "default-src": [SELF], "script-src": [SELF, NONCE], "connect-src": [SELF], "img-src": [SELF],
-    "style-src": [SELF], "base-uri": [NONE], "form-action": [SELF], "frame-ancestors": [NONE], "object-src": [NONE],
-}}
+CONTENT_SECURITY_POLICY = {
+    "DIRECTIVES": {
+        "default-src": [SELF],
+        "script-src": [SELF, NONCE],
+        "connect-src": [SELF],
+        "img-src": [SELF],
+        "style-src": [SELF],
+        "base-uri": [NONE],
+        "form-action": [SELF],
+        "frame-ancestors": [NONE],
+        "object-src": [NONE],
+    }
+}
 # Set where the ingress terminates TLS: HSTS for that many seconds, and X-Forwarded-Proto trusted.
 SECURE_HSTS_SECONDS = int(os.environ.get("SECURE_HSTS_SECONDS", "0"))
 if env_bool("DJANGO_BEHIND_TLS"):
@@ -90,7 +101,9 @@ if CHAT_IDENTITY not in ("off", "nickname", "token"):
     raise ImproperlyConfigured(f"CHAT_IDENTITY must be off, nickname or token, not {CHAT_IDENTITY!r}")
 CHAT_TOKEN_SECRET = env_secret("CHAT_TOKEN_SECRET")
 if CHAT_IDENTITY != "off" and len(CHAT_TOKEN_SECRET) < 32:
-    raise ImproperlyConfigured("CHAT_IDENTITY needs CHAT_TOKEN_SECRET (or CHAT_TOKEN_SECRET_FILE): 32 characters or more, the same in every worker")
+    raise ImproperlyConfigured(
+        "CHAT_IDENTITY needs CHAT_TOKEN_SECRET (or CHAT_TOKEN_SECRET_FILE): 32 characters or more, the same in every worker"
+    )
 CHAT_TOKEN_AUDIENCE = os.environ.get("CHAT_TOKEN_AUDIENCE", "chat")
 CHAT_TOKEN_TTL = int(os.environ.get("CHAT_TOKEN_TTL") or "900")  # seconds a token minted here lasts
 CHAT_TOKEN_LEEWAY = int(os.environ.get("CHAT_TOKEN_LEEWAY") or "5")  # seconds of clock skew forgiven
@@ -110,16 +123,24 @@ def channel_layers():
         if tls_ca:
             hosts = [{"address": host, "ssl_ca_certs": tls_ca} for host in hosts]
         # Room history, for resuming clients and recent messages on open; 0 turns it off.
-        history = {"size": int(os.environ.get("CHAT_HISTORY_SIZE") or "500"), "age": int(os.environ.get("CHAT_HISTORY_AGE") or "300")}
-        config = {"hosts": hosts, "group_history": {"chat_*": history}, "presence_timeout": CHAT_PRESENCE_TIMEOUT,
-                  # A room message is published once the replicas of its primary hold it (docs/failures.md);
-                  # off, it is published as it is written: faster, and lost with a primary cut off from its replica.
-                  "replicate_before_publish": env_bool("CHAT_REPLICATE_BEFORE_PUBLISH", True),
-                  # A sender told "unavailable" resends with its nonce; a send retried longer could land after
-                  # the room wrote more than its history holds, past the window that keeps a resend from
-                  # landing twice (500 messages: 10 s at 50/s). A send held up longer, by a failover too, is
-                  # refused and resent instead.
-                  "send_retry_timeout": 5.0, **common}
+        history = {
+            "size": int(os.environ.get("CHAT_HISTORY_SIZE") or "500"),
+            "age": int(os.environ.get("CHAT_HISTORY_AGE") or "300"),
+        }
+        config = {
+            "hosts": hosts,
+            "group_history": {"chat_*": history},
+            "presence_timeout": CHAT_PRESENCE_TIMEOUT,
+            # A room message is published once the replicas of its primary hold it (docs/failures.md);
+            # off, it is published as it is written: faster, and lost with a primary cut off from its replica.
+            "replicate_before_publish": env_bool("CHAT_REPLICATE_BEFORE_PUBLISH", True),
+            # A sender told "unavailable" resends with its nonce; a send retried longer could land after
+            # the room wrote more than its history holds, past the window that keeps a resend from
+            # landing twice (500 messages: 10 s at 50/s). A send held up longer, by a failover too, is
+            # refused and resent instead.
+            "send_retry_timeout": 5.0,
+            **common,
+        }
         return {"BACKEND": "channels_redis_cluster.RedisClusterChannelLayer", "CONFIG": config}
     if kind in ("redis", "redis-pubsub"):
         backend = "channels_redis.core.RedisChannelLayer" if kind == "redis" else "channels_redis.pubsub.RedisPubSubChannelLayer"

@@ -5,6 +5,8 @@ import gc
 import logging
 import os
 import sys
+import weakref
+from typing import ClassVar
 
 from gunicorn.arbiter import Arbiter
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -22,6 +24,9 @@ from . import health
 # wsproto holds an idle socket in less memory than websockets-sansio and, with room messages written
 # through ChatWSProtocol.send_text_now, fans out faster; both are measured side by side by `make bench`.
 WS_DEFAULT = "wsproto"
+# The ASGI scope extension by which ChatWSProtocol offers the app its direct write: {"send_text_now": a
+# weak reference to the method}, weak so that a socket's scope does not hold its protocol in a cycle.
+DIRECT_WRITE = "chat.send_text_now"
 # The server refuses frames far beyond the app's own limit; the app answers smaller oversize frames clearly.
 WS_MAX_SIZE = 4 * int(os.environ.get("CHAT_MAX_FRAME_BYTES", "16384"))
 
@@ -53,8 +58,9 @@ class DrainingServer(Server):
         self.handing_over = asyncio.ensure_future(self.hand_over_while_cut_off())
 
     def websockets(self):
-        return [c for c in self.server_state.connections
-                if any(kind.__module__.startswith(WS_PROTOCOLS) for kind in type(c).__mro__)]
+        return [
+            c for c in self.server_state.connections if any(kind.__module__.startswith(WS_PROTOCOLS) for kind in type(c).__mro__)
+        ]
 
     async def hand_over_while_cut_off(self):
         """Every HANDOVER_CHECK_SECONDS, ask the layer whether it reaches Redis; once it has not for HANDOVER_AFTER_SECONDS,
@@ -79,8 +85,9 @@ class DrainingServer(Server):
             websockets = self.websockets()
             if not websockets:
                 continue
-            logger.warning("cut off from Redis for %.1f s: handing %d WebSockets over (1012)",
-                           loop.time() - cut_off_since, len(websockets))
+            logger.warning(
+                "cut off from Redis for %.1f s: handing %d WebSockets over (1012)", loop.time() - cut_off_since, len(websockets)
+            )
             metrics.HANDED_OVER.inc(len(websockets))
             step = min(HANDOVER_SPREAD_SECONDS / len(websockets), 0.01)
             for connection in websockets:
@@ -165,6 +172,10 @@ class ChatWSProtocol(SaysClientGoneOnAccept, WSProtocol):
     _framed_text = _frame_bytes = None
     _framer = FrameProtocol(client=False, extensions=[])
 
+    def handle_connect(self, event):
+        super().handle_connect(event)
+        self.scope["extensions"][DIRECT_WRITE] = {"send_text_now": weakref.WeakMethod(self.send_text_now)}
+
     def handle_close(self, event):
         if not self.close_sent and self.conn.state == ConnectionState.OPEN:
             self.transport.write(self.conn.send(CloseConnection(code=event.code, reason=event.reason[:120])))
@@ -172,9 +183,15 @@ class ChatWSProtocol(SaysClientGoneOnAccept, WSProtocol):
 
     def send_text_now(self, text):
         """Write a text frame at once if the socket takes it without waiting; False: use the ASGI send."""
-        if not (self.writable.is_set() and self.handshake_complete and not self.close_sent and not self.disconnected
-                and not self.response_started and self.conn.state is ConnectionState.OPEN
-                and not self.transport.is_closing()):
+        if not (
+            self.writable.is_set()
+            and self.handshake_complete
+            and not self.close_sent
+            and not self.disconnected
+            and not self.response_started
+            and self.conn.state is ConnectionState.OPEN
+            and not self.transport.is_closing()
+        ):
             return False
         protocol = ChatWSProtocol
         if text is not protocol._framed_text:
@@ -214,7 +231,7 @@ def _ws_protocol(name):
 class ChatUvicornWorker(UvicornWorker):
     """uvicorn with uvloop and httptools, no lifespan (Django has none) and a bounded frame size."""
 
-    CONFIG_KWARGS = {
+    CONFIG_KWARGS: ClassVar[dict] = {
         "loop": os.environ.get("UVICORN_LOOP", "uvloop"),
         "http": ChatHttpToolsProtocol,
         "ws": _ws_protocol(os.environ.get("UVICORN_WS", WS_DEFAULT)),

@@ -54,21 +54,54 @@ class Secured(NamedTuple):
 
     def server_args(self, port):
         args = [
-            "--port", "0", "--tls-port", str(port), "--tls-cluster", "yes", "--tls-replication", "yes",
-            "--tls-cert-file", str(self.cert), "--tls-key-file", str(self.key), "--tls-ca-cert-file", str(self.ca),
-            "--tls-auth-clients", "yes",
-            "--cluster-announce-hostname", self.hostname, "--cluster-preferred-endpoint-type", "hostname",
-            "--masteruser", "admin", "--masterauth", self.admin_password,
-            "--user", "default", "off",
-            "--user", "admin", "on", f">{self.admin_password}", "~*", "&*", "+@all",
+            "--port",
+            "0",
+            "--tls-port",
+            str(port),
+            "--tls-cluster",
+            "yes",
+            "--tls-replication",
+            "yes",
+            "--tls-cert-file",
+            str(self.cert),
+            "--tls-key-file",
+            str(self.key),
+            "--tls-ca-cert-file",
+            str(self.ca),
+            "--tls-auth-clients",
+            "yes",
+            "--cluster-announce-hostname",
+            self.hostname,
+            "--cluster-preferred-endpoint-type",
+            "hostname",
+            "--masteruser",
+            "admin",
+            "--masterauth",
+            self.admin_password,
+            "--user",
+            "default",
+            "off",
+            "--user",
+            "admin",
+            "on",
+            f">{self.admin_password}",
+            "~*",
+            "&*",
+            "+@all",
         ]
         for rule in self.users:
             args += ["--user", *rule.split()]
         return args
 
     def client_options(self):
-        return {"ssl": True, "ssl_ca_certs": str(self.ca), "ssl_certfile": str(self.cert), "ssl_keyfile": str(self.key),
-                "username": "admin", "password": self.admin_password}
+        return {
+            "ssl": True,
+            "ssl_ca_certs": str(self.ca),
+            "ssl_certfile": str(self.cert),
+            "ssl_keyfile": str(self.key),
+            "username": "admin",
+            "password": self.admin_password,
+        }
 
 
 def _port_free(port):
@@ -104,8 +137,9 @@ def free_base_port(count, low=10000, high=16000):
 class LocalCluster:
     """Starts, reshapes and stops a local cluster; ports are ``base_port`` .. ``base_port + 5``."""
 
-    def __init__(self, base_port=None, primaries=3, replicas_per_primary=1, node_timeout_ms=2000, workdir=None,
-                 binary=None, secured=None):
+    def __init__(
+        self, base_port=None, primaries=3, replicas_per_primary=1, node_timeout_ms=2000, workdir=None, binary=None, secured=None
+    ):
         self.size = primaries * (1 + replicas_per_primary)
         self.primaries = primaries
         self.base_port = base_port or free_base_port(self.size)
@@ -135,16 +169,26 @@ class LocalCluster:
                 self.binary,
                 *(self.secured.server_args(port) if self.secured else ["--port", str(port)]),
                 # "-::1": also on IPv6 loopback where there is one, for clients that resolve localhost to it.
-                "--bind", "127.0.0.1", *(["-::1"] if self.secured else []),
-                "--cluster-enabled", "yes",
-                "--cluster-config-file", "nodes.conf",
-                "--cluster-node-timeout", str(self.node_timeout_ms),
-                "--dir", str(directory),
-                "--save", "",
-                "--appendonly", "no",
+                "--bind",
+                "127.0.0.1",
+                *(["-::1"] if self.secured else []),
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+                "--cluster-node-timeout",
+                str(self.node_timeout_ms),
+                "--dir",
+                str(directory),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
                 # A replica that rejoins is synced at once, not 5 s later: sends to its rooms wait for it.
-                "--repl-diskless-sync-delay", "0",
-                "--logfile", "server.log",
+                "--repl-diskless-sync-delay",
+                "0",
+                "--logfile",
+                "server.log",
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

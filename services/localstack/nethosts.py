@@ -112,8 +112,12 @@ class Hosts:
         """Start ``argv`` on ``host`` (output to the file ``log``); it dies with the caller and with ``down()``."""
         out = open(log, "ab") if log else subprocess.DEVNULL
         process = subprocess.Popen(
-            ["ip", "netns", "exec", self.namespace(host), *argv], stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True, preexec_fn=die_with_parent, **kwargs,
+            ["ip", "netns", "exec", self.namespace(host), *argv],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=die_with_parent,
+            **kwargs,
         )
         self.processes.append(process)
         return process
@@ -126,7 +130,7 @@ class Hosts:
             try:
                 enter(self.namespace(host))
                 result["value"] = function(*args)
-            except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+            except BaseException as exc:
                 result["error"] = exc
 
         thread = threading.Thread(target=run, name=f"on-{host}")
@@ -139,8 +143,7 @@ class Hosts:
     # Faults: rules in each host's own FAULTS chain
 
     def iptables(self, host, *rule):
-        subprocess.run(["ip", "netns", "exec", self.namespace(host), "iptables", "-w", *rule], check=True,
-                       capture_output=True)
+        subprocess.run(["ip", "netns", "exec", self.namespace(host), "iptables", "-w", *rule], check=True, capture_output=True)
 
     def isolate(self, host):
         """Drop everything ``host`` sends or receives on its network."""
@@ -165,8 +168,23 @@ class Hosts:
         probability = f"{percent / 100:.4f}"
         for other in others:
             for direction, flag in (("-o", "-d"), ("-i", "-s")):
-                self.iptables(host, "-A", CHAIN, direction, "eth0", flag, self.address[other],
-                              "-m", "statistic", "--mode", "random", "--probability", probability, "-j", "DROP")
+                self.iptables(
+                    host,
+                    "-A",
+                    CHAIN,
+                    direction,
+                    "eth0",
+                    flag,
+                    self.address[other],
+                    "-m",
+                    "statistic",
+                    "--mode",
+                    "random",
+                    "--probability",
+                    probability,
+                    "-j",
+                    "DROP",
+                )
 
     def heal(self, *hosts):
         """Remove every fault of ``hosts`` (all hosts when none are named)."""
@@ -175,8 +193,12 @@ class Hosts:
 
     def faults(self, host):
         """The rules of ``host``'s FAULTS chain, as iptables lists them."""
-        listed = subprocess.run(["ip", "netns", "exec", self.namespace(host), "iptables", "-w", "-S", CHAIN],
-                                check=True, capture_output=True, text=True).stdout
+        listed = subprocess.run(
+            ["ip", "netns", "exec", self.namespace(host), "iptables", "-w", "-S", CHAIN],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
         return [line for line in listed.splitlines() if not line.startswith("-N")]
 
 
@@ -298,15 +320,36 @@ class PartitionStack:
         for host in REDIS_HOSTS:
             directory = self.workdir / host
             directory.mkdir(parents=True, exist_ok=True)
-            self.hosts.start(host, [
-                binary, "--bind", self.hosts.address[host], "127.0.0.1", "--port", str(REDIS_PORT),
-                "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                "--cluster-node-timeout", str(self.node_timeout_ms), "--dir", str(directory),
-                "--save", "", "--appendonly", "no", "--repl-diskless-sync-delay", "0",
-                # Reached from the other hosts: only they can reach these namespaces.
-                "--protected-mode", "no",
-                "--logfile", str(directory / "server.log"),
-            ])
+            self.hosts.start(
+                host,
+                [
+                    binary,
+                    "--bind",
+                    self.hosts.address[host],
+                    "127.0.0.1",
+                    "--port",
+                    str(REDIS_PORT),
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    str(self.node_timeout_ms),
+                    "--dir",
+                    str(directory),
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--repl-diskless-sync-delay",
+                    "0",
+                    # Reached from the other hosts: only they can reach these namespaces.
+                    "--protected-mode",
+                    "no",
+                    "--logfile",
+                    str(directory / "server.log"),
+                ],
+            )
         for host in REDIS_HOSTS:
             self._wait(lambda h=host: self.admin(h, "PING"), f"{host} to answer")
         primaries, replicas = REDIS_HOSTS[:3], REDIS_HOSTS[3:]
@@ -329,8 +372,11 @@ class PartitionStack:
                 return False
             roles = {h: self.admin(h, "ROLE") for h in REDIS_HOSTS}
             masters = [r for r in roles.values() if r[0] == "master"]
-            return len(masters) == 3 and all(len(r[2]) == 1 for r in masters) and all(
-                r[3] == "connected" for r in roles.values() if r[0] == "slave")
+            return (
+                len(masters) == 3
+                and all(len(r[2]) == 1 for r in masters)
+                and all(r[3] == "connected" for r in roles.values() if r[0] == "slave")
+            )
 
         self._wait(healthy, "cluster_state:ok with every primary replicated", timeout)
 
@@ -338,15 +384,25 @@ class PartitionStack:
         """gunicorn on ``host``, as `make run` starts it, with the cluster's nodes on their hosts."""
         services = Path(__file__).resolve().parent.parent
         env = {
-            **os.environ, "CHANNEL_LAYER": "redis-cluster", "REDIS_CLUSTER_NODES": ",".join(self.redis_nodes()),
-            "WEB_CONCURRENCY": str(self.workers_per_host), "BIND": f"{self.hosts.address[host]}:{CHAT_PORT}",
-            "PYTHONPATH": str(services), "DJANGO_SETTINGS_MODULE": "chatsite.settings",
-            "DJANGO_ALLOWED_HOSTS": "*", "POD_NAME": host, "OPS_BIND": f"{self.hosts.address[host]}:{OPS_PORT}",
-            "PROMETHEUS_MULTIPROC_DIR": str(self.workdir / f"metrics-{host}"), **self.env,
+            **os.environ,
+            "CHANNEL_LAYER": "redis-cluster",
+            "REDIS_CLUSTER_NODES": ",".join(self.redis_nodes()),
+            "WEB_CONCURRENCY": str(self.workers_per_host),
+            "BIND": f"{self.hosts.address[host]}:{CHAT_PORT}",
+            "PYTHONPATH": str(services),
+            "DJANGO_SETTINGS_MODULE": "chatsite.settings",
+            "DJANGO_ALLOWED_HOSTS": "*",
+            "POD_NAME": host,
+            "OPS_BIND": f"{self.hosts.address[host]}:{OPS_PORT}",
+            "PROMETHEUS_MULTIPROC_DIR": str(self.workdir / f"metrics-{host}"),
+            **self.env,
         }
         self.chat[host] = self.hosts.start(
-            host, [sys.executable, "-m", "gunicorn", "-c", "python:chatsite.gunicorn_conf", "chatsite.asgi:application"],
-            log=self.log(host), cwd=services, env=env,
+            host,
+            [sys.executable, "-m", "gunicorn", "-c", "python:chatsite.gunicorn_conf", "chatsite.asgi:application"],
+            log=self.log(host),
+            cwd=services,
+            env=env,
         )
 
     def chat_ready(self, host):
@@ -367,8 +423,15 @@ class PartitionStack:
     def _start_ingress(self):
         servers = "\n".join(f"    server {host} {self.hosts.address[host]}:{CHAT_PORT}" for host in CHAT_HOSTS)
         config = self.workdir / "haproxy.cfg"
-        config.write_text(HAPROXY_CONFIG.format(ingress=self.hosts.address["ingress"], ingress_port=INGRESS_PORT,
-                                                keeping_port=KEEPING_PORT, ops_port=OPS_PORT, servers=servers))
+        config.write_text(
+            HAPROXY_CONFIG.format(
+                ingress=self.hosts.address["ingress"],
+                ingress_port=INGRESS_PORT,
+                keeping_port=KEEPING_PORT,
+                ops_port=OPS_PORT,
+                servers=servers,
+            )
+        )
         self.hosts.start("ingress", [shutil.which("haproxy") or "haproxy", "-db", "-f", str(config)], log=self.log("ingress"))
         import urllib.request
 
@@ -409,7 +472,7 @@ class PartitionStack:
         for host in among:
             try:
                 lines = self.admin(host, "CLUSTER", "NODES").splitlines()
-            except Exception:  # noqa: BLE001 - a node that does not answer has no say
+            except Exception:
                 continue
             for line in lines:
                 fields = line.split()
@@ -472,9 +535,12 @@ def main():
             print(f"hosts up ({stack.hosts.tag}):", flush=True)
             for host, address in stack.hosts.address.items():
                 print(f"  {host:8} {address}  (ip netns exec {stack.hosts.namespace(host)} ...)")
-            print(f"\n  chat is ready: {stack.url}/chat/ from the client host, e.g.\n"
-                  f"  ip netns exec {stack.hosts.namespace('client')} curl {stack.url}/chat/\n"
-                  f"  faults: python -m localstack.nethosts cut redis-1 redis-4 | isolate chat-a | heal\n", flush=True)
+            print(
+                f"\n  chat is ready: {stack.url}/chat/ from the client host, e.g.\n"
+                f"  ip netns exec {stack.hosts.namespace('client')} curl {stack.url}/chat/\n"
+                f"  faults: python -m localstack.nethosts cut redis-1 redis-4 | isolate chat-a | heal\n",
+                flush=True,
+            )
             try:
                 while all(p.poll() is None for p in stack.chat.values()):
                     time.sleep(1)

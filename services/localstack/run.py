@@ -83,7 +83,9 @@ def main():
     cluster = LocalCluster(base_port=args.redis_port)
     workers = None
     try:
-        print(f"starting a 6-node Redis Cluster on 127.0.0.1:{cluster.ports[0]}-{cluster.ports[-1]} ({cluster.binary})", flush=True)
+        print(
+            f"starting a 6-node Redis Cluster on 127.0.0.1:{cluster.ports[0]}-{cluster.ports[-1]} ({cluster.binary})", flush=True
+        )
         cluster.start()
         url = f"http://{args.host}:{args.port}"
         workers = start_workers(stack_env(cluster, f"{args.host}:{args.port}", args.workers))
