@@ -102,3 +102,34 @@ async def test_accepting_a_handshake_whose_client_is_gone_says_so(protocol_class
         writer.close()
         server.close()
         await server.wait_closed()
+
+
+async def test_the_wsproto_protocol_offers_its_direct_write_in_the_scope_and_it_writes_one_frame():
+    """The chat writes room messages through this extension; without it every delivery would take the ASGI send."""
+    from chatsite.worker import DIRECT_WRITE
+
+    offered = asyncio.get_running_loop().create_future()
+
+    async def app(scope, receive, send):
+        await receive()
+        await send({"type": "websocket.accept"})
+        direct = scope["extensions"].get(DIRECT_WRITE)
+        offered.set_result(direct is not None and direct["send_text_now"]()("room message"))
+        await receive()  # until the client goes
+
+    config = Config(app=app, lifespan="off", http=ChatHttpToolsProtocol, ws=ChatWSProtocol)
+    config.load()
+    state = ServerState()
+    server = await asyncio.get_running_loop().create_server(lambda: ChatHttpToolsProtocol(config, state, {}), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(handshake_request("127.0.0.1", port, "/ws/"))
+        await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert await asyncio.wait_for(offered, 5) is True
+        # An unmasked text frame of the message, written at once.
+        assert await asyncio.wait_for(reader.readexactly(2 + len("room message")), 5) == b"\x81\x0croom message"
+        writer.close()
+    finally:
+        server.close()
+        await server.wait_closed()
