@@ -9,9 +9,9 @@ Per room shape it measures:
   frames delivered; each system ``repeats`` times, the systems alternating, the median run reported.
   The load client's own CPU per delivery is measured the same way, so a reader sees it is not the
   bottleneck.
-- **the sustainable rate**: steps of rising offered load, each step run on every system still
-  passing before the next step (so no system gets a quieter machine), until each fails (100%
-  delivered and p99 <= 100 ms to pass).
+- **the sustainable rate**: steps of rising offered load, each step run ``repeats`` times on every
+  system still passing, alternating, before the next step (so no system gets a quieter machine), the
+  median run deciding, until each fails (100% delivered and p99 <= 100 ms to pass).
 
 The chat runs as shipped: room history and presence on, v1 members; at 50 members also a room whose
 v1 and v2 members alternate, to show the mixed room costs what a plain one does.
@@ -145,8 +145,15 @@ async def compare(chat_cluster, redis_port, args, shapes, repeats, limit_ms, out
                     shape["systems"]["chat"]["profile"] = await profiling
                 stepping = list(names)
                 for rate in steps:
+                    # Each step ``repeats`` times on every system still passing, alternating; the median run
+                    # decides, as in the sustainable steps of the rest of the benchmark (one run's p99 is noisy).
+                    tries = {name: [] for name in stepping}
+                    for _ in range(repeats):
+                        for name in stepping:
+                            tries[name].append(_cell(await loads[name].run_step("step", rate, args.step_seconds)))
                     for name in list(stepping):
-                        step = _cell(await loads[name].run_step("step", rate, args.step_seconds))
+                        ordered = sorted(tries[name], key=lambda run: (_passes(run, limit_ms), -(run["p99_ms"] or float("inf"))))
+                        step = dict(ordered[len(ordered) // 2], runs_passed=sum(_passes(run, limit_ms) for run in ordered))
                         found = shape["systems"][name]
                         found["steps"].append(step)
                         print(f"  {rooms}x{members} {name} step {rate}/s: {step}", flush=True)
@@ -253,7 +260,7 @@ def lines(comparison, repeats, step_seconds):
         f"Each system: 3 server processes and its own 6-node Redis Cluster (the bare app: one process, no Redis). "
         f"Server CPU per delivery counts every server process and every Redis node, from the first send to the "
         f"last delivery, at the shape's fixed offered load ({repeats} run(s) of {step_seconds} s per system, alternating, "
-        "the median run). Sustainable: the highest step with 100% delivered and p99 <= 100 ms.",
+        "the median run). Sustainable: the highest step whose median run delivered 100% with p99 <= 100 ms.",
         "",
         "| rooms x members @ offered/s | " + " | ".join(SYSTEMS.values()) + " |",
         "| --- |" + " --- |" * len(SYSTEMS),
