@@ -71,6 +71,12 @@ def test_the_wheel_and_sdist_carry_the_metadata_a_package_index_shows(dist):
         info = next(n for n in names if n.endswith(".dist-info/METADATA"))
         metadata = Parser().parsestr(archive.read(info).decode())
     assert "channels_redis_cluster/py.typed" in names
+    # The scripts are package data: every .lua file of the source is in the wheel.
+    scripts = {
+        f"channels_redis_cluster/{p.relative_to(ROOT / 'layer/channels_redis_cluster').as_posix()}"
+        for p in (ROOT / "layer/channels_redis_cluster/lua").rglob("*.lua")
+    }
+    assert len(scripts) >= 15 and scripts <= names
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
     assert not [n for n in names if "__pycache__" in n or n.startswith(("tests/", "services/"))]
     assert metadata["Name"] == "channels-redis-cluster"

@@ -1,5 +1,13 @@
-"""A Channels layer for Redis Cluster: sharded pub/sub fan-out, one slot per command."""
+"""A Channels layer for Redis Cluster: sharded pub/sub fan-out, one slot per command.
 
+What an application uses: the layer, the keys of a history message (``OFFSET``, ``EPOCH``), what
+``group_history`` returns (``GroupHistory``), the push consumer mixin (``LayerPushMixin``), and
+``shared`` for group names held by many sockets.
+"""
+
+from .consumer import LayerPushMixin
+from .history import EPOCH, OFFSET, GroupHistory
+from .keys import shared
 from .layer import RedisClusterChannelLayer
 
-__all__ = ["RedisClusterChannelLayer"]
+__all__ = ["EPOCH", "OFFSET", "GroupHistory", "LayerPushMixin", "RedisClusterChannelLayer", "shared"]

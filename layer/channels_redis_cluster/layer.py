@@ -15,13 +15,12 @@ from channels.layers import BaseChannelLayer
 from channels_redis.serializers import registry
 from redis.asyncio.cluster import RedisCluster
 
-from . import history, presence
+from . import history, presence, scripts, wire
 from .cluster import (
     RETRYABLE,
     WRITER,
     NotReplicated,
     Publisher,
-    Script,
     SharedCommandTable,
     SharedSlotMap,
     Topology,
@@ -45,59 +44,18 @@ from .wire import (
 
 logger = logging.getLogger(__name__)
 
-# Normal-channel push: drop expired heads, refuse at capacity, append, refresh the key's TTL.
-# Each entry starts with its expiry time in milliseconds, 13 ASCII digits.
-PUSH_SCRIPT = (
-    history.DROP_EXPIRED
-    + """
-local key = KEYS[1]
-local now = tonumber(ARGV[1])
-drop_expired(key, now)
-if redis.call('LLEN', key) >= tonumber(ARGV[2]) then return 0 end
-redis.call('RPUSH', key, ARGV[4])
-redis.call('PEXPIRE', key, ARGV[3])
-return 1
-"""
-)
-
-# Membership: sorted sets of channel -> join time that expire with group_expiry; KEYS[1] has every member,
-# KEYS[2] the normal ones (ARGV[4] is 1 for a normal channel).
-ADD_MEMBER_SCRIPT = """
-for i = 1, 1 + tonumber(ARGV[4]) do
-  redis.call('ZADD', KEYS[i], ARGV[1], ARGV[2])
-  redis.call('EXPIRE', KEYS[i], ARGV[3])
-end
-return 1
-"""
-
-DISCARD_MEMBER_SCRIPT = """
-redis.call('ZREM', KEYS[1], ARGV[1])
-redis.call('ZREM', KEYS[2], ARGV[1])
-return 1
-"""
-
-# A group message without history: one SPUBLISH reaches the processes that hold members; the group's
-# normal channels come back, for the sender to push to. KEYS[1] the normal channels, ARGV[3] the cutoff.
-PLAIN_GROUP_SCRIPT = (
-    history.NORMAL_MEMBERS
-    + """
-redis.call('SPUBLISH', ARGV[1], ARGV[2])
-return normal_members(KEYS[1], ARGV[3])
-"""
-)
-
 BLOCK_SECONDS = 1  # BLPOP timeout; far below socket_timeout so the two never race
 ECHO_SECONDS = 1.0  # the longest a group_send waits for its own message to reach this process's members
 SWEEP_SECONDS = 30.0
 
 
-_push = Script(PUSH_SCRIPT)
-_add_member = Script(ADD_MEMBER_SCRIPT)
-_discard_member = Script(DISCARD_MEMBER_SCRIPT)
-_publish_group = Script(PLAIN_GROUP_SCRIPT)
-_send_numbered = Script(history.SEND_SCRIPT)
-_publish_numbered = Script(history.PUBLISH_SCRIPT)
-_read_history = Script(history.READ_SCRIPT)
+_push = scripts.load("channel_push")
+_add_member = scripts.load("group_add")
+_discard_member = scripts.load("group_discard")
+_publish_group = scripts.load("group_publish")
+_send_numbered = scripts.load("history_send")
+_publish_numbered = scripts.load("history_publish")
+_read_history = scripts.load("history_read")
 
 
 class _Sequences:
@@ -401,8 +359,8 @@ class _LoopState:
         try:
             while True:
                 reply = await self.cluster.execute_command("BLPOP", key, BLOCK_SECONDS)
-                if reply is not None and int(reply[1][:13]) > time.time() * 1000:
-                    self.local.put(channel, self.layer.deserialize(reply[1][13:]))
+                if reply is not None and int(reply[1][: wire.TIME_CHARS]) > time.time() * 1000:
+                    self.local.put(channel, self.layer.deserialize(reply[1][wire.TIME_CHARS :]))
                 if not buffer.waiters:
                     return
         finally:
@@ -577,7 +535,7 @@ class RedisClusterChannelLayer(BaseChannelLayer):
     async def push(self, state, channel, message, expiry=None):
         """Append to ``channel``'s queue in Redis; False when it is at capacity."""
         expires_ms = int((time.time() + (expiry or self.expiry)) * 1000)
-        entry = b"%013d" % expires_ms + self.serialize(message)
+        entry = b"%0*d" % (wire.TIME_CHARS, expires_ms) + self.serialize(message)
         return await _push(
             state.publisher,
             self.keys.queue(channel),
@@ -896,7 +854,7 @@ class RedisClusterChannelLayer(BaseChannelLayer):
         current = shared(current.decode())  # callers keep it per channel: one string per epoch
         messages = []
         for offset, entry in enumerate(entries, first):
-            message = self.deserialize(entry[history.ENTRY_BODY :])
+            message = self.deserialize(entry[wire.ENTRY_BODY :])
             message[history.OFFSET], message[history.EPOCH] = offset, current
             messages.append(message)
         return history.GroupHistory(messages, top, current, bool(recovered))
@@ -908,7 +866,7 @@ class RedisClusterChannelLayer(BaseChannelLayer):
         age = int(bound.age * 1000)
         return (
             WRITER,
-            secrets.token_hex(history.EPOCH_CHARS // 2),
+            secrets.token_hex(wire.EPOCH_CHARS // 2),
             int(time.time() * 1000),
             age,
             max(age, int(self.group_expiry * 1000)),

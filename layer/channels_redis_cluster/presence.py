@@ -19,113 +19,20 @@ import json
 import logging
 import time
 
-from .cluster import RETRYABLE, Script
+from . import scripts
+from .cluster import RETRYABLE
 
 logger = logging.getLogger(__name__)
 
 CLAIM_SECONDS = 60  # how long a process that took a dead one's entries to remove has before another may
 
-# KEYS: the leases, the reaping marks; ARGV: now (ms), this process's lease end (ms), its prefix, how long an
-# ended lease is kept (ms). Returns whether this process's lease had ended or was missing, then the
-# processes whose lease ended: their entries are hidden until removed.
-RENEW_SCRIPT = """
-local now = tonumber(ARGV[1])
-local before = redis.call('ZSCORE', KEYS[1], ARGV[3])
-local lost = 0
-if not before or tonumber(before) < now then
-  lost = 1
-  redis.call('HDEL', KEYS[2], ARGV[3])
-end
-redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
-for _, prefix in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[4]))) do
-  redis.call('ZREM', KEYS[1], prefix)
-  redis.call('HDEL', KEYS[2], prefix)
-end
-local ended = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
-table.insert(ended, 1, lost)
-return ended
-"""
-
-# KEYS[1] the group's entries; ARGV: channel, entry, expiry (s), shard channel, frame (or ''). The join and its event in one command.
-JOIN_SCRIPT = """
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('EXPIRE', KEYS[1], ARGV[3])
-if ARGV[5] ~= '' then redis.call('SPUBLISH', ARGV[4], ARGV[5]) end
-return 1
-"""
-
-# KEYS[1] the group's entries; ARGV: shard channel, frame, then the channels to remove. Publishes only what it removed.
-LEAVE_SCRIPT = """
-local removed = 0
-for i = 3, #ARGV do removed = removed + redis.call('HDEL', KEYS[1], ARGV[i]) end
-if removed > 0 and ARGV[2] ~= '' then redis.call('SPUBLISH', ARGV[1], ARGV[2]) end
-return removed
-"""
-
-# KEYS[1] the group's entries; ARGV: expiry (s), then channel, entry pairs. Writes the missing ones; returns their channels.
-RESTORE_SCRIPT = """
-local restored = {}
-for i = 2, #ARGV, 2 do
-  if redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) == 1 then restored[#restored + 1] = ARGV[i] end
-end
-redis.call('EXPIRE', KEYS[1], ARGV[1])
-return restored
-"""
-
-# KEYS: the reaping marks (prefix -> claim end in ms, or 'done'), the leases; ARGV: now (ms), claim end (ms),
-# prefixes. Returns the prefixes this caller is to reap (only those whose lease is still ended), and those reaped.
-CLAIM_SCRIPT = """
-local claimed, done = {}, {}
-local now = tonumber(ARGV[1])
-for i = 3, #ARGV do
-  local mark = redis.call('HGET', KEYS[1], ARGV[i])
-  local lease = tonumber(redis.call('ZSCORE', KEYS[2], ARGV[i]) or now)
-  if mark == 'done' then
-    done[#done + 1] = ARGV[i]
-  elseif lease <= now and (not mark or tonumber(mark) < now) then
-    redis.call('HSET', KEYS[1], ARGV[i], ARGV[2])
-    claimed[#claimed + 1] = ARGV[i]
-  end
-end
-return {claimed, done}
-"""
-
-# KEYS: the reaping marks, the leases, the reaped process's group set; ARGV: now (ms), its prefix. Marks it reaped
-# unless its lease was renewed meanwhile (it came back: its mark goes, so its next death is reaped too).
-REAPED_SCRIPT = """
-local lease = tonumber(redis.call('ZSCORE', KEYS[2], ARGV[2]) or ARGV[1])
-if lease > tonumber(ARGV[1]) then
-  redis.call('HDEL', KEYS[1], ARGV[2])
-  return 0
-end
-redis.call('HSET', KEYS[1], ARGV[2], 'done')
-redis.call('DEL', KEYS[3])
-return 1
-"""
-
-# KEYS[1] a group's entries; ARGV[1] a dead process's prefix. Removes that process's channels (owner as owner_of reads it).
-REAP_SCRIPT = """
-local prefix, removed = ARGV[1], 0
-local dotted = '.' .. prefix
-for _, channel in ipairs(redis.call('HKEYS', KEYS[1])) do
-  local bang = string.find(channel, '!', 1, true)
-  if bang then
-    local head = string.sub(channel, 1, bang - 1)
-    if head == prefix or string.sub(head, -#dotted) == dotted then
-      removed = removed + redis.call('HDEL', KEYS[1], channel)
-    end
-  end
-end
-return removed
-"""
-
-renew_lease = Script(RENEW_SCRIPT)
-join = Script(JOIN_SCRIPT)
-leave = Script(LEAVE_SCRIPT)
-restore = Script(RESTORE_SCRIPT)
-claim = Script(CLAIM_SCRIPT)
-reaped = Script(REAPED_SCRIPT)
-reap = Script(REAP_SCRIPT)
+renew_lease = scripts.load("presence_renew")
+join = scripts.load("presence_join")
+leave = scripts.load("presence_leave")
+restore = scripts.load("presence_restore")
+claim = scripts.load("presence_claim")
+reaped = scripts.load("presence_reaped")
+reap = scripts.load("presence_reap")
 
 
 def call(watcher, event):

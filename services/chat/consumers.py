@@ -10,9 +10,7 @@ from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
-from channels_redis_cluster.consumer import LayerPushMixin
-from channels_redis_cluster.history import EPOCH, OFFSET
-from channels_redis_cluster.keys import shared
+from channels_redis_cluster import EPOCH, OFFSET, LayerPushMixin, shared
 from chatsite.identity import worker_id
 from chatsite.worker import DIRECT_WRITE
 

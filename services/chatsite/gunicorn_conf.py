@@ -4,6 +4,7 @@ import os
 import shutil
 import tempfile
 
+from chatsite import environment as env
 from chatsite.log_config import json_logging
 
 # Metrics of all worker processes are summed per pod; the directory must exist before workers import.
@@ -12,19 +13,19 @@ metrics_dir = os.environ.setdefault(
 )
 
 # The public port, and the internal one of /healthz, /readyz and /metrics when OPS_BIND is set.
-bind = [os.environ.get("BIND", "0.0.0.0:8000"), *filter(None, [os.environ.get("OPS_BIND")])]
-workers = int(os.environ.get("WEB_CONCURRENCY", "3"))
+bind = [env.text("BIND"), *filter(None, [env.text("OPS_BIND")])]
+workers = env.integer("WEB_CONCURRENCY")
 worker_class = "chatsite.worker.ChatUvicornWorker"
 # Time given to open WebSockets to close after SIGTERM before workers are killed.
-graceful_timeout = int(os.environ.get("GRACEFUL_TIMEOUT", "25"))
+graceful_timeout = env.integer("GRACEFUL_TIMEOUT")
 timeout = 60
 keepalive = 5
-worker_tmp_dir = os.environ.get("WORKER_TMP_DIR", tempfile.gettempdir())
+worker_tmp_dir = env.text("WORKER_TMP_DIR") or tempfile.gettempdir()
 # The control socket would live under $HOME, which is read-only in the container.
 control_socket_disable = True
 accesslog = None
 errorlog = "-"
-loglevel = os.environ.get("LOG_LEVEL", "info").lower()
+loglevel = env.text("LOG_LEVEL").lower()
 logconfig_dict = json_logging(loglevel)
 
 

@@ -9,6 +9,8 @@ from django.conf import settings
 from django.http import HttpResponse
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest, multiprocess
 
+from . import environment as env
+
 logger = logging.getLogger(__name__)
 READY_TIMEOUT = 2.0
 OPS_PATHS = ("/healthz", "/readyz", "/metrics")
@@ -17,7 +19,7 @@ draining = False
 
 def ops_port():
     """The internal port of OPS_BIND (host:port), or None when these endpoints share the public port."""
-    bind = os.environ.get("OPS_BIND", "")
+    bind = env.text("OPS_BIND")
     return int(bind.rpartition(":")[2]) if bind else None
 
 

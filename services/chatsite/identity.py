@@ -3,8 +3,10 @@
 import os
 import socket
 
+from . import environment as env
+
 HEADER = b"x-served-by"
-_host = os.environ.get("POD_NAME") or socket.gethostname()
+_host = env.text("POD_NAME") or socket.gethostname()
 
 
 def worker_id():

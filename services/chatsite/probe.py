@@ -1,13 +1,14 @@
 """Container health probe: `python -m chatsite.probe [/path]` exits 0 when the local server answers 200."""
 
 import http.client
-import os
 import sys
+
+from chatsite import environment as env
 
 
 def main(path="/healthz"):
     """Ask this container's own server for `path`; the exit status is the verdict."""
-    port = (os.environ.get("OPS_BIND") or os.environ.get("BIND", "0.0.0.0:8000")).rpartition(":")[2]
+    port = (env.text("OPS_BIND") or env.text("BIND")).rpartition(":")[2]
     connection = http.client.HTTPConnection("127.0.0.1", int(port), timeout=3)
     try:
         connection.request("GET", path, headers={"Host": "localhost"})

@@ -1,39 +1,19 @@
 """Settings of the chat site, all read from the environment (docs/configuration.md lists them)."""
 
-import os
 import secrets
 from urllib.parse import quote
 
 from csp.constants import NONCE, NONE, SELF
 from django.core.exceptions import ImproperlyConfigured
 
+from . import environment as env
 from .log_config import json_logging
 
-
-def env_bool(name, default=False):
-    return os.environ.get(name, str(default)).strip().lower() in ("1", "true", "yes", "on")
-
-
-def env_list(name, default):
-    return [item.strip() for item in os.environ.get(name, default).split(",") if item.strip()]
-
-
-def env_secret(name):
-    """A secret from NAME, or from the file NAME_FILE names (compose's generated secrets, mounted Secrets)."""
-    if os.environ.get(name):
-        return os.environ[name]
-    path = os.environ.get(f"{name}_FILE")
-    if path:
-        with open(path, encoding="utf-8") as file:
-            return file.read().strip()
-    return ""
-
-
-DEBUG = env_bool("DJANGO_DEBUG")
+DEBUG = env.flag("DJANGO_DEBUG")
 # Nothing here signs data that another process must verify, so a per-process random key is a safe default.
-SECRET_KEY = env_secret("DJANGO_SECRET_KEY") or secrets.token_urlsafe(50)
+SECRET_KEY = env.secret("DJANGO_SECRET_KEY") or secrets.token_urlsafe(50)
 # A pod is also addressed by its IP (kubelet probes, Prometheus scrapes).
-ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", "127.0.0.1,localhost") + env_list("POD_IP", "")
+ALLOWED_HOSTS = env.items("DJANGO_ALLOWED_HOSTS") + env.items("POD_IP")
 
 INSTALLED_APPS = ["channels", "chat"]
 MIDDLEWARE = [
@@ -74,58 +54,58 @@ CONTENT_SECURITY_POLICY = {
     }
 }
 # Set where the ingress terminates TLS: HSTS for that many seconds, and X-Forwarded-Proto trusted.
-SECURE_HSTS_SECONDS = int(os.environ.get("SECURE_HSTS_SECONDS", "0"))
-if env_bool("DJANGO_BEHIND_TLS"):
+SECURE_HSTS_SECONDS = env.integer("SECURE_HSTS_SECONDS")
+if env.flag("DJANGO_BEHIND_TLS"):
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 
 # Chat limits: a larger frame or message gets a clear error, never reaches the room.
-CHAT_MAX_MESSAGE_CHARS = int(os.environ.get("CHAT_MAX_MESSAGE_CHARS") or "2000")
-CHAT_MAX_FRAME_BYTES = int(os.environ.get("CHAT_MAX_FRAME_BYTES") or "16384")
+CHAT_MAX_MESSAGE_CHARS = env.integer("CHAT_MAX_MESSAGE_CHARS")
+CHAT_MAX_FRAME_BYTES = env.integer("CHAT_MAX_FRAME_BYTES")
 # Abuse limits (0 turns one off): messages per socket as a token bucket, sockets per worker process,
 # and with identity on, rooms and sockets per identity across all workers.
-CHAT_MESSAGES_PER_S = float(os.environ.get("CHAT_MESSAGES_PER_S") or "5")
-CHAT_MESSAGE_BURST = float(os.environ.get("CHAT_MESSAGE_BURST") or "30")
-CHAT_MAX_SOCKETS_PER_WORKER = int(os.environ.get("CHAT_MAX_SOCKETS_PER_WORKER") or "10000")
-CHAT_MAX_ROOMS_PER_IDENTITY = int(os.environ.get("CHAT_MAX_ROOMS_PER_IDENTITY") or "10")
-CHAT_MAX_SOCKETS_PER_IDENTITY = int(os.environ.get("CHAT_MAX_SOCKETS_PER_IDENTITY") or "20")
+CHAT_MESSAGES_PER_S = env.number("CHAT_MESSAGES_PER_S")
+CHAT_MESSAGE_BURST = env.number("CHAT_MESSAGE_BURST")
+CHAT_MAX_SOCKETS_PER_WORKER = env.integer("CHAT_MAX_SOCKETS_PER_WORKER")
+CHAT_MAX_ROOMS_PER_IDENTITY = env.integer("CHAT_MAX_ROOMS_PER_IDENTITY")
+CHAT_MAX_SOCKETS_PER_IDENTITY = env.integer("CHAT_MAX_SOCKETS_PER_IDENTITY")
 # Presence: a member whose socket ended without a goodbye (1000 or 1001) stays listed this long, so a
 # resume is not seen as a leave and a join; a dead worker's members go within CHAT_PRESENCE_TIMEOUT.
-CHAT_PRESENCE_GRACE = float(os.environ.get("CHAT_PRESENCE_GRACE") or "5")
-CHAT_PRESENCE_TIMEOUT = float(os.environ.get("CHAT_PRESENCE_TIMEOUT") or "10")
+CHAT_PRESENCE_GRACE = env.number("CHAT_PRESENCE_GRACE")
+CHAT_PRESENCE_TIMEOUT = env.number("CHAT_PRESENCE_TIMEOUT")
 
 # Identity: off (anyone may post, as in the tutorial), nickname (this site signs a token for a name typed
 # into its form) or token (tokens come from your app, see docs/security.md). With either of the last two,
 # a socket needs a token (HS256 JWT) signed with CHAT_TOKEN_SECRET, checked by any worker on its own.
-CHAT_IDENTITY = os.environ.get("CHAT_IDENTITY") or "off"
+CHAT_IDENTITY = env.text("CHAT_IDENTITY")
 if CHAT_IDENTITY not in ("off", "nickname", "token"):
     raise ImproperlyConfigured(f"CHAT_IDENTITY must be off, nickname or token, not {CHAT_IDENTITY!r}")
-CHAT_TOKEN_SECRET = env_secret("CHAT_TOKEN_SECRET")
+CHAT_TOKEN_SECRET = env.secret("CHAT_TOKEN_SECRET")
 if CHAT_IDENTITY != "off" and len(CHAT_TOKEN_SECRET) < 32:
     raise ImproperlyConfigured(
         "CHAT_IDENTITY needs CHAT_TOKEN_SECRET (or CHAT_TOKEN_SECRET_FILE): 32 characters or more, the same in every worker"
     )
-CHAT_TOKEN_AUDIENCE = os.environ.get("CHAT_TOKEN_AUDIENCE", "chat")
-CHAT_TOKEN_TTL = int(os.environ.get("CHAT_TOKEN_TTL") or "900")  # seconds a token minted here lasts
-CHAT_TOKEN_LEEWAY = int(os.environ.get("CHAT_TOKEN_LEEWAY") or "5")  # seconds of clock skew forgiven
+CHAT_TOKEN_AUDIENCE = env.text("CHAT_TOKEN_AUDIENCE")
+CHAT_TOKEN_TTL = env.integer("CHAT_TOKEN_TTL")  # seconds a token minted here lasts
+CHAT_TOKEN_LEEWAY = env.integer("CHAT_TOKEN_LEEWAY")  # seconds of clock skew forgiven
 
 
 def channel_layers():
     """CHANNEL_LAYERS for the backend named by CHANNEL_LAYER."""
-    kind = os.environ.get("CHANNEL_LAYER", "redis-cluster")
-    common = {"prefix": os.environ.get("CHANNEL_LAYER_PREFIX", "asgi"), "capacity": 100, "expiry": 60}
+    kind = env.text("CHANNEL_LAYER")
+    common = {"prefix": env.text("CHANNEL_LAYER_PREFIX"), "capacity": 100, "expiry": 60}
     if kind == "redis-cluster":
-        nodes = env_list("REDIS_CLUSTER_NODES", "127.0.0.1:7000")
-        password = env_secret("REDIS_PASSWORD")
+        nodes = env.items("REDIS_CLUSTER_NODES")
+        password = env.secret("REDIS_PASSWORD")
         auth = f":{quote(password, safe='')}@" if password else ""
         # With REDIS_TLS_CA (the CA that signed the nodes' certificates) every connection is TLS.
-        tls_ca = os.environ.get("REDIS_TLS_CA")
+        tls_ca = env.text("REDIS_TLS_CA")
         hosts = [f"{'rediss' if tls_ca else 'redis'}://{auth}{node}" for node in nodes]
         if tls_ca:
             hosts = [{"address": host, "ssl_ca_certs": tls_ca} for host in hosts]
         # Room history, for resuming clients and recent messages on open; 0 turns it off.
         history = {
-            "size": int(os.environ.get("CHAT_HISTORY_SIZE") or "500"),
-            "age": int(os.environ.get("CHAT_HISTORY_AGE") or "300"),
+            "size": env.integer("CHAT_HISTORY_SIZE"),
+            "age": env.integer("CHAT_HISTORY_AGE"),
         }
         config = {
             "hosts": hosts,
@@ -133,7 +113,7 @@ def channel_layers():
             "presence_timeout": CHAT_PRESENCE_TIMEOUT,
             # A room message is published once the replicas of its primary hold it (docs/failures.md);
             # off, it is published as it is written: faster, and lost with a primary cut off from its replica.
-            "replicate_before_publish": env_bool("CHAT_REPLICATE_BEFORE_PUBLISH", True),
+            "replicate_before_publish": env.flag("CHAT_REPLICATE_BEFORE_PUBLISH"),
             # A sender told "unavailable" resends with its nonce; a send retried longer could land after
             # the room wrote more than its history holds, past the window that keeps a resend from
             # landing twice (500 messages: 10 s at 50/s). A send held up longer, by a failover too, is
@@ -144,7 +124,7 @@ def channel_layers():
         return {"BACKEND": "channels_redis_cluster.RedisClusterChannelLayer", "CONFIG": config}
     if kind in ("redis", "redis-pubsub"):
         backend = "channels_redis.core.RedisChannelLayer" if kind == "redis" else "channels_redis.pubsub.RedisPubSubChannelLayer"
-        config = {"hosts": [os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")], "prefix": common["prefix"]}
+        config = {"hosts": [env.text("REDIS_URL")], "prefix": common["prefix"]}
         if kind == "redis":
             config.update(capacity=common["capacity"], expiry=common["expiry"])
         return {"BACKEND": backend, "CONFIG": config}
@@ -155,4 +135,4 @@ def channel_layers():
 
 CHANNEL_LAYERS = {"default": channel_layers()}
 
-LOGGING = json_logging(os.environ.get("LOG_LEVEL", "INFO"))
+LOGGING = json_logging(env.text("LOG_LEVEL"))

@@ -3,7 +3,6 @@
 import asyncio
 import gc
 import logging
-import os
 import sys
 import weakref
 from typing import ClassVar
@@ -19,27 +18,28 @@ from wsproto.connection import ConnectionState
 from wsproto.events import CloseConnection
 from wsproto.frame_protocol import FrameProtocol
 
+from . import environment as env
 from . import health
 
 # wsproto holds an idle socket in less memory than websockets-sansio and, with room messages written
 # through ChatWSProtocol.send_text_now, fans out faster; both are measured side by side by `make bench`.
-WS_DEFAULT = "wsproto"
+WS_DEFAULT = env.BY_NAME["UVICORN_WS"].default
 # The ASGI scope extension by which ChatWSProtocol offers the app its direct write: {"send_text_now": a
 # weak reference to the method}, weak so that a socket's scope does not hold its protocol in a cycle.
 DIRECT_WRITE = "chat.send_text_now"
 # The server refuses frames far beyond the app's own limit; the app answers smaller oversize frames clearly.
-WS_MAX_SIZE = 4 * int(os.environ.get("CHAT_MAX_FRAME_BYTES", "16384"))
+WS_MAX_SIZE = 4 * env.integer("CHAT_MAX_FRAME_BYTES")
 
 
 logger = logging.getLogger(__name__)
 # Seconds over which a stopping worker closes its WebSockets (1012), so their clients do not all
 # reconnect in the same instant; below GRACEFUL_TIMEOUT, which ends the worker.
-DRAIN_SECONDS = float(os.environ.get("DRAIN_SECONDS", "10"))
+DRAIN_SECONDS = env.number("DRAIN_SECONDS")
 # A worker that cannot reach Redis is unready at once (within the layer's follow_interval + command_timeout,
 # 3 s); its WebSockets, which would receive nothing, are closed with 1012 after this many seconds more
 # (time for the ingress to stop sending it new ones) over HANDOVER_SPREAD_SECONDS, so their clients resume
 # on workers that can.
-HANDOVER_AFTER_SECONDS = float(os.environ.get("CHAT_HANDOVER_AFTER") or "2")
+HANDOVER_AFTER_SECONDS = env.number("CHAT_HANDOVER_AFTER")
 HANDOVER_SPREAD_SECONDS = 2.0  # at most; at least 100 sockets a second
 HANDOVER_CHECK_SECONDS = 0.5
 WS_PROTOCOLS = "uvicorn.protocols.websockets."
@@ -232,9 +232,9 @@ class ChatUvicornWorker(UvicornWorker):
     """uvicorn with uvloop and httptools, no lifespan (Django has none) and a bounded frame size."""
 
     CONFIG_KWARGS: ClassVar[dict] = {
-        "loop": os.environ.get("UVICORN_LOOP", "uvloop"),
+        "loop": env.text("UVICORN_LOOP"),
         "http": ChatHttpToolsProtocol,
-        "ws": _ws_protocol(os.environ.get("UVICORN_WS", WS_DEFAULT)),
+        "ws": _ws_protocol(env.text("UVICORN_WS")),
         "lifespan": "off",
         "ws_max_size": WS_MAX_SIZE,
         "ws_per_message_deflate": False,
