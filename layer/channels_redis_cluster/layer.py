@@ -47,7 +47,7 @@ class RedisClusterChannelLayer(BaseChannelLayer):
     """Channel layer on Redis Cluster: sharded pub/sub for groups and process channels, lists for the rest."""
 
     # What callers may test for ("history" in layer.extensions) instead of probing for methods.
-    extensions: ClassVar[list[str]] = ["groups", "flush", "attach", "history", "presence", "ready"]
+    extensions: ClassVar[list[str]] = ["groups", "flush", "attach", "history", "presence", "ready", "scripts"]
 
     def __init__(
         self,
@@ -524,6 +524,12 @@ class RedisClusterChannelLayer(BaseChannelLayer):
             state.background(topology.refresh())
         if topology.reached_at is None or topology.unreachable_since is not None:
             raise ConnectionError("no node of the Redis Cluster answered")
+
+    async def run_script(self, script, keys, *args):
+        """Run ``script`` (a ``Script``) on the primary of its keys' slot, on this layer's connections: for an
+        application's own state kept beside the layer's, changed in one command. ``keys`` share one slot."""
+        state = await self._state()
+        return await script(state.publisher, keys, *args)
 
     async def flush(self):
         """Delete every key of this prefix in the cluster and forget local channels and groups."""

@@ -1,14 +1,13 @@
 """Abuse limits: messages per socket (token bucket), sockets per worker, rooms and sockets per identity."""
 
-import asyncio
 import time
-import weakref
+from pathlib import Path
 from typing import ClassVar
 
+from channels.layers import get_channel_layer
 from django.conf import settings
-from redis.asyncio.cluster import RedisCluster
 
-from channels_redis_cluster.cluster import parse_hosts
+from channels_redis_cluster import Script
 
 from .protocol import CLOSE_TOO_MANY, BadFrame
 
@@ -52,35 +51,21 @@ class WorkerSockets:
         cls.open -= 1
 
 
-# KEYS[1]: an identity's sockets, members "<room> <channel>" scored by when their token ends (ms).
-# ARGV: now (ms), this socket's member, its token's end (ms), its room, most rooms, most sockets.
-# Returns 0 when the socket was added, 1 when the identity is in its most rooms, 2 at its most sockets.
-_CLAIM = """
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
-local members = redis.call('ZRANGE', KEYS[1], 0, -1)
-if #members >= tonumber(ARGV[6]) then return 2 end
-local rooms, count = {}, 0
-for _, member in ipairs(members) do
-  local room = string.match(member, '^(%S+) ')
-  if not rooms[room] then rooms[room] = true; count = count + 1 end
-end
-if not rooms[ARGV[4]] and count >= tonumber(ARGV[5]) then return 1 end
-redis.call('ZADD', KEYS[1], ARGV[3], ARGV[2])
-local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
-redis.call('PEXPIREAT', KEYS[1], last[2])
-return 0
-"""
+# On the layer's own connections (its "scripts" extension): the identity's sockets live in the cluster the
+# layer uses, one key per identity, each change one script.
+_CLAIM = Script((Path(__file__).parent / "lua" / "identity_claim.lua").read_text())
+_RELEASE = Script((Path(__file__).parent / "lua" / "identity_release.lua").read_text())
 
 
 class IdentityQuota:
     """Rooms and sockets per identity across every worker, kept in the Redis Cluster the layer uses.
 
     An entry ends with its token, and sockets are closed when their token ends, so a worker that
-    crashed holds an identity's places no longer than its tokens last. Without a Redis Cluster
-    layer (CHANNEL_LAYER memory, redis, redis-pubsub) the count is per worker.
+    crashed holds an identity's places no longer than its tokens last. Without a layer that runs
+    scripts on its cluster (CHANNEL_LAYER memory, redis, redis-pubsub) the count is per worker, in
+    ``_claim_here``, the same rule in Python.
     """
 
-    _clients: ClassVar[weakref.WeakKeyDictionary] = weakref.WeakKeyDictionary()  # event loop -> RedisCluster
     _local: ClassVar[dict] = {}  # without a cluster: key -> {member: ends}
 
     @staticmethod
@@ -103,11 +88,11 @@ class IdentityQuota:
             settings.CHAT_MAX_ROOMS_PER_IDENTITY,
             settings.CHAT_MAX_SOCKETS_PER_IDENTITY,
         )
-        client = cls._client()
-        if client is None:
-            verdict = cls._claim_here(cls.key(identity), *args)
+        layer = get_channel_layer()
+        if "scripts" in layer.extensions:
+            verdict = await layer.run_script(_CLAIM, cls.key(identity), *args)
         else:
-            verdict = await client.eval(_CLAIM, 1, cls.key(identity), *args)
+            verdict = cls._claim_here(cls.key(identity), *args)
         if verdict == 1:
             raise BadFrame(
                 CLOSE_TOO_MANY, "too_many_rooms", f"one identity may be in {settings.CHAT_MAX_ROOMS_PER_IDENTITY} rooms at once"
@@ -122,11 +107,11 @@ class IdentityQuota:
     @classmethod
     async def release(cls, identity, room, channel):
         """Give this socket's place back."""
-        client = cls._client()
-        if client is None:
-            cls._local.get(cls.key(identity), {}).pop(cls.member(room, channel), None)
+        layer = get_channel_layer()
+        if "scripts" in layer.extensions:
+            await layer.run_script(_RELEASE, cls.key(identity), cls.member(room, channel))
         else:
-            await client.zrem(cls.key(identity), cls.member(room, channel))
+            cls._local.get(cls.key(identity), {}).pop(cls.member(room, channel), None)
 
     @classmethod
     def _claim_here(cls, key, now, member, ends, room, most_rooms, most_sockets):
@@ -140,16 +125,3 @@ class IdentityQuota:
             return 1
         members[member] = ends
         return 0
-
-    @classmethod
-    def _client(cls):
-        """This loop's client of the layer's cluster (its hosts, password and TLS), or None without one."""
-        layer = settings.CHANNEL_LAYERS["default"]
-        if layer["BACKEND"] != "channels_redis_cluster.RedisClusterChannelLayer":
-            return None
-        loop = asyncio.get_running_loop()
-        client = cls._clients.get(loop)
-        if client is None:
-            nodes, options = parse_hosts(layer["CONFIG"]["hosts"])
-            client = cls._clients[loop] = RedisCluster(startup_nodes=nodes, **options)
-        return client

@@ -11,7 +11,6 @@ import os
 import sys
 from typing import NamedTuple
 
-
 DEPLOYMENT = "(the deployment's own)"
 
 
