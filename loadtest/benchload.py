@@ -17,12 +17,14 @@ import time
 import traceback
 from collections import Counter, defaultdict
 from pathlib import Path
+from urllib.parse import urlencode
 
 import uvloop
 
 from chat.protocol import CLOSE_TOO_SLOW
 from loadtest import wsclient
 from loadtest.ledger import percentile
+from loadtest.resume import DUPLICATE, Place
 
 RESUME_ATTEMPTS = 8  # handshakes a member closed as too slow tries before it counts as gone
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -122,15 +124,6 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
-class _Member:
-    """A chat.v2 member: the last room message it has, where a resume starts."""
-
-    __slots__ = ("epoch", "offset")
-
-    def __init__(self):
-        self.offset = self.epoch = None
-
-
 class _Client:
     """One client process: its sockets of each room, what it sent and what they received."""
 
@@ -139,7 +132,7 @@ class _Client:
         self.rooms = defaultdict(list)  # room -> [Socket]
         self.room_of = {}  # Socket -> room
         self.closed_at = {}  # Socket -> monotonic time its close was seen
-        self.resuming = {}  # Socket -> _Member, for sockets that resume when closed as too slow
+        self.resuming = {}  # Socket -> Place, for sockets that resume when closed as too slow
         self.received = defaultdict(Counter)  # step -> message id -> receipts
         self.latencies = defaultdict(list)  # step -> [ms]
         self.sends = defaultdict(list)  # step -> [(message id, room, sent_at, sender)]
@@ -164,16 +157,12 @@ class _Client:
 
         def on_text(payload):
             frame = json.loads(payload)
-            kind = frame.get("type")
-            if kind == "message":
-                if frame["epoch"] == member.epoch and frame["offset"] <= member.offset:
-                    self.duplicates += 1
-                    return
-                member.offset, member.epoch = frame["offset"], frame["epoch"]
+            seen = member.on_frame(frame)
+            if seen is DUPLICATE:
+                self.duplicates += 1
+            elif frame.get("type") == "message":
                 self.on_message(frame["message"].encode())
-            elif kind == "joined" and member.epoch is None:
-                member.offset, member.epoch = frame["offset"], frame["epoch"]
-            elif kind == "recovered" and not frame["recovered"]:
+            elif frame.get("type") == "recovered" and not frame["recovered"]:
                 self.not_recovered += 1
 
         return on_text
@@ -205,7 +194,7 @@ class _Client:
                 resumed = await wsclient.connect(
                     "127.0.0.1",
                     self.port,
-                    f"/ws/chat/{room}/?since={member.offset}&epoch={member.epoch}",
+                    f"/ws/chat/{room}/?{urlencode(member.query())}",
                     self.resuming_receiver(member),
                     subprotocol="chat.v2",
                 )
@@ -233,7 +222,7 @@ class _Client:
         batch = batch or max(1, len(wanted))
         for start in range(0, len(wanted), batch):
             part = wanted[start : start + batch]
-            members = [_Member() if resume else None for _ in part]
+            members = [Place() if resume else None for _ in part]
             protocols = [
                 "chat.v2"
                 if resume or (subprotocol == "mixed" and (start + n) % 2)

@@ -20,7 +20,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 import gevent
 import websocket
@@ -29,6 +29,7 @@ from locust.runners import MasterRunner, WorkerRunner
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ledger import Ledger, describe, generator, save, verdict
+from resume import Place
 
 logger = logging.getLogger("loadtest")
 EXIT_STATUS = {"PASS": 0, "FAIL": 1, "INCONCLUSIVE": 2}
@@ -172,7 +173,7 @@ class ChatUser(User):
         self.weights = [1 / (k + 1) for k in range(self.rooms)] if options.room_distribution == "zipf" else None
         self.interval = options.message_interval
         self.socket = self.receiver = self.member = None
-        self.offset = self.epoch = None  # the last room message this member has, for a resume
+        self.place = Place()  # the last room message this member has, for a resume
         self.join(self.pick_room())
 
     def on_stop(self):
@@ -186,10 +187,10 @@ class ChatUser(User):
         """Open a socket in `room`; reported as a WSCONNECT request. A "resume" goes on as the same member."""
         target = urlsplit(self.host)
         self.room, started = room, time.perf_counter()
-        resuming = name == "resume" and self.epoch is not None
-        query = f"?since={self.offset}&epoch={self.epoch}" if resuming else ""
+        resuming = name == "resume" and self.place.epoch is not None
+        query = f"?{urlencode(self.place.query())}" if resuming else ""
         if not resuming:
-            self.offset = self.epoch = None
+            self.place.forget()
         try:
             self.socket = websocket.create_connection(
                 f"{'wss' if target.scheme == 'https' else 'ws'}://{target.netloc}/ws/chat/{room}/{query}",
@@ -232,14 +233,11 @@ class ChatUser(User):
             except (websocket.WebSocketException, OSError, ValueError):
                 return
             kind = frame.get("type")
-            if (kind == "joined" and self.epoch is None) or kind == "recovered":
-                self.offset, self.epoch = frame["offset"], frame["epoch"]
-                if kind == "recovered":
-                    ledger.recovered(member, frame["recovered"])
+            self.place.on_frame(frame)
+            if kind == "recovered":
+                ledger.recovered(member, frame["recovered"])
             if kind != "message":
                 continue
-            if "offset" in frame:
-                self.offset, self.epoch = frame["offset"], frame["epoch"]
             if "nonce" not in frame:
                 continue
             received_at = time.time()

@@ -12,6 +12,8 @@ from urllib.parse import urlencode
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
+from loadtest.resume import Place
+
 V2 = "chat.v2"
 
 
@@ -28,8 +30,7 @@ class Member:
         self.served_by = None  # X-Served-By of the current connection
         self.origin = origin or base.replace("ws://", "http://", 1)
         self.backoff = backoff
-        self.offset = self.epoch = None
-        self.joined_at = None  # v2: the room's top when this member first joined
+        self.place = Place()  # v2: the last room message it has, and the room's top when it first joined
         self.messages = []  # v2: (offset, epoch, text) of every room message, in arrival order; v1: text
         self.arrivals = []  # loop time at which each of ``messages`` arrived
         self.refusals = 0  # error frames saying a message was not delivered (unavailable): resent later
@@ -44,10 +45,22 @@ class Member:
         self.task = None
         self.resending = None
 
+    @property
+    def offset(self):
+        return self.place.offset
+
+    @property
+    def epoch(self):
+        return self.place.epoch
+
+    @property
+    def joined_at(self):
+        return self.place.joined_at
+
     def url(self):
         query = {"token": self.token} if self.token else {}
-        if self.v2 and self.epoch is not None:
-            query.update(since=self.offset, epoch=self.epoch)
+        if self.v2:
+            query.update(self.place.query())
         if self.v2 and self.presence:
             query["presence"] = 1
         if self.v2 and self.member_key:
@@ -98,7 +111,7 @@ class Member:
         if kind == "message":
             self.messages.append((frame["offset"], frame["epoch"], frame["message"]))
             self.arrivals.append(asyncio.get_running_loop().time())
-            self.offset, self.epoch = frame["offset"], frame["epoch"]
+            self.place.on_frame(frame)
             self.pending.pop(frame.get("nonce"), None)
         elif kind == "presence":
             self.present = {member["id"]: member["name"] for member in frame["members"]}
@@ -111,14 +124,13 @@ class Member:
         elif kind == "joined":
             self.member = frame.get("member", {}).get("id")
             self.member_key = frame.get("member_key", self.member_key)
-            if self.epoch is None:
-                self.joined_at = frame["offset"]
-                self.offset, self.epoch = frame["offset"], frame["epoch"]
+            if self.place.epoch is None:
+                self.place.on_frame(frame)
                 self._resend()
             self.ready.set()
         elif kind == "recovered":
             self.recoveries.append(frame["recovered"])
-            self.offset, self.epoch = frame["offset"], frame["epoch"]
+            self.place.on_frame(frame)
             self._resend()
         elif kind == "error" and frame.get("error") == "unavailable":
             # A message that could not be made durable: resend what has not come back, with the same nonces.
