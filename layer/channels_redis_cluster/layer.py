@@ -451,11 +451,13 @@ class RedisClusterChannelLayer(BaseChannelLayer):
             state.watched.pop(shard_channel, None)
             await state.subscriber.unsubscribe(shard_channel)
 
-    async def on_processes_gone(self, listener):
-        """Have ``listener(prefixes)`` called in this loop when processes' leases end (they died without leaving)."""
+    async def on_channels_gone(self, listener):
+        """Have ``listener(gone)`` called in this loop when processes die without leaving (their leases end);
+        ``gone(channel)`` is true for each channel that was theirs, so no caller reads channel names."""
         state = await self._state()
         await state.leases.start()
-        state.leases.listeners.append(listener)
+        owner_of = self.owner_of
+        state.leases.listeners.append(lambda prefixes: listener(lambda channel: owner_of(channel) in prefixes))
 
     async def group_history(self, group, since=None, epoch=None, last=0):
         """The messages of ``group`` after offset ``since`` of ``epoch`` (or its ``last`` ones), as ``GroupHistory``.

@@ -109,10 +109,10 @@ class RoomView:
             del self.members[member]
             self.tell(change_frame("leave", {"id": member, "name": state["name"]}))
 
-    def processes_gone(self, prefixes):
-        """Forget the sockets of processes that died without saying goodbye."""
+    def channels_gone(self, gone):
+        """Forget the sockets of processes that died without saying goodbye (``gone(channel)`` says which)."""
         for member, state in list(self.members.items()):
-            for channel in [c for c in state["channels"] if self.layer.owner_of(c) in prefixes]:
+            for channel in [c for c in state["channels"] if gone(c)]:
                 self.forget(member, channel)
 
     def tell(self, frame):
@@ -148,7 +148,7 @@ async def watch(consumer, layer, group):
     """Add ``consumer`` to the worker's view of ``group``; the members it lists now."""
     if layer not in _listening:
         _listening.add(layer)
-        await layer.on_processes_gone(lambda prefixes: [view.processes_gone(prefixes) for view in list(VIEWS.values())])
+        await layer.on_channels_gone(lambda gone: [view.channels_gone(gone) for view in list(VIEWS.values())])
     view = VIEWS.get(group)
     if view is None:
         view = VIEWS[group] = RoomView(layer, group)
