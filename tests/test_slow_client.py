@@ -38,7 +38,7 @@ async def test_slow_client_is_closed_with_4408_then_resumes_without_loss():
         assert len(offsets) < MESSAGES, "the client fell behind before it was closed"
 
         resumed = Member(stack["ws"], "slow")
-        resumed.offset, resumed.epoch = offsets[-1], joined["epoch"]
+        resumed.place.offset, resumed.place.epoch = offsets[-1], joined["epoch"]
         resumed.ready.set()
         await resumed.start()
         await until(lambda: resumed.recoveries, 30, "the resume to end")
