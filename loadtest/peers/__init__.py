@@ -22,10 +22,10 @@ import string
 import subprocess
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 from localstack.cluster import die_with_parent, free_port
+from localstack.run import wait_ready
 
 HERE = Path(__file__).resolve().parent
 SOCKETIO = HERE / "socketio"
@@ -79,21 +79,6 @@ def _children(pid):
     return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
-def _wait_ready(url, process, what):
-    deadline = time.monotonic() + STARTUP_SECONDS
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{what} exited with status {process.returncode}")
-        try:
-            with urllib.request.urlopen(f"{url}/readyz", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError(f"{what} on {url} did not become ready")
-
-
 class _PeerStack:
     """A peer's server processes on a free port of 127.0.0.1, over ``cluster``."""
 
@@ -143,7 +128,7 @@ class SocketIOStack(_PeerStack):
         self.process = subprocess.Popen(
             ["node", str(SOCKETIO / "server.js")], env=environment, stdout=subprocess.DEVNULL, preexec_fn=die_with_parent
         )
-        _wait_ready(self.url, self.process, "the Socket.IO peer")
+        wait_ready(self.url, self.process, STARTUP_SECONDS, "the Socket.IO peer")
         deadline = time.monotonic() + STARTUP_SECONDS
         # The primary listens as soon as one worker does: every worker must be up before a run.
         while len(self.worker_pids()) < workers and time.monotonic() < deadline:
@@ -172,7 +157,7 @@ class NchanStack(_PeerStack):
             preexec_fn=die_with_parent,
         )
         try:
-            _wait_ready(self.url, self.process, "the nchan peer")
+            wait_ready(self.url, self.process, STARTUP_SECONDS, "the nchan peer")
         except (RuntimeError, TimeoutError) as error:
             raise RuntimeError(f"{error}: {log.read_text()[-2000:]}") from None
 

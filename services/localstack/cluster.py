@@ -134,6 +134,27 @@ def free_base_port(count, low=10000, high=16000):
     raise RuntimeError("no free ports for a local Redis Cluster")
 
 
+def cluster_node_args(directory, node_timeout_ms):
+    """A cluster node's options, the same for the local cluster and the test hosts' nodes."""
+    return [
+        "--cluster-enabled",
+        "yes",
+        "--cluster-config-file",
+        "nodes.conf",
+        "--cluster-node-timeout",
+        str(node_timeout_ms),
+        "--dir",
+        str(directory),
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        # A replica that rejoins is synced at once, not 5 s later: sends to its rooms wait for it.
+        "--repl-diskless-sync-delay",
+        "0",
+    ]
+
+
 class LocalCluster:
     """Starts, reshapes and stops a local cluster; ports are ``base_port`` .. ``base_port + 5``."""
 
@@ -172,21 +193,7 @@ class LocalCluster:
                 "--bind",
                 "127.0.0.1",
                 *(["-::1"] if self.secured else []),
-                "--cluster-enabled",
-                "yes",
-                "--cluster-config-file",
-                "nodes.conf",
-                "--cluster-node-timeout",
-                str(self.node_timeout_ms),
-                "--dir",
-                str(directory),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                # A replica that rejoins is synced at once, not 5 s later: sends to its rooms wait for it.
-                "--repl-diskless-sync-delay",
-                "0",
+                *cluster_node_args(directory, self.node_timeout_ms),
                 "--logfile",
                 "server.log",
             ],

@@ -25,7 +25,7 @@ import threading
 import time
 from pathlib import Path
 
-from .cluster import SLOTS, die_with_parent, server_binary, wait_until
+from .cluster import SLOTS, cluster_node_args, die_with_parent, server_binary, wait_until
 
 SUBNET = "198.18.0"
 CLONE_NEWNET = 0x40000000
@@ -329,20 +329,7 @@ class PartitionStack:
                     "127.0.0.1",
                     "--port",
                     str(REDIS_PORT),
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-config-file",
-                    "nodes.conf",
-                    "--cluster-node-timeout",
-                    str(self.node_timeout_ms),
-                    "--dir",
-                    str(directory),
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                    "--repl-diskless-sync-delay",
-                    "0",
+                    *cluster_node_args(directory, self.node_timeout_ms),
                     # Reached from the other hosts: only they can reach these namespaces.
                     "--protected-mode",
                     "no",

@@ -39,12 +39,12 @@ def start_workers(env, app="chatsite.asgi:application"):
     )
 
 
-def wait_ready(url, process, timeout=60):
-    """Wait until /readyz answers 200, or fail if gunicorn died."""
+def wait_ready(url, process, timeout=60, what="gunicorn"):
+    """Wait until /readyz answers 200, or fail if ``what`` (the server process) died."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"gunicorn exited with status {process.returncode}")
+            raise RuntimeError(f"{what} exited with status {process.returncode}")
         try:
             with urllib.request.urlopen(f"{url}/readyz", timeout=2) as response:
                 if response.status == 200:
