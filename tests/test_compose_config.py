@@ -104,10 +104,10 @@ def test_images_are_official_by_default_and_local_with_the_switch():
     assert local["chat"]["build"]["args"]["PYTHON_IMAGE"] == standins["PYTHON_IMAGE"]
 
 
-def test_ingress_balances_round_robin_with_no_affinity():
+def test_ingress_balances_by_load_with_no_affinity():
     haproxy = (ROOT / "docker" / "haproxy.cfg").read_text()
     directives = [line.split("#")[0].strip() for line in haproxy.splitlines() if line.split("#")[0].strip()]
-    assert "balance roundrobin" in directives
+    assert "balance leastconn" in directives
     assert not [
         d
         for d in directives
@@ -118,6 +118,9 @@ def test_ingress_balances_round_robin_with_no_affinity():
     assert any(d.startswith("timeout tunnel") for d in directives)
     assert any(d.startswith("server-template chat") and "resolvers" not in d for d in directives)
     assert any("resolvers docker" in d for d in directives if d.startswith("default-server"))
+    # A replica found through DNS is DOWN until its first check passes, where the HAProxy has init-state.
+    assert ".if version_atleast(3.2)" in directives
+    assert "server-template chat 32 chat:8000 init-state down" in directives
 
 
 def test_ingress_keeps_a_draining_replicas_sockets_and_closes_a_broken_ones():

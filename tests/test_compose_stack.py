@@ -6,6 +6,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 
 import pytest
 from test_rolling_restart import save
@@ -16,6 +17,11 @@ from conftest import COMPOSE_INGRESS_LIMITS, ROOT
 from loadtest.member import Conversation
 
 ROOM_TIMEOUT_S = 15
+# After a scale-out every replica holds within this fraction of the mean (the default CHAT_REBALANCE_TOLERANCE)
+# within REBALANCE_WITHIN_S, and stays there, with no more sockets moving, for SETTLED_FOR_S.
+REBALANCE_TOLERANCE = 0.2
+REBALANCE_WITHIN_S = 60
+SETTLED_FOR_S = 10
 
 
 async def join(stack, room):
@@ -210,3 +216,53 @@ def test_the_ingress_answers_429_past_an_address_request_rate_then_recovers(comp
     while status(f"{compose_stack.url}/chat/") != 200:  # the 10 s window slides past the burst
         assert time.monotonic() < deadline
         time.sleep(0.5)
+
+
+def spread(members, replicas):
+    """Open sockets per replica (hostname part of X-Served-By), every replica listed."""
+    counts = Counter({replica: 0 for replica in replicas})
+    counts.update(m.served_by.partition(":")[0] for m in members if m.socket is not None and m.served_by)
+    return counts
+
+
+async def test_a_scale_out_moves_sockets_to_the_new_replicas_and_resuming_members_miss_nothing(compose_stack):
+    """3 replicas to 6 under a talking room: the old replicas shed sockets (1012) until every replica is
+    within 20% of the mean, then stop; every resuming member gets every message exactly once."""
+    compose_stack.run("up", "--detach", "--wait", "--no-recreate", "--scale", "chat=3")
+    try:
+        room = await Conversation(
+            compose_stack.ws, "compose-rebalance", resuming=60, plain=0, interval=0.05, origin=compose_stack.url
+        ).start()
+        members = [*room.members, room.sender]
+        await room.typed_more(10)
+        before = spread(members, {c[:12] for c in compose_stack.containers("chat")})
+        scaling = time.monotonic()
+        compose_stack.run("up", "--detach", "--wait", "--no-recreate", "--scale", "chat=6")
+        scale_out_s = round(time.monotonic() - scaling, 1)  # until the new replicas are healthy; the timeline starts here
+        replicas = {c[:12] for c in compose_stack.containers("chat")}
+        assert len(replicas) == 6 and set(before) < replicas
+        timeline, started, settled = [], time.monotonic(), None
+        while time.monotonic() - started < REBALANCE_WITHIN_S + SETTLED_FOR_S:
+            counts = spread(members, replicas)
+            reconnects = sum(m.connections - 1 for m in members)
+            timeline.append({"s": round(time.monotonic() - started, 1), "sockets": sorted(counts.values()), "moves": reconnects})
+            mean = sum(counts.values()) / len(replicas)
+            if all(abs(count - mean) <= REBALANCE_TOLERANCE * mean for count in counts.values()):
+                settled = settled or timeline[-1]
+                if timeline[-1]["s"] - settled["s"] >= SETTLED_FOR_S:
+                    break
+            else:
+                settled = None
+            await asyncio.sleep(1)  # the sampling interval of the timeline
+        await room.finish()
+        report = room.report()
+        save("compose_rebalance", {"before": sorted(before.values()), "scale_out_s": scale_out_s, "timeline": timeline, **report})
+        assert settled is not None and settled["s"] <= REBALANCE_WITHIN_S, timeline
+        assert timeline[-1]["moves"] == settled["moves"], f"sockets still moving once within the band: {timeline}"
+        # Moves are bounded: at most the sockets above the band, with room for a few that landed back.
+        assert settled["moves"] <= len(members), timeline
+        assert report["typed_messages_in_the_room_once"]
+        assert report["resuming_recovered_exactly"] == len(room.members)
+        assert report["resuming_duplicates"] == 0
+    finally:
+        compose_stack.run("up", "--detach", "--wait", "--no-recreate", "--scale", "chat=3")

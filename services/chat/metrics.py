@@ -49,3 +49,11 @@ FANOUT_LATENCY = Histogram(
 HANDED_OVER = Counter(
     "chat_sockets_handed_over_total", "WebSockets this worker closed with 1012 because it could not reach Redis"
 )
+REBALANCED = Counter(
+    "chat_sockets_rebalanced_total", "WebSockets this worker closed with 1012 because it held more than its share"
+)
+WORKER_SHARE = Gauge(
+    "chat_worker_socket_share",
+    "A worker's WebSockets over the deployment's mean per worker (1: its share), the highest of the pod's workers",
+    multiprocess_mode="livemax",
+)

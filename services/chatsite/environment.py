@@ -92,6 +92,24 @@ SETTINGS = (
             ),
         },
     ),
+    Setting(
+        "ACCEPT_BALANCE",
+        "true",
+        "the workers of a container take turns accepting, so a burst of handshakes spreads evenly over them "
+        "([operations](operations.md#how-load-spreads)); `false`: whichever worker wakes first takes every queued one",
+    ),
+    Setting(
+        "CHAT_REBALANCE",
+        "true",
+        "a worker holding more than its share of the deployment's sockets closes the excess (1012) little by little, "
+        "so they resume on replicas added later ([operations](operations.md#how-load-spreads))",
+    ),
+    Setting(
+        "CHAT_REBALANCE_TOLERANCE",
+        "0.2",
+        "a worker sheds sockets only above the deployment's mean per worker times 1 + this",
+    ),
+    Setting("CHAT_REBALANCE_CLOSES_PER_S", "5", "at most this many sockets a worker closes per second to rebalance"),
     Setting("WORKER_TMP_DIR", None, "gunicorn's heartbeat files; unset, the system's temporary directory"),
     Setting("CHAT_MAX_MESSAGE_CHARS", "2000", "longest accepted `message`"),
     Setting(

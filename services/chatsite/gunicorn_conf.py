@@ -4,6 +4,7 @@ import os
 import shutil
 import tempfile
 
+from chatsite import balance
 from chatsite import environment as env
 from chatsite.log_config import json_logging
 
@@ -29,12 +30,25 @@ loglevel = env.text("LOG_LEVEL").lower()
 logconfig_dict = json_logging(loglevel)
 
 
+# The workers take turns accepting from the shared listening socket (chatsite/balance.py): the table of
+# their loads is made here, in the arbiter, before any worker is forked.
+if env.flag("ACCEPT_BALANCE") and workers > 1:
+    balance.TABLE = balance.WorkerTable()
+
+
 def on_starting(server):
     shutil.rmtree(metrics_dir, ignore_errors=True)
     os.makedirs(metrics_dir, exist_ok=True)
 
 
+def pre_fork(server, worker):
+    if balance.TABLE is not None:
+        worker.accept_row = balance.TABLE.claim({w.accept_row for w in server.WORKERS.values()})
+
+
 def child_exit(server, worker):
+    if balance.TABLE is not None and worker.accept_row is not None:
+        balance.TABLE.clear(worker.accept_row)
     from prometheus_client import multiprocess
 
     multiprocess.mark_process_dead(worker.pid)

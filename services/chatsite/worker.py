@@ -18,8 +18,8 @@ from wsproto.connection import ConnectionState
 from wsproto.events import CloseConnection
 from wsproto.frame_protocol import FrameProtocol
 
+from . import balance, health, rebalance
 from . import environment as env
-from . import health
 
 # wsproto holds an idle socket in less memory than websockets-sansio and, with room messages written
 # through ChatWSProtocol.send_text_now, fans out faster; both are measured side by side by `make bench`.
@@ -43,6 +43,8 @@ HANDOVER_AFTER_SECONDS = env.number("CHAT_HANDOVER_AFTER")
 HANDOVER_SPREAD_SECONDS = 2.0  # at most; at least 100 sockets a second
 HANDOVER_CHECK_SECONDS = 0.5
 WS_PROTOCOLS = "uvicorn.protocols.websockets."
+# A stopping worker lets handshakes it accepted before the stop finish for at most this long.
+HANDSHAKES_FINISH_SECONDS = 2.0
 
 
 class DrainingServer(Server):
@@ -51,11 +53,39 @@ class DrainingServer(Server):
 
     def handle_exit(self, sig, frame):
         health.start_draining()
+        for listener in getattr(self, "servers", []):
+            if isinstance(listener, balance.BalancedListener):
+                listener.close()  # what is queued goes to the pod's other workers
         super().handle_exit(sig, frame)
 
+    accept_row = None  # this worker's row of balance.TABLE, when the pod's workers take turns accepting
+
     async def startup(self, sockets=None):
-        await super().startup(sockets=sockets)
+        """uvicorn's startup; the public port is accepted from in turns with the pod's other workers."""
+        ops = health.ops_port()
+        balanced = [] if self.accept_row is None else [sock for sock in sockets or [] if _port_of(sock) != ops]
+        await super().startup(sockets=[sock for sock in sockets or [] if sock not in balanced])
+        for sock in balanced:
+            self.servers.append(
+                balance.BalancedListener(
+                    sock, self.create_protocol, balance.TABLE, self.accept_row, self.server_state.connections
+                )
+            )
         self.handing_over = asyncio.ensure_future(self.hand_over_while_cut_off())
+        self.rebalancer = rebalance.Rebalancer(self) if env.flag("CHAT_REBALANCE") else None
+        if self.rebalancer is not None:
+            self.rebalancing = asyncio.ensure_future(self.rebalancer.run())
+
+    def create_protocol(self, _loop=None):
+        return self.config.http_protocol_class(
+            config=self.config, server_state=self.server_state, app_state=self.lifespan.state, _loop=_loop
+        )
+
+    async def on_tick(self, counter):
+        for listener in self.servers:
+            if isinstance(listener, balance.BalancedListener):
+                listener.beat()
+        return await super().on_tick(counter)
 
     def websockets(self):
         return [
@@ -98,6 +128,9 @@ class DrainingServer(Server):
     async def shutdown(self, sockets=None):
         if getattr(self, "handing_over", None) is not None:
             self.handing_over.cancel()
+        if getattr(self, "rebalancer", None) is not None:
+            self.rebalancing.cancel()
+            await self.rebalancer.leave()
         # The public port stops taking connections; the internal one (OPS_BIND) answers until the end, so
         # probes see the drain (503, or 404 for ?drain=404) rather than a refused connection.
         ops = health.ops_port()
@@ -109,6 +142,7 @@ class DrainingServer(Server):
         for sock, keep in zip(sockets or [], keep_sockets):
             if not keep:
                 sock.close()
+        await self.finish_handshakes()
         websockets = self.websockets()
         logger.info("draining %d WebSockets over %.1f s", len(websockets), DRAIN_SECONDS)
         step = DRAIN_SECONDS / max(len(websockets), 1)
@@ -117,6 +151,21 @@ class DrainingServer(Server):
                 connection.shutdown()  # close code 1012 (service restart): the client reconnects elsewhere
                 await asyncio.sleep(step)
         await super().shutdown()
+
+    async def finish_handshakes(self):
+        """Wait (at most HANDSHAKES_FINISH_SECONDS) for the connections accepted before the stop to become
+        WebSockets: uvicorn would answer a handshake under way with 500, and close a connection whose request
+        has not arrived yet without an answer. Once open, they are closed with 1012 like the rest."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + HANDSHAKES_FINISH_SECONDS
+        while loop.time() < deadline and any(_still_handshaking(c) for c in self.server_state.connections):
+            await asyncio.sleep(0.02)
+
+
+def _still_handshaking(connection):
+    if isinstance(connection, HttpToolsProtocol):
+        return connection.cycle is None and not connection.transport.is_closing()  # its request not read yet
+    return not connection.handshake_complete and not connection.transport.is_closing()
 
 
 def _port_of(sock):
@@ -140,6 +189,16 @@ class ChatHttpToolsProtocol(HttpToolsProtocol):
         self.parser = None
 
 
+class RemembersWhenOpened:
+    """Notes when its connection was made: rebalancing moves the sockets open longest first."""
+
+    opened_at = 0.0
+
+    def connection_made(self, transport):
+        self.opened_at = asyncio.get_running_loop().time()
+        super().connection_made(transport)
+
+
 class SaysClientGoneOnAccept:
     """Accepting a handshake whose client already dropped it raises ClientDisconnected, as any later send does.
 
@@ -154,11 +213,11 @@ class SaysClientGoneOnAccept:
         await super().send(message)
 
 
-class ChatSansIOProtocol(SaysClientGoneOnAccept, WebSocketsSansIOProtocol):
+class ChatSansIOProtocol(RemembersWhenOpened, SaysClientGoneOnAccept, WebSocketsSansIOProtocol):
     """uvicorn's websockets-sansio protocol, which says when a handshake's client is gone."""
 
 
-class ChatWSProtocol(SaysClientGoneOnAccept, WSProtocol):
+class ChatWSProtocol(RemembersWhenOpened, SaysClientGoneOnAccept, WSProtocol):
     """uvicorn's wsproto protocol, which says why it closes, says when a handshake's client is gone and
     writes room messages without a coroutine.
 
@@ -240,10 +299,13 @@ class ChatUvicornWorker(UvicornWorker):
         "ws_per_message_deflate": False,
     }
 
+    accept_row = None  # given by the arbiter's pre_fork when the pod's workers take turns accepting
+
     async def _serve(self):
         gc.callbacks.append(FreezeAfterFullCollections())
         self.config.app = self.wsgi
         server = DrainingServer(config=self.config)
+        server.accept_row = self.accept_row
         self._install_sigquit_handler()
         health.connect_in_background()
         await server.serve(sockets=self.sockets)
