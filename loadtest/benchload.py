@@ -135,8 +135,9 @@ def cpu_seconds(pid):
 class _Client:
     """One client process: its sockets of each room, what it sent and what they received."""
 
-    def __init__(self, index, port, wire="chat"):
-        self.index, self.port, self.wire = index, port, WIRES[wire]
+    def __init__(self, index, port, wire="chat", source=None):
+        self.index, self.port, self.wire, self.source = index, port, WIRES[wire], source
+        self.held = {}  # room -> sockets, of the rooms opened by hold(): idle, no step sends to them
         self.rooms = defaultdict(list)  # room -> [Socket]
         self.room_of = {}  # Socket -> room
         self.closed_at = {}  # Socket -> monotonic time its close was seen
@@ -251,8 +252,46 @@ class _Client:
                 self.track(socket, room)
         return {room: [socket.served_by for socket in self.rooms[room]] for room, _ in rooms}
 
+    async def hold(self, rooms, concurrency):
+        """Open idle ``(room, count)`` sockets with at most ``concurrency`` handshakes in flight; a refused or
+        failed handshake is counted by its error, not raised. Handshakes/s over the whole opening."""
+        gate, refused, opened = asyncio.Semaphore(concurrency), Counter(), 0
+
+        async def one(room):
+            nonlocal opened
+            async with gate:
+                try:
+                    socket = await self._join(room, self.on_text, None)
+                except (OSError, TimeoutError) as error:  # refused, reset, an HTTP answer other than 101, no answer
+                    refused[str(error)[:80] or type(error).__name__] += 1
+                    return
+            self.track(socket, room)
+            self.held[room] = self.held.get(room, 0) + 1
+            opened += 1
+
+        started = time.perf_counter()
+        await asyncio.gather(*(one(room) for room, count in rooms for _ in range(count)))
+        seconds = time.perf_counter() - started
+        return {"opened": opened, "refused": dict(refused), "seconds": round(seconds, 3)}
+
+    async def rehold(self, concurrency):
+        """Every socket of hold() closes at once and connects again: a reconnect storm."""
+        rooms = list(self.held.items())
+        for room, _ in rooms:
+            for socket in self.rooms.pop(room, []):
+                del self.room_of[socket]
+                socket.close()
+        self.held.clear()
+        return await self.hold(rooms, concurrency)
+
+    def held_closed(self):
+        """Sockets of hold() that the server has closed since they opened."""
+        return sum(1 for room in self.held for socket in self.rooms[room] if socket.closed.done())
+
     async def _join(self, room, receive, subprotocol):
-        socket = await wsclient.connect("127.0.0.1", self.port, self.wire.path(room), receive, subprotocol=subprotocol)
+        socket = await wsclient.connect(
+            "127.0.0.1", self.port, self.wire.path(room), receive, subprotocol=subprotocol, source=self.source
+        )
         await self.wire.join(socket, receive)
         return socket
 
@@ -322,6 +361,7 @@ class _Client:
         }
 
     def close(self):
+        self.held.clear()
         for sockets in self.rooms.values():
             for socket in sockets:
                 socket.close()
@@ -332,11 +372,11 @@ class _Client:
         self.resumes = self.resumes_refused = self.not_recovered = self.duplicates = 0
 
 
-def _serve(index, port, wire, connection):
+def _serve(index, port, wire, connection, source=None):
     """A client process: run commands from the coordinator until it says stop."""
 
     async def main():
-        client = _Client(index, port, wire)
+        client = _Client(index, port, wire, source)
         loop = asyncio.get_running_loop()
         while True:
             command, *arguments = await loop.run_in_executor(None, connection.recv)
@@ -369,13 +409,16 @@ def _answer(reply):
 class Load:
     """Rooms of sockets on a stack, held by ``processes`` client processes; steps of offered load, counted."""
 
-    def __init__(self, stack, processes=2):
+    def __init__(self, stack, processes=2, own_source_addresses=False):
+        """``own_source_addresses``: each client process connects from its own 127.0.0.x, for more sockets than
+        one address has ports (see wsclient.connect)."""
         self.stack = stack
         context = multiprocessing.get_context("spawn")
         self.connections, self.processes = [], []
         for index in range(processes):
             ours, theirs = context.Pipe()
-            process = context.Process(target=_serve, args=(index, stack.port, stack.wire, theirs), daemon=True)
+            source = f"127.0.0.{10 + index}" if own_source_addresses else None
+            process = context.Process(target=_serve, args=(index, stack.port, stack.wire, theirs, source), daemon=True)
             process.start()
             self.connections.append(ours)
             self.processes.append(process)

@@ -56,7 +56,8 @@ class Stack:
 
     wire = "chat"  # what its sockets speak (loadtest.benchload.WIRES)
 
-    def __init__(self, backend, cluster, redis_port, ws=WS_DEFAULT, loop="uvloop", workers=3):
+    def __init__(self, backend, cluster, redis_port, ws=WS_DEFAULT, loop="uvloop", workers=3, settings=None, log=None):
+        """``settings``: more environment of the workers; ``log``: an open file for their output."""
         # The Redis the backend spends: the cluster for this layer, none for the ceiling (the standalone
         # server of channels_redis is shared by its two backends and not counted).
         self.redis_pids = [p.pid for p in cluster.processes.values()] if backend.startswith("redis-cluster") else []
@@ -83,9 +84,10 @@ class Stack:
             "CHAT_MESSAGES_PER_S": "0",
             "REDIS_CLUSTER_NODES": ",".join(cluster.startup_nodes),
             "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+            **(settings or {}),
         }
         app = "loadtest.ceiling:application" if backend == "ceiling" else "chatsite.asgi:application"
-        self.process = start_workers(env, app)
+        self.process = start_workers(env, app, log)
         wait_ready(self.url, self.process)
 
     def worker_pids(self):

@@ -28,12 +28,15 @@ def stack_env(cluster, bind, workers):
     return env
 
 
-def start_workers(env, app="chatsite.asgi:application"):
-    """gunicorn with the project's config, in its own process group so Ctrl-C reaches it once."""
+def start_workers(env, app="chatsite.asgi:application", log=None):
+    """gunicorn with the project's config, in its own process group so Ctrl-C reaches it once; its output
+    to the open file ``log`` when given."""
     return subprocess.Popen(
         [sys.executable, "-m", "gunicorn", "-c", "python:chatsite.gunicorn_conf", app],
         cwd=SERVICES,
         env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT if log is not None else None,
         start_new_session=True,
         preexec_fn=die_with_parent,
     )
