@@ -389,7 +389,7 @@ def _serve(index, port, wire, connection, source=None):
                 result = getattr(client, command)(*arguments)
                 if asyncio.iscoroutine(result):
                     result = await result
-            except Exception:
+            except Exception:  # noqa: BLE001 - the coordinator raises it, with this process's traceback
                 connection.send(("error", traceback.format_exc()))
             else:
                 connection.send(("ok", result))

@@ -26,7 +26,7 @@ from pathlib import Path
 import redis
 
 from chatsite.worker import WS_DEFAULT
-from loadtest import capacity, comparison
+from loadtest import capacity, comparison, many_sockets, spublish_cost
 from loadtest.ledger import percentile
 from loadtest.profiling import profile
 from loadtest.stacks import BACKENDS, loaded, standalone_redis
@@ -787,6 +787,10 @@ def targets(report):
             "met": chat <= 20 and chat <= 1.10 * bare,
         }
     )
+    if report.get("many_sockets"):
+        rows += many_sockets.targets(
+            report["many_sockets"], sockets_target=args.get("many_sockets") or 0, p99_limit_ms=P99_LIMIT_MS
+        )
     return rows
 
 
@@ -940,6 +944,8 @@ def markdown(report):
     for ws in args["ws_implementations"]:
         bare, chat = report["memory"][f"bare/{ws}"]["kib_per_socket"], report["memory"][f"chat/{ws}"]["kib_per_socket"]
         lines.append(f"| {ws} | {bare} | {chat} | {'+' if chat >= bare else ''}{(chat / bare - 1) * 100 if bare else 0:.0f}% |")
+    if report.get("many_sockets"):
+        lines += ["", *many_sockets.lines(report["many_sockets"])]
     if report.get("server_settings"):
         lines += [
             "",
@@ -1060,6 +1066,13 @@ async def main(args):
         report["storms"] = await join_storms(cluster, redis_port, args)
         print("idle memory:", flush=True)
         report["memory"] = await idle_memory(cluster, redis_port, args)
+        print("SPUBLISH per subscriber:", flush=True)
+        report["spublish"] = await spublish_cost.measure(cluster, args.spublish_subscribers, args.spublish_messages)
+        if args.many_sockets:
+            print(f"{args.many_sockets:,} sockets:", flush=True)
+            report["many_sockets"] = await many_sockets.measure(
+                cluster, redis_port, args.many_sockets, args.many_rooms, args.many_step_seconds
+            )
     report["seconds"] = round(time.monotonic() - started)
     print(render(report))
     return 0
@@ -1140,6 +1153,13 @@ def parse(argv=None):
     parser.add_argument("--no-profile", dest="profile", action="store_false")
     parser.add_argument("--no-peers", dest="peers", action="store_false", help="skip the comparison with Socket.IO and nchan")
     parser.add_argument("--peer-repeats", type=int, default=3, help="cost runs per system and room shape, alternating")
+    parser.add_argument(
+        "--many-sockets", type=int, default=100_000, help="concurrent sockets of the machine-capacity part (0: skip it)"
+    )
+    parser.add_argument("--many-rooms", type=int, default=10_000, help="rooms they are in")
+    parser.add_argument("--many-step-seconds", type=float, default=10.0, help="seconds the rooms beside them talk")
+    parser.add_argument("--spublish-subscribers", type=int, nargs="+", default=[0, 10, 50, 100])
+    parser.add_argument("--spublish-messages", type=int, default=2000, help="SPUBLISH per subscriber count and run")
     parser.add_argument("--smoke", action="store_true", help="a seconds-long run of every part, for CI")
     parser.add_argument(
         "--render",
@@ -1159,6 +1179,8 @@ def parse(argv=None):
         args.curve_rate, args.curve_rooms, args.curve_room_sizes, args.curve_idle_sockets = 300, [2, 20], [2, 10], [0, 100]
         args.idle_sockets, args.idle_repeats, args.ws_implementations, args.profile = 60, 1, [WS_DEFAULT], False
         args.loops = ["uvloop"]
+        args.many_sockets, args.many_rooms, args.many_step_seconds = 600, 60, 1.0
+        args.spublish_subscribers, args.spublish_messages = [0, 5], 200
     return args
 
 

@@ -100,3 +100,12 @@ def test_benchmark_smoke_writes_the_report_with_every_part():
     # Presence: one command per join or leave, its event included, whatever the room size.
     assert all(r["commands_per_join_and_leave"] == 1.0 for r in report["presence"]["rooms"].values()), report["presence"]
     assert report["presence"]["renew_us"] > 0 and "## Presence cost" in (out / "report.md").read_text()
+    # A machine's worth of sockets, scaled down: every one opened and reopened after the storm, the rooms beside
+    # them delivered, nothing logged at ERROR; SPUBLISH per subscriber measured alone and set against the model.
+    many = report["many_sockets"]
+    assert many["opening"]["opened"] == many["sockets"] == 600 and not many["opening"]["refused"]
+    assert many["storm"]["opened"] == 600 and not many["storm"]["refused"] and many["closed_by_server_after_storm"] == 0
+    assert many["talking"]["delivered_ratio"] == 1.0 and many["error_lines"] == 0 and many["workers_replaced"] == 0
+    assert many["rss_kib_per_socket"] > 0 and len(many["descriptors_per_worker"]) == many["workers"]
+    assert "sockets on one machine" in (out / "report.md").read_text()
+    assert set(report["spublish"]["us_per_publish"]) == {"0", "5"} and report["spublish"]["us_per_publish"]["5"] > 0

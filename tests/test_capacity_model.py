@@ -72,3 +72,13 @@ def test_a_shard_count_that_never_holds_ends_the_search_and_says_so():
 def test_the_section_renders_from_a_report():
     numbers, text = capacity.section(REPORT, capacity.parse(["--sockets", "20000", "--rooms", "2000"]))
     assert numbers["pods"]["count"] >= 2 and "| Redis shards (primaries) |" in text
+
+
+def test_spublish_measured_alone_replaces_the_fitted_cost_per_subscriber_and_both_plans_are_reported():
+    report = {**REPORT, "spublish": {"us_per_subscriber": 0.5, "us_per_publish": {"0": 2.0, "100": 52.0}}}
+    costs = capacity.measured_costs(report)
+    assert (costs["redis_us_per_subscriber"], costs["redis_us_per_subscriber_fitted"]) == (0.5, 2.0)
+    check = capacity.spublish_check(report)
+    assert check["model_us_per_subscriber"] == 2.0 and check["spublish_us_per_subscriber"] == 0.5
+    assert check["redis_cores"]["with_spublish"] < check["redis_cores"]["model"]
+    assert capacity.spublish_check(REPORT) is None

@@ -57,7 +57,7 @@ def watch_role(stack, host, became, role="master"):
             if stack.role(host) == role:
                 became["at"] = time.monotonic()
                 return
-        except Exception:
+        except Exception:  # noqa: BLE001 - not answering yet
             pass
         time.sleep(0.02)
 

@@ -366,7 +366,7 @@ def _address(field):
 async def _disconnect(connection):
     try:
         await connection.disconnect(nowait=True)
-    except Exception:
+    except Exception:  # noqa: BLE001 - the socket is being dropped either way
         pass
 
 
@@ -499,7 +499,7 @@ class NodePipeline:
             if self.stats is not None:
                 self.stats.inc("command_deadlines")
             logger.warning("pipeline to %s failed: %s", self.node.name, error)
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - every failure must reach the waiting callers
             error = exc if isinstance(exc, Exception) else ConnectionError(str(exc))
             logger.warning("pipeline to %s failed: %s", self.node.name, exc)
         finally:
@@ -518,7 +518,7 @@ class NodePipeline:
         self.task.cancel()
         try:
             await self.task
-        except (asyncio.CancelledError, Exception):
+        except (asyncio.CancelledError, Exception):  # noqa: BLE001 - stopping: its callers were failed already
             pass
 
 

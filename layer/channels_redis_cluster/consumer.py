@@ -90,7 +90,7 @@ class LayerPushMixin:
                 continue
             try:
                 task = start_eagerly(self.dispatch(message))
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - handled as Channels would end the connection
                 self._handler_failed(exc)
                 continue
             if task is not None:
@@ -114,7 +114,7 @@ class LayerPushMixin:
         logger.error("layer message handler failed", exc_info=exc)
         try:
             start_eagerly(self.base_send({"type": "websocket.close", "code": 1011}))
-        except Exception:
+        except Exception:  # noqa: BLE001 - the socket is already closing
             pass
 
 
@@ -152,7 +152,7 @@ class _Suspended:
         while True:
             try:
                 value = yield waiting_on
-            except BaseException as exc:
+            except BaseException as exc:  # noqa: BLE001 - thrown in by the task (cancellation): pass it on
                 send, value = coroutine.throw, exc
             else:
                 send = coroutine.send

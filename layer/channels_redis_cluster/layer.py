@@ -143,7 +143,7 @@ class RedisClusterChannelLayer(BaseChannelLayer):
             if state is not None and not loop.is_closed() and not loop.is_running():
                 try:
                     loop.run_until_complete(state.close())
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 - the loop closes either way
                     logger.debug("closing the layer with its loop failed: %r", exc)
             original()
 

@@ -90,7 +90,7 @@ class _NodeReader:
                 # Closed by its owner (the layer closing, or its event loop ending): nothing moved.
                 self.channels.clear()
             raise
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure ends this connection; the owner moves on
             error = exc
             logger.warning("shard subscriber for %s lost: %s", self.node.name, exc)
         finally:
@@ -127,7 +127,7 @@ class _NodeReader:
                 return
             try:
                 await self.connection.send_command("PING", check_health=False)
-            except Exception:
+            except Exception:  # noqa: BLE001 - the reader sees the same failure and handles it
                 return
 
     async def close(self):
@@ -136,11 +136,11 @@ class _NodeReader:
         for task in self.tasks:
             try:
                 await task
-            except (asyncio.CancelledError, Exception):
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001 - stopping: what it read is dropped anyway
                 pass
         try:
             await self.connection.disconnect(nowait=True)
-        except Exception:
+        except Exception:  # noqa: BLE001 - a connection that broke on its own is closed either way
             pass
 
 

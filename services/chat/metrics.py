@@ -57,3 +57,7 @@ WORKER_SHARE = Gauge(
     "A worker's WebSockets over the deployment's mean per worker (1: its share), the highest of the pod's workers",
     multiprocess_mode="livemax",
 )
+DISCONNECTS_CUT_SHORT = Counter(
+    "chat_disconnects_cut_short_total",
+    "Socket clean-ups a stopping worker's graceful timeout ended; what they had not undone lapses by itself",
+)

@@ -93,7 +93,7 @@ class RoomView:
     async def reload(self):
         try:
             frames = self.load(await self.layer.presence(self.group))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - the next event or gap reads again
             logger.warning("presence of %s not read again: %r", self.group, exc)
             return
         for frame in frames:
@@ -126,7 +126,7 @@ class RoomView:
         self.ready.cancel()
         try:
             await self.layer.presence_unwatch(self.group, self.on_event)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - only unwanted traffic remains, which is ignored
             logger.debug("presence unwatch of %s failed: %r", self.group, exc)
 
 

@@ -77,7 +77,7 @@ async def layer_ready():
         return None
     try:
         await asyncio.wait_for(layer.ready(), READY_TIMEOUT)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any failure means not ready
         return exc
     return None
 

@@ -80,7 +80,7 @@ class Rebalancer:
             websockets = self.server.websockets()
             try:
                 flat = await layer.run_script(self.report, reports_key(), self.me, len(websockets), REPORT_LIFE_MS)
-            except Exception as exc:  # Redis unreachable: readiness and the handover deal with that
+            except Exception as exc:  # noqa: BLE001 - Redis unreachable: readiness and the handover deal with that
                 logger.debug("socket report failed: %r", exc)
                 continue
             counts = [
@@ -118,5 +118,5 @@ class Rebalancer:
         if "scripts" in layer.extensions:
             try:
                 await asyncio.wait_for(layer.run_script(self.report, reports_key(), self.me, -1, REPORT_LIFE_MS), 1.0)
-            except Exception:  # the report then expires by itself within REPORT_LIFE_MS
+            except Exception:  # noqa: BLE001 - the report then expires by itself within REPORT_LIFE_MS
                 pass

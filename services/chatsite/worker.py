@@ -1,6 +1,7 @@
 """The gunicorn worker class: uvicorn, with draining on SIGTERM and limits from settings."""
 
 import asyncio
+import functools
 import gc
 import logging
 import sys
@@ -88,9 +89,8 @@ class DrainingServer(Server):
         return await super().on_tick(counter)
 
     def websockets(self):
-        return [
-            c for c in self.server_state.connections if any(kind.__module__.startswith(WS_PROTOCOLS) for kind in type(c).__mro__)
-        ]
+        """The open connections that are WebSockets (uvicorn keeps HTTP and WebSocket ones in one set)."""
+        return [c for c in self.server_state.connections if _is_websocket(type(c))]
 
     async def hand_over_while_cut_off(self):
         """Every HANDOVER_CHECK_SECONDS, ask the layer whether it reaches Redis; once it has not for HANDOVER_AFTER_SECONDS,
@@ -166,6 +166,13 @@ def _still_handshaking(connection):
     if isinstance(connection, HttpToolsProtocol):
         return connection.cycle is None and not connection.transport.is_closing()  # its request not read yet
     return not connection.handshake_complete and not connection.transport.is_closing()
+
+
+@functools.cache
+def _is_websocket(kind):
+    """Whether a protocol class is one of uvicorn's WebSocket ones: asked per connection every 2 s by the
+    rebalancing, so answered once per class."""
+    return any(base.__module__.startswith(WS_PROTOCOLS) for base in kind.__mro__)
 
 
 def _port_of(sock):
