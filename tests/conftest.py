@@ -27,6 +27,9 @@ ROOT = Path(__file__).resolve().parent.parent
 # The lifecycle tests' Conversation types 50 messages a second from one socket, past the per-socket limit.
 UNLIMITED_TYPING = {"CHAT_MESSAGES_PER_S": "0"}
 # The test compose stack's ingress limits per address (every test socket comes from one address).
+# The compose tests count sockets per replica and per address; a worker closing sockets to rebalance after
+# other tests left replicas uneven would move them under those counts. The rebalancing test turns it on.
+NO_REBALANCE = {"CHAT_REBALANCE": "false"}
 COMPOSE_INGRESS_LIMITS = {"INGRESS_MAX_CONNECTIONS_PER_ADDRESS": "80", "INGRESS_MAX_REQUESTS_PER_ADDRESS_10S": "300"}
 
 
@@ -190,7 +193,9 @@ class ComposeStack:
         env_file.write_text(
             images_env.read_text()
             + f"COMPOSE_PROJECT_NAME={self.project}\nINGRESS_PORT={self.port}\n"
-            + "".join(f"{name}={value}\n" for name, value in {**UNLIMITED_TYPING, **COMPOSE_INGRESS_LIMITS}.items())
+            + "".join(
+                f"{name}={value}\n" for name, value in {**UNLIMITED_TYPING, **COMPOSE_INGRESS_LIMITS, **NO_REBALANCE}.items()
+            )
         )
         self.compose = DockerCompose(ROOT, env_file=str(env_file), wait=True)
 

@@ -3,11 +3,10 @@
 WebSockets live for hours, so replicas added by a scale-out get only new sockets and the old ones stay
 as loaded as before: 240 members on 3 replicas, scaled to 6, were still [80, 80, 80, 0, 0, 0] 150 s
 later. Every REPORT_SECONDS each worker writes how many WebSockets it holds into one hash in the cluster
-(``lua/worker_sockets.lua``) and reads everyone's back. A worker above the mean per worker by more than
-the tolerance closes sockets with 1012 (service restart), which every client of this chat takes as "resume
-elsewhere", at most CHAT_REBALANCE_CLOSES_PER_S a second, until it is down to the mean plus half the
-tolerance; the margin keeps it from bouncing on the band's edge. A worker at or below its share closes
-nothing, so sockets only ever flow from loaded workers to lighter ones and the spread cannot oscillate.
+(``lua/worker_sockets.lua``) and reads everyone's back. A worker of a pod whose workers hold more than the
+mean per worker by more than the tolerance closes sockets with 1012 (service restart), which every client of this chat takes as "resume
+elsewhere", at most CHAT_REBALANCE_CLOSES_PER_S a second, until it is down to the mean. A pod at or
+below its share closes nothing, so sockets only ever flow from loaded workers to lighter ones and the spread cannot oscillate.
 The sockets open longest go first: a socket that has just moved here is not moved again.
 
 The ingress must place new sockets by load (HAProxy ``balance leastconn``): by round robin, half of what a
@@ -45,14 +44,23 @@ def reports_key():
     return f"chat:{{{env.text('CHANNEL_LAYER_PREFIX')}:workers}}:sockets"
 
 
-def to_shed(mine, counts, tolerance):
-    """How many of its ``mine`` sockets a worker closes, given every live worker's ``counts`` (its own included)."""
-    if len(counts) < 2:
+def to_shed(mine, pod, counts, tolerance):
+    """How many of its ``mine`` sockets a worker closes, given its pod's workers' counts ``pod`` and every live
+    worker's ``counts`` (both with its own).
+
+    Only a pod above its share sheds: within a pod the workers take turns accepting (balance.py), and a
+    socket closed there could land on the same pod again. So a single pod (`make run`) never sheds, and
+    churn that leaves one worker of a pod ahead of its neighbours closes nothing.
+    """
+    if len(counts) < 2 or not pod:
         return 0
     mean = sum(counts) / len(counts)
-    if mine <= mean * (1 + tolerance) or mine - mean < LEAST_EXCESS:
+    if sum(pod) / len(pod) <= mean * (1 + tolerance) or mine - mean < LEAST_EXCESS:
         return 0
-    return mine - math.ceil(mean * (1 + tolerance / 2))
+    # Down to the mean itself: the share of each worker is a few sockets in small deployments, and shedding
+    # only to the band's middle left 12 sockets per old replica against 8 per new one after a scale-out of
+    # 61 sockets from 3 replicas to 6, outside the band. Once a pod is at the mean nothing moves again.
+    return max(0, mine - math.floor(mean))
 
 
 class Rebalancer:
@@ -67,6 +75,7 @@ class Rebalancer:
         self.tolerance = env.number("CHAT_REBALANCE_TOLERANCE")
         self.closes_per_s = env.number("CHAT_REBALANCE_CLOSES_PER_S")
         self.me = worker_id()
+        self.pod = self.me.rpartition(":")[0]  # worker ids are "<pod or host>:<pid>"
 
     async def run(self):
         from chat import metrics  # made in the worker, where the metrics directory exists
@@ -83,12 +92,14 @@ class Rebalancer:
             except Exception as exc:  # noqa: BLE001 - Redis unreachable: readiness and the handover deal with that
                 logger.debug("socket report failed: %r", exc)
                 continue
-            counts = [
-                int(count)
+            live = [
+                (worker.decode() if isinstance(worker, bytes) else worker, int(count))
                 for worker, count, age in zip(flat[0::3], flat[1::3], flat[2::3])
                 if int(age) >= NEWCOMER_MS or worker in (self.me, self.me.encode())
             ]
-            excess = to_shed(len(websockets), counts, self.tolerance)
+            counts = [count for _, count in live]
+            pod = [count for worker, count in live if worker.rpartition(":")[0] == self.pod]
+            excess = to_shed(len(websockets), pod, counts, self.tolerance)
             metrics.WORKER_SHARE.set(len(websockets) / (sum(counts) / len(counts)) if counts and sum(counts) else 1.0)
             if excess <= 0:
                 continue
