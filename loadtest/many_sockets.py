@@ -110,7 +110,7 @@ async def measure(cluster, redis_port, sockets, rooms, step_seconds):
             redis_port,
             workers=workers,
             # The shipped limit (10,000 a worker) would refuse the last ones on workers this full.
-            settings={"CHAT_MAX_SOCKETS_PER_WORKER": str(SOCKETS_PER_WORKER + 2000)},
+            settings={"CHAT_MAX_SOCKETS_PER_WORKER": str(SOCKETS_PER_WORKER + 2000), "ACCEPT_BALANCE": "true"},
             log=log,
         )
         load = None

@@ -63,7 +63,7 @@ async def close_all(stack, opened):
 
 async def test_a_burst_of_handshakes_spreads_evenly_over_the_workers():
     spreads = []
-    with local_stack() as stack:
+    with local_stack(ACCEPT_BALANCE="true") as stack:
         await every_worker_accepting(stack)
         for index in range(BURSTS):
             opened = await burst(stack, f"burst-{index}")
@@ -81,7 +81,7 @@ async def test_a_burst_of_handshakes_spreads_evenly_over_the_workers():
 async def test_a_draining_worker_leaves_its_queued_handshakes_to_the_others():
     """SIGTERM to a worker while a burst is queued: every handshake is answered by a worker, none refused
     or reset; the sockets the stopping worker had taken are closed with 1012, and the rest stay open."""
-    with local_stack(DRAIN_SECONDS="1") as stack:
+    with local_stack(DRAIN_SECONDS="1", ACCEPT_BALANCE="true") as stack:
         await every_worker_accepting(stack)
         victim = gunicorn_workers(stack["process"])[0]
         arriving = asyncio.create_task(burst(stack, "draining", count=BURST))
