@@ -54,24 +54,23 @@ class DrainingServer(Server):
 
     def handle_exit(self, sig, frame):
         health.start_draining()
-        for listener in getattr(self, "servers", []):
-            if isinstance(listener, balance.BalancedListener):
-                listener.close()  # what is queued goes to the pod's other workers
+        for listener in self.listeners:
+            listener.close()  # what is queued goes to the pod's other workers
         super().handle_exit(sig, frame)
 
     accept_row = None  # this worker's row of balance.TABLE, when the pod's workers take turns accepting
+    listeners = ()  # its balance.BalancedListeners, also in uvicorn's self.servers
 
     async def startup(self, sockets=None):
         """uvicorn's startup; the public port is accepted from in turns with the pod's other workers."""
         ops = health.ops_port()
         balanced = [] if self.accept_row is None else [sock for sock in sockets or [] if _port_of(sock) != ops]
         await super().startup(sockets=[sock for sock in sockets or [] if sock not in balanced])
-        for sock in balanced:
-            self.servers.append(
-                balance.BalancedListener(
-                    sock, self.create_protocol, balance.TABLE, self.accept_row, self.server_state.connections
-                )
-            )
+        self.listeners = [
+            balance.BalancedListener(sock, self.create_protocol, balance.TABLE, self.accept_row, self.server_state.connections)
+            for sock in balanced
+        ]
+        self.servers.extend(self.listeners)
         self.handing_over = asyncio.ensure_future(self.hand_over_while_cut_off())
         self.rebalancer = rebalance.Rebalancer(self) if env.flag("CHAT_REBALANCE") else None
         if self.rebalancer is not None:
@@ -83,9 +82,8 @@ class DrainingServer(Server):
         )
 
     async def on_tick(self, counter):
-        for listener in self.servers:
-            if isinstance(listener, balance.BalancedListener):
-                listener.beat()
+        for listener in self.listeners:
+            listener.beat()
         return await super().on_tick(counter)
 
     def websockets(self):
