@@ -98,6 +98,8 @@ class Member:
             code = self.close_codes[-1] if self.close_codes else None
             if code is not None and 4400 <= code < 4500 and code != 4408:
                 return  # refused for what it did (4408 only says "too slow": resume)
+            if self.stopping:
+                return
             # Exponential backoff with full jitter, so a drained worker's clients spread out.
             await asyncio.sleep(random.uniform(0, delay))
             delay = min(delay * 2, self.backoff[1])
@@ -167,11 +169,21 @@ class Member:
         return [offset for offset, _, _ in self.messages]
 
     async def stop(self):
+        """Leave: close the open socket and wait for the loop to end. A member between sockets (connecting,
+        which may take the whole 10 s open timeout through a cut link, or waiting out its backoff) is
+        cancelled instead: a user who closes the tab does not wait for a handshake to finish."""
         self.stopping = True
+        if self.task is None:
+            return
         if self.socket is not None:
             await self.socket.close()
-        if self.task is not None:
+        else:
+            self.task.cancel()
+        try:
             await asyncio.wait_for(self.task, 10)
+        except asyncio.CancelledError:
+            if not self.task.cancelled():
+                raise
 
     async def come_back(self):
         """After ``stop()``: connect again, resuming (v2) from where it stopped."""
