@@ -2,14 +2,16 @@
 a resume within the grace shows neither; v1 clients see nothing new; bad presence queries get 4400."""
 
 import asyncio
+import json
 import time
 
 from django.test import override_settings
 from test_abuse_limits import IDENTITY_ON, refused
 
-from chat import consumers
+from chat import consumers, presence
 from chat.tokens import mint
 from conftest import join
+from loadtest.member import until
 
 
 async def next_frame(client, timeout=3):
@@ -103,3 +105,47 @@ async def test_bad_presence_queries_are_refused_with_4400(application):
     assert error["error"] == "bad_presence"
     error = await refused(application, "pres-e", 4400, "?member_key=not-hex", v2=True)
     assert error["error"] == "bad_member_key"
+
+
+class FrameSink:
+    """Stands in for a watching consumer: keeps the frames a view tells it."""
+
+    def __init__(self):
+        self.frames = []
+
+    def presence_frame_soon(self, frame):
+        self.frames.append(json.loads(frame))
+
+
+async def test_a_read_that_crosses_events_keeps_what_they_changed(make_layer):
+    """A view's read of the members and the room's events come over different connections: a join written
+    after Redis answered the read can arrive first, and so can a leave. The view applies them over the
+    answer, so the member who joined stays listed (and is not told as leaving), and the one who left stays
+    gone. Real layer and cluster; the read is held back until both events have arrived, which is the race
+    a storm of thousands of joins hit by chance."""
+    layer = make_layer()
+    group = "chat_view-race"
+    await layer.presence_join(group, "c-leaving", "a-leaving", event=presence.join_event("c-leaving", "a-leaving", None))
+    view = presence.RoomView(layer, group)
+    sink = FrameSink()
+    view.watchers.add(sink)
+    await view.ready
+    assert set(view.members) == {"a-leaving"}
+    read_members = layer.presence
+
+    async def answer_overtaken_by_events(group_read):
+        answer = await read_members(group_read)
+        await layer.presence_join(group, "c-new", "a-new", event=presence.join_event("c-new", "a-new", None))
+        await layer.presence_leave(group, ["c-leaving"], event=presence.leave_event("c-leaving", "a-leaving", None))
+        await until(lambda: "a-new" in view.members and "a-leaving" not in view.members, 5, "the events at the view")
+        return answer
+
+    layer.presence = answer_overtaken_by_events
+    try:
+        frames = await view.read()
+    finally:
+        del layer.presence
+        await view.close()
+    assert set(view.members) == {"a-new"}
+    assert frames == []  # what the events changed was told as they came, and the answer changes nothing
+    assert [(f["type"], f["member"]["id"]) for f in sink.frames] == [("join", "a-new"), ("leave", "a-leaving")]
