@@ -94,11 +94,9 @@ SETTINGS = (
     ),
     Setting(
         "ACCEPT_BALANCE",
-        "false",
+        "true",
         "`true`: the workers of a container take turns accepting, so a burst of handshakes spreads evenly over them "
-        "([operations](operations.md#how-load-spreads)); off by default until a presence race it exposes is fixed "
-        "(one of 3,000 joins missing from a watcher's list in a join storm); `false`: whichever worker wakes first "
-        "takes every queued one",
+        "([operations](operations.md#how-load-spreads)); `false`: whichever worker wakes first takes every queued one",
     ),
     Setting(
         "CHAT_REBALANCE",
