@@ -248,7 +248,7 @@ async def presence_cost(cluster, args):
                 "read_us": read_us,
             }
             print(f"  presence room {size}: {results[str(size)]}", flush=True)
-        renew_us = await median_us(state.leases.renew() for _ in range(timed))
+        renew_us = await median_us(state.presence.leases.renew() for _ in range(timed))
     finally:
         await layer.flush()
         await layer.close()

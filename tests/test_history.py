@@ -14,7 +14,7 @@ async def send_numbered(layer, group, body, writer=WRITER, channel=None):
     _, fresh, now, age, keep = layer._history_args(bound)
     keys = [*layer.keys.group_history(group), layer.keys.group_queues(group)]
     return await _send_numbered(
-        state.publisher,
+        state.commands,
         keys,
         writer,
         fresh,
@@ -85,8 +85,8 @@ async def test_writes_lost_in_a_failover_are_never_reused_under_the_same_epoch(m
     old = await layer.group_history("lossy")
     state = await layer._state()
     meta, log, _ = layer.keys.group_history("lossy")
-    await state.publisher.execute(meta.encode(), "HSET", meta, "top", 3)  # the replica's state: offsets 1-3
-    await state.publisher.execute(log.encode(), "LTRIM", log, 0, 2)
+    await state.commands.execute(meta.encode(), "HSET", meta, "top", 3)  # the replica's state: offsets 1-3
+    await state.commands.execute(log.encode(), "LTRIM", log, 0, 2)
     offset, epoch, rotated, _, _ = await send_numbered(layer, "lossy", {"type": "m", "n": "new"}, writer="promoted-replica")
     assert offset == 4 and rotated == 1 and epoch.decode() != old.epoch
     saw_lost = await layer.group_history("lossy", since=5, epoch=old.epoch)

@@ -60,7 +60,7 @@ async def start_holder(hosts, prefix, *rooms):
 async def command(layer, key, *args):
     """One command on the primary of ``key``'s slot, through ``layer``'s connections."""
     state = await layer._state()
-    return await state.publisher.execute(key.encode(), *args)
+    return await state.commands.execute(key.encode(), *args)
 
 
 async def test_members_are_read_from_another_process_and_counted_once_per_id(make_layer):
@@ -92,7 +92,7 @@ async def test_join_and_leave_events_reach_watchers_only_when_something_changed(
     assert await asyncio.wait_for(events.get(), 5) == {"type": "presence.leave", "id": "m1"}
     assert await asyncio.wait_for(events.get(), 5) == {"type": "marker"}
     await watching.presence_unwatch("room", events.put_nowait)
-    assert watching.keys.presence_channel("room") not in (await watching._state()).presence_watchers
+    assert watching.keys.presence_channel("room") not in (await watching._state()).presence.watchers
 
 
 async def test_members_of_a_sigkilled_process_are_gone_within_the_timeout(make_layer, cluster_hosts):

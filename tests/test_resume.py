@@ -160,7 +160,7 @@ async def test_lost_history_gives_a_new_epoch_and_says_so(application):
     _offset, epoch = await drain(client, 2)
     state = await layer._state()
     for key in layer.keys.group_history("chat_wiped"):  # as a primary that came back empty
-        await state.publisher.execute(key.encode(), "DEL", key)
+        await state.commands.execute(key.encode(), "DEL", key)
     await say(client, 1, "new")
     message, notice = await frames(client, 2)
     assert notice["type"] == "recovered" and notice["recovered"] is False and notice["epoch"] != epoch

@@ -41,7 +41,7 @@ async def presence_in_redis(stack, group, every_channel=False):
     try:
         if every_channel:
             key, state = layer.keys.group_presence(group), await layer._state()
-            return [channel.decode() for channel in await state.publisher.execute(key.encode(), "HKEYS", key)]
+            return [channel.decode() for channel in await state.commands.execute(key.encode(), "HKEYS", key)]
         return await layer.presence(group)
     finally:
         await layer.close()

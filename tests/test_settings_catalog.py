@@ -86,6 +86,17 @@ def test_compose_and_the_image_set_the_defaults_or_say_why():
     assert [p for p in problems if p] == []
 
 
+def test_no_deployment_sets_a_bench_only_setting():
+    bench_only = [setting.name for setting in environment.SETTINGS if setting.bench_only]
+    assert "CHAT_REPLICATE_BEFORE_PUBLISH" in bench_only
+    deployed = [
+        (ROOT / "compose.yaml").read_text(),
+        (ROOT / "Dockerfile").read_text(),
+        *(path.read_text() for path in (ROOT / "deploy").rglob("*.yaml")),
+    ]
+    assert [name for name in bench_only if any(name in text for text in deployed)] == []
+
+
 def test_a_deviation_without_a_reason_is_found():
     assert deviation("CHAT_HISTORY_SIZE", "chart", "500") is None
     assert "no reason" in deviation("CHAT_HISTORY_SIZE", "chart", "50")

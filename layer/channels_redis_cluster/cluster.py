@@ -528,8 +528,9 @@ def mark_retrieved(future):
         future.exception()
 
 
-class Publisher:
-    """Sends single-slot commands through the pipeline of the slot's primary, retrying across failover."""
+class CommandRouter:
+    """Routes each single-slot command (a publish, a script, a read) to the pipeline of its slot's primary,
+    and runs it again on the new primary after a failover or a moved slot, for at most ``retry_timeout``."""
 
     def __init__(self, topology: Topology, retry_timeout: float, command_timeout: float, replica_timeout: float, stats=None):
         self.topology = topology
@@ -554,7 +555,7 @@ class Publisher:
 
         ``replicated``: answer only once every replica the slot map gives that primary holds the write
         (``NotReplicated`` otherwise, not retried); a primary with none answers at once. Retried across
-        failovers for ``retry_timeout`` (the publisher's own by default).
+        failovers for ``retry_timeout`` (the router's own by default).
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (self.retry_timeout if retry_timeout is None else retry_timeout)
@@ -589,7 +590,7 @@ class Script:
         self.source = source
         self.sha = hashlib.sha1(source.encode()).hexdigest()
 
-    async def __call__(self, publisher, keys, *args, replicated=False, retry_timeout=None):
+    async def __call__(self, commands, keys, *args, replicated=False, retry_timeout=None):
         """Run on the primary of the keys' slot; ``WRITER`` among ``args`` becomes its server's run id."""
         if isinstance(keys, str):
             keys = (keys,)
@@ -598,6 +599,6 @@ class Script:
             return lambda run_id: (verb, script, len(keys), *keys, *(run_id if a is WRITER else a for a in args))
 
         try:
-            return await publisher.execute_as(keys[0].encode(), command("EVALSHA", self.sha), replicated, retry_timeout)
+            return await commands.execute_as(keys[0].encode(), command("EVALSHA", self.sha), replicated, retry_timeout)
         except NoScriptError:
-            return await publisher.execute_as(keys[0].encode(), command("EVAL", self.source), replicated, retry_timeout)
+            return await commands.execute_as(keys[0].encode(), command("EVAL", self.source), replicated, retry_timeout)

@@ -19,8 +19,6 @@ a client that stopped at or below it still resumes exactly. On such a change eve
 holds counts as published: members that never got one live see the gap at the next message and read it.
 """
 
-import fnmatch
-import re
 from typing import NamedTuple
 
 # Keys the layer adds to every group message that has an offset; namespaced so no app field is touched.
@@ -36,22 +34,24 @@ class Bound(NamedTuple):
 
 
 class HistoryPolicy:
-    """The bound of each group: the first matching glob pattern of ``group_history``, else the default."""
+    """The bound of each group: the value of the first pattern of ``group_history`` that matches, else the default.
 
-    CACHE_LIMIT = 10000
+    ``patterns`` are ``(compiled pattern, value)`` pairs as Channels' ``compile_capacities`` makes them
+    from ``group_history``, so a glob there means what it means in ``channel_capacity``. A value is a
+    size, or ``{"size", "age"}`` where either may be left to the default.
+    """
 
-    def __init__(self, size, age, group_history):
+    CACHE_LIMIT = 10000  # groups whose bound is remembered: group_send asks on every message
+
+    def __init__(self, size, age, patterns):
         self.default = Bound(int(size), float(age))
-        self.patterns = []
-        for pattern, value in (group_history or {}).items():
-            if not hasattr(pattern, "match"):
-                pattern = re.compile(fnmatch.translate(pattern))
-            if isinstance(value, dict):
-                value = Bound(int(value.get("size", size)), float(value.get("age", age)))
-            else:
-                value = Bound(int(value), float(age))
-            self.patterns.append((pattern, value))
+        self.patterns = [(pattern, self._bound(value)) for pattern, value in patterns]
         self._cache = {}
+
+    def _bound(self, value):
+        if isinstance(value, dict):
+            return Bound(int(value.get("size", self.default.size)), float(value.get("age", self.default.age)))
+        return Bound(int(value), self.default.age)
 
     def bound(self, group):
         """The ``Bound`` of ``group``."""

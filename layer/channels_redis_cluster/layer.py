@@ -2,7 +2,6 @@
 
 import asyncio
 import collections
-import json
 import logging
 import os
 import secrets
@@ -15,7 +14,7 @@ from channels.layers import BaseChannelLayer
 from channels_redis.serializers import registry
 from redis.asyncio.cluster import RedisCluster
 
-from . import history, presence, scripts, wire
+from . import history, scripts, wire
 from .cluster import (
     RETRYABLE,
     WRITER,
@@ -76,7 +75,7 @@ class RedisClusterChannelLayer(BaseChannelLayer):
         super().__init__(expiry=expiry, capacity=capacity)
         self.channel_capacity = self.compile_capacities(channel_capacity or {})
         self.group_expiry = group_expiry
-        self.history = history.HistoryPolicy(history_size, history_age, group_history)
+        self.history = history.HistoryPolicy(history_size, history_age, self.compile_capacities(group_history or {}))
         self.keys = KeyScheme(prefix)
         self.startup_nodes, self.redis_options = parse_hosts(hosts)
         self.retry_timeout = retry_timeout
@@ -166,7 +165,7 @@ class RedisClusterChannelLayer(BaseChannelLayer):
         expires_ms = int((time.time() + (expiry or self.expiry)) * 1000)
         entry = b"%0*d" % (wire.TIME_CHARS, expires_ms) + self.serialize(message)
         return await _push(
-            state.publisher,
+            state.commands,
             self.keys.queue(channel),
             int(time.time() * 1000),
             self.get_capacity(channel),
@@ -262,7 +261,7 @@ class RedisClusterChannelLayer(BaseChannelLayer):
         state = await self._state()
         owner = self.owner_of(channel)
         await _add_member(
-            state.publisher,
+            state.commands,
             (self.keys.group_members(group), self.keys.group_queues(group)),
             time.time(),
             channel,
@@ -279,7 +278,7 @@ class RedisClusterChannelLayer(BaseChannelLayer):
         self.require_valid_group_name(group)
         self.require_valid_channel_name(channel)
         state = await self._state()
-        await _discard_member(state.publisher, (self.keys.group_members(group), self.keys.group_queues(group)), channel)
+        await _discard_member(state.commands, (self.keys.group_members(group), self.keys.group_queues(group)), channel)
         owner = self.owner_of(channel)
         if owner == state.client_prefix:
             await state.leave(group, channel)
@@ -306,7 +305,7 @@ class RedisClusterChannelLayer(BaseChannelLayer):
                 offset = None
                 frame = state.frame(channel, self.serialize(message))
                 echo = state.expect_echo(channel)
-                queued = await _publish_group(state.publisher, self.keys.group_queues(group), channel, frame, cutoff)
+                queued = await _publish_group(state.commands, self.keys.group_queues(group), channel, frame, cutoff)
             else:
                 body = self.serialize(message)
                 frame = state.frame(channel, kind=NUMBERED)
@@ -315,7 +314,7 @@ class RedisClusterChannelLayer(BaseChannelLayer):
                 replicated = self.replicate_before_publish
                 try:
                     offset, epoch, rotated, duplicate, queued = await _send_numbered(
-                        state.publisher,
+                        state.commands,
                         [*keys, self.keys.group_queues(group)],
                         *args,
                         bound.size,
@@ -336,7 +335,7 @@ class RedisClusterChannelLayer(BaseChannelLayer):
                     # Now that its replicas hold it: this and any entry before it not published yet go out, in order.
                     skipped = frame[:SEQ_END] + SKIPPED if duplicate else b""
                     await _publish_numbered(
-                        state.publisher, keys, *args, channel, offset, skipped, retry_timeout=self.send_retry_timeout
+                        state.commands, keys, *args, channel, offset, skipped, retry_timeout=self.send_retry_timeout
                     )
                 if rotated:
                     self.stats.inc("epoch_rotations")
@@ -371,17 +370,9 @@ class RedisClusterChannelLayer(BaseChannelLayer):
         """
         self.require_valid_group_name(group)
         state = await self._state()
-        await state.leases.start()
-        shard_channel, key = self.keys.presence_channel(group), self.keys.group_presence(group)
-        value = presence.entry(member, name)
-        frame = state.frame(shard_channel, self.serialize(event)) if event is not None else b""
-        commands = [presence.join(state.publisher, key, channel, value, self.group_expiry, shard_channel, frame)]
-        if state.leases.joined(group, channel, value):
-            commands.append(state.leases.note_groups("SADD", group))
         try:
-            await asyncio.gather(*commands)
+            await state.presence.join(group, channel, member, name, event)
         except RETRYABLE:
-            state.leases.left(group, [channel])
             self.stats.inc("errors")
             raise
 
@@ -390,13 +381,8 @@ class RedisClusterChannelLayer(BaseChannelLayer):
         if not channels:
             return 0
         state = await self._state()
-        shard_channel = self.keys.presence_channel(group)
-        frame = state.frame(shard_channel, self.serialize(event)) if event is not None else b""
-        commands = [presence.leave(state.publisher, self.keys.group_presence(group), shard_channel, frame, *channels)]
-        if state.leases.left(group, channels):
-            commands.append(state.leases.note_groups("SREM", group))
         try:
-            return (await asyncio.gather(*commands))[0]
+            return await state.presence.leave(group, channels, event)
         except RETRYABLE:
             self.stats.inc("errors")
             raise
@@ -405,59 +391,26 @@ class RedisClusterChannelLayer(BaseChannelLayer):
         """``group``'s members now, ``[{"id", "name", "channels"}]``: one per id, none of a process whose lease ended."""
         self.require_valid_group_name(group)
         state = await self._state()
-        await state.leases.start()
-        key = self.keys.group_presence(group)
         try:
-            reply = await state.publisher.execute(key.encode(), "HGETALL", key)
+            return await state.presence.members(group)
         except RETRYABLE:
             self.stats.inc("errors")
             raise
-        pairs = reply.items() if isinstance(reply, dict) else zip(reply[::2], reply[1::2])
-        members, stale = {}, []
-        for channel, value in pairs:
-            channel = channel.decode()
-            if self.owner_of(channel) in state.leases.ended:
-                stale.append(channel)
-                continue
-            member, name = json.loads(value)
-            members.setdefault(member, {"id": member, "name": name, "channels": []})["channels"].append(channel)
-        if stale:  # entries of a process that died: whoever reads them first removes them
-            state.background(self.presence_leave(group, stale))
-        return list(members.values())
 
     async def presence_watch(self, group, watcher):
         """Call ``watcher(event)`` in this loop for ``group``'s presence events, ``watcher(None)`` when it must
         read the members again (after a subscription gap, or entries written back); one subscription per process."""
         self.require_valid_group_name(group)
-        state = await self._state()
-        shard_channel = self.keys.presence_channel(group)
-        watchers = state.presence_watchers.setdefault(shard_channel, [])
-        state.watched[shard_channel] = group
-        watchers.append(watcher)
-        try:
-            await state.subscriber.subscribe(shard_channel)
-        except BaseException:
-            await self.presence_unwatch(group, watcher)
-            raise
+        await (await self._state()).presence.watch(group, watcher)
 
     async def presence_unwatch(self, group, watcher):
         """Stop calling ``watcher``; the last one out unsubscribes."""
-        state = await self._state()
-        shard_channel = self.keys.presence_channel(group)
-        watchers = state.presence_watchers.get(shard_channel, [])
-        if watcher in watchers:
-            watchers.remove(watcher)
-        if not watchers and state.presence_watchers.pop(shard_channel, None) is not None:
-            state.watched.pop(shard_channel, None)
-            await state.subscriber.unsubscribe(shard_channel)
+        await (await self._state()).presence.unwatch(group, watcher)
 
     async def on_channels_gone(self, listener):
         """Have ``listener(gone)`` called in this loop when processes die without leaving (their leases end);
         ``gone(channel)`` is true for each channel that was theirs, so no caller reads channel names."""
-        state = await self._state()
-        await state.leases.start()
-        owner_of = self.owner_of
-        state.leases.listeners.append(lambda prefixes: listener(lambda channel: owner_of(channel) in prefixes))
+        await (await self._state()).presence.on_channels_gone(listener)
 
     async def group_history(self, group, since=None, epoch=None, last=0):
         """The messages of ``group`` after offset ``since`` of ``epoch`` (or its ``last`` ones), as ``GroupHistory``.
@@ -470,7 +423,7 @@ class RedisClusterChannelLayer(BaseChannelLayer):
         bound = self.history.bound(group)
         try:
             top, current, first, recovered, rotated, entries = await _read_history(
-                state.publisher,
+                state.commands,
                 self.keys.group_history(group),
                 *self._history_args(bound),
                 "" if since is None else int(since),
@@ -511,7 +464,7 @@ class RedisClusterChannelLayer(BaseChannelLayer):
         state = await self._state()
         key = self.keys.group_members(group)
         cutoff = time.time() - self.group_expiry
-        members = await state.publisher.execute(key.encode(), "ZRANGEBYSCORE", key, cutoff, "+inf")
+        members = await state.commands.execute(key.encode(), "ZRANGEBYSCORE", key, cutoff, "+inf")
         return [member.decode() for member in members]
 
     async def ready(self):
@@ -531,7 +484,7 @@ class RedisClusterChannelLayer(BaseChannelLayer):
         """Run ``script`` (a ``Script``) on the primary of its keys' slot, on this layer's connections: for an
         application's own state kept beside the layer's, changed in one command. ``keys`` share one slot."""
         state = await self._state()
-        return await script(state.publisher, keys, *args)
+        return await script(state.commands, keys, *args)
 
     async def flush(self):
         """Delete every key of this prefix in the cluster and forget local channels and groups."""
@@ -545,7 +498,7 @@ class RedisClusterChannelLayer(BaseChannelLayer):
             async for key in state.cluster.scan_iter(match=self.keys.pattern(), count=1000, target_nodes=RedisCluster.PRIMARIES)
         ]
         for key in keys:
-            await state.publisher.execute(key, "UNLINK", key)
+            await state.commands.execute(key, "UNLINK", key)
 
     async def close_pools(self):
         """channels_redis's name for ``close``, so code written for it runs unchanged."""

@@ -14,7 +14,7 @@ from redis.asyncio.cluster import RedisCluster
 from . import history, presence, wire
 from .cluster import (
     RETRYABLE,
-    Publisher,
+    CommandRouter,
     SharedCommandTable,
     Topology,
 )
@@ -83,7 +83,9 @@ class LoopState:
         )
         self.cluster.commands_parser = SharedCommandTable(layer.command_table)
         self.topology = Topology(self.cluster, layer.slot_map, layer.command_timeout)
-        self.publisher = Publisher(self.topology, layer.retry_timeout, layer.command_timeout, layer.replica_timeout, layer.stats)
+        self.commands = CommandRouter(
+            self.topology, layer.retry_timeout, layer.command_timeout, layer.replica_timeout, layer.stats
+        )
         self.subscriber = ShardedSubscriber(
             self.topology,
             self.on_message,
@@ -97,8 +99,6 @@ class LoopState:
         self.local = LocalChannels(layer.expiry, layer.group_expiry, layer.get_capacity, layer.stats)
         self.inbox = layer.keys.inbox(self.client_prefix)
         self.group_of = {}  # shard channel -> group name, for subscribed groups
-        self.presence_watchers = {}  # presence shard channel -> [callback(event, or None after a gap)]
-        self.watched = {}  # presence shard channel -> group, for watched groups
         self.delivered = {}  # shard channel -> (epoch, offset) of the last numbered message fanned out here
         self.echoes = {}  # (shard channel, sequence) -> future of a group message sent here, set when it is back
         self.sent = _Sequences()
@@ -106,7 +106,7 @@ class LoopState:
         self.poppers = {}
         self.acks = {}  # id -> future of a membership change sent to another process
         self.sweeper = None
-        self.leases = presence.Leases(self, layer.presence_timeout)
+        self.presence = presence.Presence(self, layer.presence_timeout)
         self.started = asyncio.ensure_future(self._start())
         self.listening = None
 
@@ -177,7 +177,7 @@ class LoopState:
 
     async def publish(self, shard_channel, body, kind=PLAIN):
         """SPUBLISH once; returns how many subscribers the shard's primary reached."""
-        return await self.publisher.execute(shard_channel, "SPUBLISH", shard_channel, self.frame(shard_channel, body, kind))
+        return await self.commands.execute(shard_channel, "SPUBLISH", shard_channel, self.frame(shard_channel, body, kind))
 
     async def ask_reread(self, shard_channel):
         """Have the watchers of a presence shard channel, in every process, read the group's members again."""
@@ -204,7 +204,7 @@ class LoopState:
         if kind == SKIPPED:
             return
         if kind == REREAD:
-            self.tell_watchers(shard_channel, None)
+            self.presence.tell(shard_channel, None)
             return
         try:
             if kind == NUMBERED:
@@ -219,8 +219,8 @@ class LoopState:
         if shard_channel == self.inbox:
             self.on_inbox(message)
             return
-        if shard_channel in self.presence_watchers:
-            self.tell_watchers(shard_channel, message)
+        if self.presence.watches(shard_channel):
+            self.presence.tell(shard_channel, message)
             return
         group = self.group_of.get(shard_channel)
         if group is not None:
@@ -235,17 +235,9 @@ class LoopState:
         when a later one arrives with a gap; the last ones before a quiet spell would never be.
         """
         group = self.group_of.get(shard_channel)
-        present = group or self.watched.get(shard_channel)  # the group of a group or presence shard channel
-        if present in self.leases.own:  # the slot's new primary may lack entries written here
-            self.background(self.leases.restore([present]))
-        self.tell_watchers(shard_channel, None)  # events may have been missed: read the members again
+        self.presence.on_moved(shard_channel, group)
         if group is not None and shard_channel in self.delivered and self.layer.history.bound(group).size:
             self.background(self.resync(group, shard_channel))
-
-    def tell_watchers(self, shard_channel, event):
-        """Call the presence watchers of ``shard_channel`` with ``event`` (None: read the members again)."""
-        for watcher in list(self.presence_watchers.get(shard_channel, ())):
-            presence.call(watcher, event)
 
     async def resync(self, group, shard_channel):
         """Fan out the group's history after the last message delivered here, skipping what arrived live since."""
@@ -369,14 +361,14 @@ class LoopState:
                 logger.warning("messages of a closing event loop's channels are lost: %r", exc)
         if self.sweeper is not None:
             self.sweeper.cancel()
-        self.leases.end()
+        self.presence.close()
         for popper in list(self.poppers.values()):
             popper.cancel()
         self.started.cancel()
         if self.listening is not None:
             self.listening.cancel()
         await self.subscriber.close()
-        await self.publisher.close()
+        await self.commands.close()
         await self.topology.close()
         await self.cluster.aclose()
         # aclose() closes nothing while redis-py waits to re-initialise after a failure: close the nodes anyway.

@@ -27,12 +27,12 @@ logger = logging.getLogger(__name__)
 CLAIM_SECONDS = 60  # how long a process that took a dead one's entries to remove has before another may
 
 renew_lease = scripts.load("presence_renew")
-join = scripts.load("presence_join")
-leave = scripts.load("presence_leave")
-restore = scripts.load("presence_restore")
-claim = scripts.load("presence_claim")
-reaped = scripts.load("presence_reaped")
-reap = scripts.load("presence_reap")
+add_entry = scripts.load("presence_join")
+remove_entries = scripts.load("presence_leave")
+restore_entries = scripts.load("presence_restore")
+claim_reaping = scripts.load("presence_claim")
+mark_reaped = scripts.load("presence_reaped")
+remove_entries_of = scripts.load("presence_reap")
 
 
 def call(watcher, event):
@@ -73,7 +73,7 @@ class Leases:
         """One renewal: whether this process's lease had ended or was lost, and the prefixes whose lease ended."""
         layer, now = self.state.layer, int(time.time() * 1000)
         reply = await renew_lease(
-            self.state.publisher,
+            self.state.commands,
             (layer.keys.presence_leases(), layer.keys.presence_reaping()),
             now,
             now + int(2 * self.timeout / 3 * 1000),
@@ -129,7 +129,7 @@ class Leases:
     async def note_groups(self, verb, *groups):
         """``SADD`` or ``SREM`` ``groups`` in this process's set of groups with its entries (what a reaper cleans)."""
         key = self.state.layer.keys.presence_groups(self.state.client_prefix)
-        return await self.state.publisher.execute(key.encode(), verb, key, *groups)
+        return await self.state.commands.execute(key.encode(), verb, key, *groups)
 
     async def restore(self, groups, registered=True):
         """Write back this process's entries missing from ``groups`` and have their watchers read them again;
@@ -143,14 +143,14 @@ class Leases:
             if not pairs:
                 continue
             key, shard_channel = layer.keys.group_presence(group), layer.keys.presence_channel(group)
-            restored = [channel.decode() for channel in await restore(state.publisher, key, layer.group_expiry, *pairs)]
+            restored = [channel.decode() for channel in await restore_entries(state.commands, key, layer.group_expiry, *pairs)]
             if not restored:
                 continue
             layer.stats.inc("presence_restored", len(restored))
             logger.warning("%d presence entries of %s written again", len(restored), group)
             gone = [channel for channel in restored if channel not in self.own.get(group, {})]
             if gone:  # left while being written back
-                await leave(state.publisher, key, shard_channel, b"", *gone)
+                await remove_entries(state.commands, key, shard_channel, b"", *gone)
             await state.ask_reread(shard_channel)  # one frame, not one join each: watchers that read before this read again
 
     async def reap(self, prefixes):
@@ -160,14 +160,16 @@ class Leases:
         try:
             now, reaping = int(time.time() * 1000), layer.keys.presence_reaping()
             leases = layer.keys.presence_leases()
-            claimed, done = await claim(state.publisher, (reaping, leases), now, now + CLAIM_SECONDS * 1000, *sorted(prefixes))
+            claimed, done = await claim_reaping(
+                state.commands, (reaping, leases), now, now + CLAIM_SECONDS * 1000, *sorted(prefixes)
+            )
             self.reaped |= {prefix.decode() for prefix in done}
             for prefix in (prefix.decode() for prefix in claimed):
                 groups_key = layer.keys.presence_groups(prefix)
-                for group in await state.publisher.execute(groups_key.encode(), "SMEMBERS", groups_key):
-                    removed = await reap(state.publisher, layer.keys.group_presence(group.decode()), prefix)
+                for group in await state.commands.execute(groups_key.encode(), "SMEMBERS", groups_key):
+                    removed = await remove_entries_of(state.commands, layer.keys.group_presence(group.decode()), prefix)
                     layer.stats.inc("presence_reaped", removed)
-                if await reaped(state.publisher, (reaping, leases, groups_key), int(time.time() * 1000), prefix):
+                if await mark_reaped(state.commands, (reaping, leases, groups_key), int(time.time() * 1000), prefix):
                     self.reaped.add(prefix)
         except RETRYABLE as exc:
             layer.stats.inc("errors")
@@ -179,3 +181,106 @@ class Leases:
         """Stop renewing: the lease ends by itself within the timeout."""
         if self.renewing is not None:
             self.renewing.cancel()
+
+
+class Presence:
+    """Presence for one event loop of the layer: this process's lease and entries, and the groups watched here.
+
+    The layer's ``presence_*`` methods check their arguments and delegate here; the loop hands it the
+    events of the presence shard channels and tells it when a subscription moved. It translates the
+    processes whose lease ended into their channels, so no caller reads channel names.
+    """
+
+    def __init__(self, state, timeout):
+        self.state = state
+        self.leases = Leases(state, timeout)
+        self.watchers = {}  # presence shard channel -> [callback(event, or None after a gap)]
+        self.watched = {}  # presence shard channel -> group, for watched groups
+
+    async def join(self, group, channel, member, name, event):
+        state, layer = self.state, self.state.layer
+        await self.leases.start()
+        shard_channel, key = layer.keys.presence_channel(group), layer.keys.group_presence(group)
+        value = entry(member, name)
+        frame = state.frame(shard_channel, layer.serialize(event)) if event is not None else b""
+        commands = [add_entry(state.commands, key, channel, value, layer.group_expiry, shard_channel, frame)]
+        if self.leases.joined(group, channel, value):
+            commands.append(self.leases.note_groups("SADD", group))
+        try:
+            await asyncio.gather(*commands)
+        except RETRYABLE:
+            self.leases.left(group, [channel])
+            raise
+
+    async def leave(self, group, channels, event):
+        state, layer = self.state, self.state.layer
+        shard_channel = layer.keys.presence_channel(group)
+        frame = state.frame(shard_channel, layer.serialize(event)) if event is not None else b""
+        commands = [remove_entries(state.commands, layer.keys.group_presence(group), shard_channel, frame, *channels)]
+        if self.leases.left(group, channels):
+            commands.append(self.leases.note_groups("SREM", group))
+        return (await asyncio.gather(*commands))[0]
+
+    async def members(self, group):
+        state, layer = self.state, self.state.layer
+        await self.leases.start()
+        key = layer.keys.group_presence(group)
+        reply = await state.commands.execute(key.encode(), "HGETALL", key)
+        pairs = reply.items() if isinstance(reply, dict) else zip(reply[::2], reply[1::2])
+        members, stale = {}, []
+        for channel, value in pairs:
+            channel = channel.decode()
+            if layer.owner_of(channel) in self.leases.ended:
+                stale.append(channel)
+                continue
+            member, name = json.loads(value)
+            members.setdefault(member, {"id": member, "name": name, "channels": []})["channels"].append(channel)
+        if stale:  # entries of a process that died: whoever reads them first removes them
+            state.background(layer.presence_leave(group, stale))
+        return list(members.values())
+
+    async def watch(self, group, watcher):
+        shard_channel = self.state.layer.keys.presence_channel(group)
+        self.watchers.setdefault(shard_channel, []).append(watcher)
+        self.watched[shard_channel] = group
+        try:
+            await self.state.subscriber.subscribe(shard_channel)
+        except BaseException:
+            await self.unwatch(group, watcher)
+            raise
+
+    async def unwatch(self, group, watcher):
+        shard_channel = self.state.layer.keys.presence_channel(group)
+        watchers = self.watchers.get(shard_channel, [])
+        if watcher in watchers:
+            watchers.remove(watcher)
+        if not watchers and self.watchers.pop(shard_channel, None) is not None:
+            self.watched.pop(shard_channel, None)
+            await self.state.subscriber.unsubscribe(shard_channel)
+
+    async def on_channels_gone(self, listener):
+        await self.leases.start()
+        owner_of = self.state.layer.owner_of
+        self.leases.listeners.append(lambda prefixes: listener(lambda channel: owner_of(channel) in prefixes))
+
+    def watches(self, shard_channel):
+        """Whether ``shard_channel`` is the presence shard channel of a group watched here."""
+        return shard_channel in self.watchers
+
+    def tell(self, shard_channel, event):
+        """Call the watchers of ``shard_channel`` with ``event`` (None: read the members again)."""
+        for watcher in list(self.watchers.get(shard_channel, ())):
+            call(watcher, event)
+
+    def on_moved(self, shard_channel, group=None):
+        """The subscription to ``shard_channel`` (``group``'s messages, or a watched group's presence) was lost
+        and is back: write back this process's entries the slot's new primary may lack, and have the
+        watchers read the members again, since events may have been missed."""
+        group = group or self.watched.get(shard_channel)
+        if group in self.leases.own:
+            self.state.background(self.leases.restore([group]))
+        self.tell(shard_channel, None)
+
+    def close(self):
+        """Stop renewing the lease: it ends by itself within the timeout."""
+        self.leases.end()

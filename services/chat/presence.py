@@ -97,15 +97,7 @@ class RoomView:
             return
         for since in self.reads:
             since.append(event)
-        member, channel = event["id"], event["channel"]
-        if event["type"] == "presence.join":
-            state = self.members.get(member)
-            if state is None:
-                state = self.members[member] = {"name": event["name"], "channels": set()}
-                self.tell(change_frame("join", {"id": member, "name": event["name"]}))
-            state["channels"].add(channel)
-        else:
-            self.forget(member, channel)
+        self.tell_change(apply_event(self.members, event))
 
     async def reload(self):
         try:
@@ -118,13 +110,13 @@ class RoomView:
 
     def forget(self, member, channel):
         """One socket of ``member`` is gone; its watchers hear of it when it was the member's last."""
-        state = self.members.get(member)
-        if state is None or channel not in state["channels"]:
-            return
-        state["channels"].discard(channel)
-        if not state["channels"]:
-            del self.members[member]
-            self.tell(change_frame("leave", {"id": member, "name": state["name"]}))
+        self.tell_change(apply_event(self.members, leave_event(channel, member, None)))
+
+    def tell_change(self, change):
+        """Tell the watchers of a member who came or went (``apply_event``'s answer; None: no one did)."""
+        if change is not None:
+            kind, member, name = change
+            self.tell(change_frame(kind, {"id": member, "name": name}))
 
     def channels_gone(self, gone):
         """Forget the sockets of processes that died without saying goodbye (``gone(channel)`` says which)."""
@@ -148,16 +140,24 @@ class RoomView:
 
 
 def apply_event(members, event):
-    """Apply one presence event to ``members`` (id -> name and channels), with no frames."""
+    """Apply one presence event to ``members`` (id -> name and channels), the one rule of membership: a member
+    is there while any of their sockets is. ``(kind, id, name)`` when the member came (``"join"``, their first
+    socket) or went (``"leave"``, their last), else None."""
     member, channel = event["id"], event["channel"]
-    if event["type"] == "presence.join":
-        members.setdefault(member, {"name": event["name"], "channels": set()})["channels"].add(channel)
-        return
     state = members.get(member)
-    if state is not None:
-        state["channels"].discard(channel)
-        if not state["channels"]:
-            del members[member]
+    if event["type"] == "presence.join":
+        if state is None:
+            members[member] = {"name": event["name"], "channels": {channel}}
+            return ("join", member, event["name"])
+        state["channels"].add(channel)
+        return None
+    if state is None or channel not in state["channels"]:
+        return None
+    state["channels"].discard(channel)
+    if state["channels"]:
+        return None
+    del members[member]
+    return ("leave", member, state["name"])
 
 
 VIEWS = {}  # group -> RoomView, for rooms with watchers on this worker

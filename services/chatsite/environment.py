@@ -21,6 +21,9 @@ class Setting(NamedTuple):
     # Where a deployment sets a default of its own, and why: {"image" | "chart" | "compose": (value, reason)};
     # DEPLOYMENT as the value: one the deployment derives from itself (its own node names, its hosts).
     elsewhere: dict | None = None
+    # Set only by `make bench`, to measure the chat against what it would be without a choice it makes:
+    # no deployment sets it (a test holds the chart and compose to that).
+    bench_only: bool = False
 
 
 SETTINGS = (
@@ -48,7 +51,7 @@ SETTINGS = (
         "CA file of the nodes' certificates: every connection to the cluster is then TLS (`rediss://`), names verified",
         {"compose": (DEPLOYMENT, "the CA it makes"), "chart": (DEPLOYMENT, "the CA of its TLS Secret")},
     ),
-    Setting("REDIS_URL", "redis://127.0.0.1:6379/0", "standalone Redis for `redis` / `redis-pubsub`"),
+    Setting("REDIS_URL", "redis://127.0.0.1:6379/0", "standalone Redis for `redis` / `redis-pubsub`", bench_only=True),
     Setting("CHANNEL_LAYER_PREFIX", "asgi", "key prefix, so several deployments can share a cluster"),
     Setting(
         "DJANGO_SECRET_KEY",
@@ -151,6 +154,7 @@ SETTINGS = (
         "1",
         "a room message is published only once its primary's replica holds it, so no "
         "member receives one a failover takes back; `0` publishes as written (its cost is in `make bench`)",
+        bench_only=True,
     ),
     Setting("CHAT_HISTORY_SIZE", "500", "room messages kept per room for resuming v2 clients (0: room history off)"),
     Setting("CHAT_HISTORY_AGE", "300", "seconds a room message is kept"),
@@ -222,6 +226,8 @@ def table():
         for where, (value, reason) in (setting.elsewhere or {}).items():
             if value != setting.default:
                 meaning += f"; `{value}` in the {where}: {reason}"
+        if setting.bench_only:
+            meaning = f"**bench only**, for comparisons; a deployment leaves it unset: {meaning}"
         rows.append(f"| `{setting.name}` | {default} | {meaning} |")
     return "\n".join(rows) + "\n"
 
