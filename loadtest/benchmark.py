@@ -25,12 +25,12 @@ from pathlib import Path
 
 import redis
 
+from channels_redis_cluster.testing import LocalCluster
 from chatsite.worker import WS_DEFAULT
 from loadtest import capacity, comparison, many_sockets, spublish_cost
 from loadtest.ledger import percentile
 from loadtest.profiling import profile
 from loadtest.stacks import BACKENDS, loaded, standalone_redis
-from localstack.cluster import LocalCluster
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "artifacts" / "bench"

@@ -20,11 +20,11 @@ v1 and v2 members alternate, to show the mixed room costs what a plain one does.
 import asyncio
 from contextlib import ExitStack
 
+from channels_redis_cluster.testing import LocalCluster
 from loadtest.benchload import Load
 from loadtest.peers import NchanStack, SocketIOStack, install
 from loadtest.profiling import profile
 from loadtest.stacks import Stack
-from localstack.cluster import LocalCluster
 
 # (rooms, members, offered deliveries/s for the cost, steps of offered deliveries/s for the sustainable rate).
 # The cost's load is one every system keeps up with while all of them are up on these 2 cores (their 18

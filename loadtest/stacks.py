@@ -11,9 +11,9 @@ from pathlib import Path
 
 import redis
 
+from channels_redis_cluster.testing import die_with_parent, free_port, server_binary
 from chatsite.worker import WS_DEFAULT
 from loadtest.benchload import Load
-from localstack.cluster import die_with_parent, free_port, server_binary
 from localstack.run import start_workers, stop, wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent

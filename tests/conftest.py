@@ -1,4 +1,6 @@
-"""Shared fixtures: a real 6-node Redis Cluster and layers on it; the images and the compose stack."""
+"""Shared fixtures: the local stack, the chat app in process, the images and the compose stack. The cluster
+fixtures (``redis_cluster``, ``own_cluster``, ``cluster_hosts``, ``make_layer``) come from the layer's
+pytest plugin, which pyproject.toml loads."""
 
 import os
 import signal
@@ -20,7 +22,7 @@ os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
 
 import django
 
-from localstack.cluster import LocalCluster, free_base_port, free_port
+from channels_redis_cluster.testing import free_base_port, free_port
 
 django.setup()
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,45 +76,6 @@ def stack():
     """`python -m localstack.run` exactly as `make run` starts it, on ports of its own, per test module."""
     with local_stack() as running:
         yield running
-
-
-@pytest.fixture(scope="session")
-def redis_cluster():
-    """A local cluster of 3 primaries and 3 replicas, shared by the tests that only read and write keys."""
-    with LocalCluster() as cluster:
-        yield cluster
-
-
-@pytest.fixture
-def own_cluster():
-    """A cluster of the test's own, for tests that kill nodes or move slots."""
-    with LocalCluster() as cluster:
-        yield cluster
-
-
-@pytest.fixture
-def cluster_hosts(redis_cluster):
-    return [f"redis://{node}" for node in redis_cluster.startup_nodes]
-
-
-@pytest.fixture
-async def make_layer(cluster_hosts):
-    """Factory of RedisClusterChannelLayer instances with a prefix of their own, closed after the test."""
-    from channels_redis_cluster import RedisClusterChannelLayer
-
-    prefix = f"t{uuid.uuid4().hex[:8]}"
-    layers = []
-
-    def make(**config):
-        config.setdefault("prefix", prefix)
-        layer = RedisClusterChannelLayer(hosts=cluster_hosts, **config)
-        layers.append(layer)
-        return layer
-
-    yield make
-    for layer in layers:
-        await layer.flush()
-        await layer.close()
 
 
 ORIGIN = [(b"origin", b"http://127.0.0.1:8000")]

@@ -89,6 +89,8 @@ def test_the_wheel_and_sdist_carry_the_metadata_a_package_index_shows(dist):
     with tarfile.open(sdist) as archive:
         members = {Path(m).relative_to(Path(m).parts[0]).as_posix() for m in archive.getnames() if "/" in m}
     assert {"pyproject.toml", "README.md", "LICENSE", "channels_redis_cluster/layer.py"} <= members
+    # The layer's own suite travels with its source, and not in the wheel.
+    assert {"tests/test_layer_conformance.py", "tests/peers/conftest.py"} <= members
 
 
 def test_the_tutorial_consumer_runs_on_the_wheel_in_a_clean_environment(dist, tmp_path, cluster_hosts):
@@ -148,25 +150,3 @@ def test_the_tutorial_consumer_runs_on_the_wheel_in_a_clean_environment(dist, tm
         assert out.strip() == "hello from another process"
     finally:
         listener.kill()
-
-
-def readme_table(heading):
-    """The rows of the first table under ``heading`` in the package README, as lists of cells."""
-    text = (ROOT / "layer/README.md").read_text().split(f"\n{heading}\n", 1)[1]
-    rows = ("|" + text.split("\n\n|", 1)[1]).split("\n\n", 1)[0].splitlines()
-    return [[cell.strip().strip("`") for cell in row.strip("|").split(" | ")] for row in rows[2:]]
-
-
-def test_the_readme_lists_every_metric_as_the_code_names_it():
-    from channels_redis_cluster.metrics import EVENTS
-
-    documented = {name: text for name, text in readme_table("## Metrics")}
-    assert set(documented) == set(EVENTS)
-    for name, text in EVENTS.items():
-        assert documented[name].replace("`", "").lower() == text.replace("`", "").lower(), name
-
-
-def test_the_readme_lists_the_peers_tests_that_do_not_apply_with_their_reasons():
-    from peers.conftest import NOT_APPLICABLE
-
-    assert dict(readme_table("## Tested with the peers' own suites")) == NOT_APPLICABLE

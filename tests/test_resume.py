@@ -5,8 +5,8 @@ import json
 
 from channels.layers import get_channel_layer
 from channels.testing import WebsocketCommunicator
-from test_history import send_numbered
 
+from channels_redis_cluster.testing import send_numbered
 from conftest import ORIGIN, join
 
 
@@ -145,7 +145,7 @@ async def test_a_gap_in_live_offsets_is_filled_from_history(application):
     # A message kept in the history whose publish never reached this worker, as in a failover window.
     lost = layer.keys.group_channel("chat_gap") + b":unsubscribed"  # same slot, no subscriber
     await send_numbered(
-        layer, "chat_gap", {"type": "chat.message", "message": "unseen", "sent_at": 1.0, "sender": "x:1"}, channel=lost
+        layer, "chat_gap", {"type": "chat.message", "message": "unseen", "sent_at": 1.0, "sender": "x:1"}, shard_channel=lost
     )
     await say(client, 1, "after")
     got = await frames(client, 2)

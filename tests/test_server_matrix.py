@@ -9,16 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from localstack.cluster import server_version
+from channels_redis_cluster.testing import server_version
 
 ROOT = Path(__file__).resolve().parent.parent
 SUITES = [
-    "tests/peers",
-    "tests/test_layer_conformance.py",
-    "tests/test_sync_callers.py",
-    "tests/test_history.py",
+    "layer/tests/peers",
+    "layer/tests/test_layer_conformance.py",
+    "layer/tests/test_sync_callers.py",
+    "layer/tests/test_history.py",
     "tests/test_failover.py",
-    "tests/test_slot_migration.py",
+    "layer/tests/test_slot_migration.py",
 ]
 
 

@@ -374,12 +374,23 @@ RUN_ID = re.compile(rb"run_id:(\w+)")
 
 
 def pack_commands(commands):
-    """The RESP bytes of ``commands``, as redis-py's packer makes them, in a third of its time.
+    """The RESP bytes of ``commands``, as redis-py's packer makes them, in a sixth of its time.
 
     Every group message is one EVALSHA of about twenty arguments; redis-py's packer cost more than
-    the rest of group_send's Python together. Types other than str, bytes, int and float go through
-    redis-py's own encoder (and its refusals).
+    the rest of group_send's Python together. With hiredis (the ``[hiredis]`` extra) its C packer does
+    it: for such an EVALSHA 2.0 us against 4.7 us for the Python below and 11.7 us for redis-py's.
+    What hiredis does not take (subclasses, bytearray, memoryview, lists) goes through the Python,
+    and types other than str, bytes, int and float through redis-py's own encoder (and its refusals).
     """
+    if _pack_command is not None:
+        try:
+            return b"".join(map(_pack_command, commands))
+        except TypeError:
+            pass
+    return _pack_in_python(commands)
+
+
+def _pack_in_python(commands):
     out = []
     for args in commands:
         out.append(b"*%d\r\n" % len(args))
@@ -396,6 +407,10 @@ def pack_commands(commands):
 
 
 _ENCODER = Encoder(encoding="utf-8", encoding_errors="strict", decode_responses=False)
+try:
+    from hiredis import pack_command as _pack_command
+except ImportError:  # the [hiredis] extra is not installed: the Python packer does it all
+    _pack_command = None
 
 
 class NodePipeline:

@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from localstack.cluster import die_with_parent, free_port
+from channels_redis_cluster.testing import die_with_parent, free_port
 from localstack.run import wait_ready
 
 HERE = Path(__file__).resolve().parent

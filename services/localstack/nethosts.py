@@ -25,7 +25,7 @@ import threading
 import time
 from pathlib import Path
 
-from .cluster import SLOTS, cluster_node_args, die_with_parent, server_binary, wait_until
+from channels_redis_cluster.testing import SLOTS, cluster_node_args, die_with_parent, server_binary, wait_until
 
 SUBNET = "198.18.0"
 CLONE_NEWNET = 0x40000000

@@ -9,7 +9,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from .cluster import LocalCluster, die_with_parent
+from channels_redis_cluster.testing import LocalCluster, die_with_parent
 
 SERVICES = Path(__file__).resolve().parent.parent
 

@@ -1,5 +1,5 @@
-# django/channels_redis 4.3.0 (84986055bbaa) tests/test_core.py, BSD-3-Clause (tests/peers/LICENSE).
-# Unchanged but for the line marked "adapted"; tests/peers/conftest.py lists what does not apply.
+# django/channels_redis 4.3.0 (84986055bbaa) tests/test_core.py, BSD-3-Clause (layer/tests/peers/LICENSE).
+# Unchanged but for the line marked "adapted"; layer/tests/peers/conftest.py lists what does not apply.
 import asyncio
 import random
 

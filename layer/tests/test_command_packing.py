@@ -4,6 +4,7 @@ import pytest
 from redis.asyncio.connection import Connection
 from redis.exceptions import DataError
 
+from channels_redis_cluster import cluster
 from channels_redis_cluster.cluster import pack_commands
 
 
@@ -43,6 +44,13 @@ COMMANDS = [
 
 def test_commands_pack_as_redis_py_packs_them():
     assert pack_commands(COMMANDS) == b"".join(Connection().pack_commands(COMMANDS))
+
+
+def test_commands_hiredis_packs_pack_as_redis_py_packs_them():
+    """The common case, which hiredis' C packer takes (the extra is installed here): the same bytes."""
+    plain = [command for command in COMMANDS if all(type(arg) in (str, bytes, int, float) for arg in command)]
+    assert cluster._pack_command is not None and len(plain) >= 2
+    assert pack_commands(plain) == b"".join(Connection().pack_commands(plain))
 
 
 @pytest.mark.parametrize("bad", [True, None, object(), ["list"]])

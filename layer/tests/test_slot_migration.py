@@ -4,7 +4,7 @@ import asyncio
 import time
 
 from channels_redis_cluster import RedisClusterChannelLayer
-from localstack.cluster import migrate_slot
+from channels_redis_cluster.testing import migrate_slot
 
 
 async def test_group_follows_its_slot_to_another_primary(own_cluster):

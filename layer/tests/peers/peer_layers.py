@@ -5,7 +5,7 @@ from channels_redis_cluster import RedisClusterChannelLayer
 
 __all__ = ["ChannelFull", "InMemoryChannelLayer", "RedisChannelLayer", "RedisPubSubChannelLayer"]
 
-HOSTS = []  # the session cluster's nodes; tests/peers/conftest.py fills it
+HOSTS = []  # the session cluster's nodes; layer/tests/peers/conftest.py fills it
 
 
 class RedisChannelLayer(RedisClusterChannelLayer):

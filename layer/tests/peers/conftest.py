@@ -19,7 +19,7 @@ NOT_APPLICABLE = {
     "test_channels_redis_core.py::test_custom_group_key_format":
         "calls channels_redis's private _group_key; this layer's names are in channels_redis_cluster.keys",
     "test_channels_redis_core.py::test_receive_buffer_respects_capacity":
-        "fills channels_redis's private receive_buffer; tests/test_layer_conformance.py tests this layer's buffers",
+        "fills channels_redis's private receive_buffer; layer/tests/test_layer_conformance.py tests this layer's buffers",
     "test_channels_redis_core.py::test_message_expiry__group_send__one_channel_expires_message":
         "contradicts itself: it waits out a 1 s timeout and then expects a message sent 3 s before with expiry=3,"
         " which is due to expire that instant (upstream marks it xfail)",
@@ -28,7 +28,7 @@ NOT_APPLICABLE = {
     "test_channels_redis_pubsub.py::test_loop_instance_channel_layer_reference":
         "calls the pub/sub layer's private _get_layer()",
     "test_channels_redis_pubsub.py::test_multi_event_loop_garbage_collection":
-        "reads the pub/sub layer's private _layers; tests/test_sync_callers.py checks this layer's per-loop state",
+        "reads the pub/sub layer's private _layers; layer/tests/test_sync_callers.py checks this layer's per-loop state",
     "test_channels_redis_pubsub.py::test_auto_reconnect":
         "closes the pub/sub layer's private _shards[0]._redis; tests/test_failover.py kills real primaries instead",
     "test_channels_inmemorychannel.py::test_send_receive":

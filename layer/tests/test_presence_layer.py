@@ -12,7 +12,6 @@ import time
 import uuid
 
 from channels_redis_cluster import RedisClusterChannelLayer
-from conftest import ROOT
 
 TIMEOUT = 3.0  # presence_timeout of these tests: the bound on a dead process's members
 
@@ -45,9 +44,8 @@ async def start_holder(hosts, prefix, *rooms):
         json.dumps(hosts),
         prefix,
         *rooms,
-        cwd=ROOT / "services",
         stdout=subprocess.PIPE,
-        env={"PYTHONPATH": str(ROOT / "services"), "PATH": ""},
+        env={"PATH": ""},
     )
     try:
         return holder, json.loads(await asyncio.wait_for(holder.stdout.readline(), 60))["channels"]

@@ -14,16 +14,16 @@ import trustme
 from asgiref.sync import async_to_sync
 
 from channels_redis_cluster import RedisClusterChannelLayer
-from localstack.cluster import LocalCluster, Secured, server_version
+from channels_redis_cluster.testing import LocalCluster, Secured, server_version
 
-ROOT = Path(__file__).resolve().parent.parent
+LAYER = Path(__file__).resolve().parent.parent
 PASSWORD = "layer-" + uuid.uuid4().hex
 SERVERS = ["redis-server", "valkey-server"]
 
 
 def acl_rule(prefix):
     """The layer's ACL user exactly as the package README documents it (less "user"), for ``prefix``."""
-    rule = re.search(r"^user (channels on .*)$", (ROOT / "layer/README.md").read_text(), re.M).group(1)
+    rule = re.search(r"^user (channels on .*)$", (LAYER / "README.md").read_text(), re.M).group(1)
     return rule.replace("PASSWORD", PASSWORD).replace("{asgi:", "{" + prefix + ":")
 
 

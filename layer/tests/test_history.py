@@ -2,33 +2,7 @@
 
 import asyncio
 
-from channels_redis_cluster.layer import NUMBERED, WRITER, _send_numbered
-
-
-async def send_numbered(layer, group, body, writer=WRITER, channel=None):
-    """group_send's script run by hand: as another server process ``writer`` would run it (a promoted
-    replica, a restart), or publishing on ``channel`` instead of the group's (a publish nobody got)."""
-    state = await layer._state()
-    channel = channel or layer.keys.group_channel(group)
-    bound = layer.history.bound(group)
-    _, fresh, now, age, keep = layer._history_args(bound)
-    keys = [*layer.keys.group_history(group), layer.keys.group_queues(group)]
-    return await _send_numbered(
-        state.commands,
-        keys,
-        writer,
-        fresh,
-        now,
-        age,
-        keep,
-        bound.size,
-        channel,
-        state.frame(channel, kind=NUMBERED),
-        layer.serialize(body),
-        "",
-        0,
-        "1",
-    )
+from channels_redis_cluster.testing import send_numbered
 
 
 async def test_offsets_are_gapless_and_messages_carry_them(make_layer):
@@ -122,7 +96,7 @@ async def test_what_was_published_while_a_subscription_moved_is_delivered_from_h
     await sender.group_send("quiet", {"type": "m", "n": 1})
     assert (await asyncio.wait_for(receiver.receive(channel), 5))["n"] == 1
     # Numbered and kept, but published where no one listens: the message this subscription missed.
-    await send_numbered(sender, "quiet", {"type": "m", "n": 2}, channel=sender.keys.group_channel("quiet") + b":nobody")
+    await send_numbered(sender, "quiet", {"type": "m", "n": 2}, shard_channel=sender.keys.group_channel("quiet") + b":nobody")
     before = receiver.stats["resubscribes"]
     for port in redis_cluster.ports:  # the subscription's connection ends, as with its primary
         redis.Redis(port=port).client_kill_filter(_type="pubsub")

@@ -6,9 +6,6 @@ import subprocess
 import sys
 import textwrap
 import uuid
-from pathlib import Path
-
-SERVICES = Path(__file__).resolve().parent.parent / "services"
 
 # Each worker joins its channels to the room, prints them, then prints every message it receives.
 WORKER = textwrap.dedent(
@@ -46,9 +43,8 @@ async def start_worker(hosts, prefix, sockets):
         json.dumps(hosts),
         prefix,
         str(sockets),
-        cwd=SERVICES,
         stdout=subprocess.PIPE,
-        env={"PYTHONPATH": str(SERVICES), "PATH": ""},
+        env={"PATH": ""},
     )
     line = await asyncio.wait_for(process.stdout.readline(), 30)
     return process, json.loads(line)["channels"]
