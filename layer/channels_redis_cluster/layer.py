@@ -33,7 +33,6 @@ from .wire import (
 
 logger = logging.getLogger(__name__)
 
-_push = scripts.load("channel_push")
 _add_member = scripts.load("group_add")
 _discard_member = scripts.load("group_discard")
 _publish_group = scripts.load("group_publish")
@@ -160,19 +159,6 @@ class RedisClusterChannelLayer(BaseChannelLayer):
         if len(self._closed) > self.CLOSED_LIMIT:
             self._closed.popitem(last=False)
 
-    async def push(self, state, channel, message, expiry=None):
-        """Append to ``channel``'s queue in Redis; False when it is at capacity."""
-        expires_ms = int((time.time() + (expiry or self.expiry)) * 1000)
-        entry = b"%0*d" % (wire.TIME_CHARS, expires_ms) + self.serialize(message)
-        return await _push(
-            state.commands,
-            self.keys.queue(channel),
-            int(time.time() * 1000),
-            self.get_capacity(channel),
-            int(self.expiry * 1000),
-            entry,
-        )
-
     @staticmethod
     def owner_of(channel):
         """The client prefix of the process that owns a process-specific channel, else None."""
@@ -201,7 +187,7 @@ class RedisClusterChannelLayer(BaseChannelLayer):
                     return
                 # No loop listens for it now: its queue keeps it for a later receive in the owning process.
                 self.stats.inc("parked")
-            pushed = await self.push(state, channel, message)
+            pushed = await state.push(channel, message)
         except RETRYABLE:
             self.stats.inc("errors")
             raise
@@ -352,12 +338,12 @@ class RedisClusterChannelLayer(BaseChannelLayer):
             raise
         finally:
             if echo is not None:
-                state.echoes.pop(echo, None)
+                state.forget_echo(echo)
         return offset
 
     async def _push_members(self, state, channels, message):
         """Push a group message to the group's normal channels; a full one misses it, as in channels_redis."""
-        pushed = await asyncio.gather(*(self.push(state, channel.decode(), message) for channel in channels))
+        pushed = await asyncio.gather(*(state.push(channel.decode(), message) for channel in channels))
         full = pushed.count(0)
         if full:
             self.stats.inc("overflow", full)
@@ -489,10 +475,7 @@ class RedisClusterChannelLayer(BaseChannelLayer):
     async def flush(self):
         """Delete every key of this prefix in the cluster and forget local channels and groups."""
         state = await self._state()
-        for shard_channel in list(state.group_of):
-            await state.subscriber.unsubscribe(shard_channel)
-        state.group_of.clear()
-        state.local.clear()
+        await state.forget_groups()
         keys = [
             key
             async for key in state.cluster.scan_iter(match=self.keys.pattern(), count=1000, target_nodes=RedisCluster.PRIMARIES)

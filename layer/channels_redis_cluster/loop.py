@@ -11,7 +11,7 @@ import time
 
 from redis.asyncio.cluster import RedisCluster
 
-from . import history, presence, wire
+from . import history, presence, scripts, wire
 from .cluster import (
     RETRYABLE,
     CommandRouter,
@@ -33,6 +33,8 @@ from .wire import (
 )
 
 logger = logging.getLogger(__name__)
+
+_push = scripts.load("channel_push")
 
 BLOCK_SECONDS = 1  # BLPOP timeout; far below socket_timeout so the two never race
 ECHO_SECONDS = 1.0  # the longest a group_send waits for its own message to reach this process's members
@@ -163,6 +165,10 @@ class LoopState:
                     self.background(self.recheck())
             finally:
                 timer.cancel()
+
+    def forget_echo(self, key):
+        """Stop expecting the frame of ``key``: its group_send returned or failed."""
+        self.echoes.pop(key, None)
 
     async def recheck(self):
         """Read the slot map again and move the subscriptions it moved."""
@@ -314,6 +320,13 @@ class LoopState:
             self.group_of.pop(shard_channel, None)
             await self.subscriber.unsubscribe(shard_channel)
 
+    async def forget_groups(self):
+        """Leave every group of this loop and drop its local channels (a flush)."""
+        for shard_channel in list(self.group_of):
+            await self.subscriber.unsubscribe(shard_channel)
+        self.group_of.clear()
+        self.local.clear()
+
     # Normal channels
 
     async def receive_normal(self, channel):
@@ -341,6 +354,20 @@ class LoopState:
             if self.poppers.get(channel) is asyncio.current_task():
                 del self.poppers[channel]
 
+    async def push(self, channel, message, expiry=None):
+        """Append to ``channel``'s queue in Redis; False when it is at capacity."""
+        layer = self.layer
+        expires_ms = int((time.time() + (expiry or layer.expiry)) * 1000)
+        entry = b"%0*d" % (wire.TIME_CHARS, expires_ms) + layer.serialize(message)
+        return await _push(
+            self.commands,
+            layer.keys.queue(channel),
+            int(time.time() * 1000),
+            layer.get_capacity(channel),
+            int(layer.expiry * 1000),
+            entry,
+        )
+
     async def park(self):
         """Move what this loop's own channels still hold into Redis, where another loop of the process receives it."""
         now = time.monotonic()
@@ -348,7 +375,7 @@ class LoopState:
             if channel.startswith(self.channel_prefix):
                 for expires_at, message in buffer.items:
                     if expires_at > now:
-                        await self.layer.push(self, channel, message, expires_at - now)
+                        await self.push(channel, message, expires_at - now)
                 buffer.items.clear()
 
     async def close(self):

@@ -60,6 +60,8 @@ class DrainingServer(Server):
 
     accept_row = None  # this worker's row of balance.TABLE, when the pod's workers take turns accepting
     listeners = ()  # its balance.BalancedListeners, also in uvicorn's self.servers
+    handing_over = None  # the task that hands sockets over while Redis is out of reach, once started
+    rebalancer = None  # the rebalance.Rebalancer, when CHAT_REBALANCE is on and the server started
 
     async def startup(self, sockets=None):
         """uvicorn's startup; the public port is accepted from in turns with the pod's other workers."""
@@ -124,9 +126,9 @@ class DrainingServer(Server):
                     await asyncio.sleep(step)
 
     async def shutdown(self, sockets=None):
-        if getattr(self, "handing_over", None) is not None:
+        if self.handing_over is not None:
             self.handing_over.cancel()
-        if getattr(self, "rebalancer", None) is not None:
+        if self.rebalancer is not None:
             self.rebalancing.cancel()
             await self.rebalancer.leave()
         # The public port stops taking connections; the internal one (OPS_BIND) answers until the end, so
