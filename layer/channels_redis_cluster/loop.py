@@ -108,6 +108,7 @@ class LoopState:
         self.poppers = {}
         self.acks = {}  # id -> future of a membership change sent to another process
         self.sweeper = None
+        self.tasks = set()  # background tasks (repairs, refreshes, resyncs) running now
         self.presence = presence.Presence(self, layer.presence_timeout)
         self.started = asyncio.ensure_future(self._start())
         self.listening = None
@@ -295,8 +296,15 @@ class LoopState:
             self.acks.pop(envelope["id"], None)
 
     def background(self, coroutine):
+        """Run ``coroutine`` as a task of this loop's, held until it is done and cancelled when the state
+        closes: a repair or a refresh still retrying then would reopen connections to a cluster nobody uses."""
         task = asyncio.ensure_future(coroutine)
-        task.add_done_callback(_log_failure)
+        self.tasks.add(task)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task):
+        self.tasks.discard(task)
+        _log_failure(task)
 
     # Local membership
 
@@ -389,6 +397,8 @@ class LoopState:
         if self.sweeper is not None:
             self.sweeper.cancel()
         self.presence.close()
+        for task in list(self.tasks):
+            task.cancel()
         for popper in list(self.poppers.values()):
             popper.cancel()
         self.started.cancel()
