@@ -84,6 +84,8 @@ class Stack:
             "CHAT_MESSAGES_PER_S": "0",
             "REDIS_CLUSTER_NODES": ",".join(cluster.startup_nodes),
             "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+            # The bare app has no channel layer to report its sockets through, and one worker: nothing to rebalance.
+            **({"CHAT_REBALANCE": "false"} if backend == "ceiling" else {}),
             **(settings or {}),
         }
         app = "loadtest.ceiling:application" if backend == "ceiling" else "chatsite.asgi:application"
