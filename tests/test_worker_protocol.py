@@ -104,6 +104,50 @@ async def test_accepting_a_handshake_whose_client_is_gone_says_so(protocol_class
         await server.wait_closed()
 
 
+@pytest.mark.parametrize("first_close", ["server", "app"])
+@pytest.mark.parametrize("protocol_class", [ChatWSProtocol, ChatSansIOProtocol])
+async def test_a_close_after_the_socket_was_closed_is_done_not_an_error(protocol_class, first_close):
+    """The server closes a socket itself (as a hand-over does, 1012), or a closing path of the app did, while
+    the app waits on the layer; its close afterwards returns quietly, where uvicorn raised RuntimeError
+    ("after sending 'websocket.close'", a traceback at ERROR) or ClientDisconnected."""
+    outcome, protocols = asyncio.get_running_loop().create_future(), []
+
+    async def app(scope, receive, send):
+        assert (await receive())["type"] == "websocket.connect"
+        await send({"type": "websocket.accept"})
+        if first_close == "server":
+            protocols[0].shutdown()  # what the worker's hand-over and drain call
+        else:
+            await send({"type": "websocket.close", "code": 1012})
+        try:
+            await send({"type": "websocket.close", "code": 4503})
+        except Exception as error:  # noqa: BLE001 - the test reports what the send raised
+            outcome.set_result(repr(error))
+        else:
+            outcome.set_result("closed")
+
+    config = Config(app=app, lifespan="off")
+    config.load()
+    state = ServerState()
+    server = await asyncio.get_running_loop().create_server(
+        lambda: protocols.append(protocol_class(config, state, {})) or protocols[-1], "127.0.0.1", 0
+    )
+    port = server.sockets[0].getsockname()[1]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(handshake_request("127.0.0.1", port, "/ws/"))
+    try:
+        assert await asyncio.wait_for(outcome, 5) == "closed"
+        assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).startswith(b"HTTP/1.1 101")
+        # The client gets the first close (1012), answers it, and nothing else comes before the end.
+        assert await asyncio.wait_for(reader.readexactly(4), 5) == b"\x88\x02\x03\xf4"
+        writer.write(b"\x88\x82\x00\x00\x00\x00\x03\xe8")  # a masked close (1000), mask zero
+        assert await asyncio.wait_for(reader.read(), 5) == b"", "a second close reached the client"
+    finally:
+        writer.close()
+        server.close()
+        await server.wait_closed()
+
+
 async def test_the_wsproto_protocol_offers_its_direct_write_in_the_scope_and_it_writes_one_frame():
     """The chat writes room messages through this extension; without it every delivery would take the ASGI send."""
     from chatsite.worker import DIRECT_WRITE

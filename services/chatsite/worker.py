@@ -220,11 +220,26 @@ class SaysClientGoneOnAccept:
         await super().send(message)
 
 
-class ChatSansIOProtocol(RemembersWhenOpened, SaysClientGoneOnAccept, WebSocketsSansIOProtocol):
+class TakesASecondCloseAsDone:
+    """A close the app sends once the socket is closed already is done, not an error.
+
+    The server closes sockets itself (a drain, a hand-over while Redis is out of reach, rebalancing), and
+    a consumer waiting on the layer meanwhile may close the same socket when its call fails: uvicorn
+    refuses that with a RuntimeError, a traceback at ERROR for an app that asked for what has happened
+    (seen when every Redis node stalled for seconds under 100,000 sockets).
+    """
+
+    async def send(self, message):
+        if message["type"] == "websocket.close" and self.handshake_complete and (self.close_sent or self.transport.is_closing()):
+            return
+        await super().send(message)
+
+
+class ChatSansIOProtocol(RemembersWhenOpened, TakesASecondCloseAsDone, SaysClientGoneOnAccept, WebSocketsSansIOProtocol):
     """uvicorn's websockets-sansio protocol, which says when a handshake's client is gone."""
 
 
-class ChatWSProtocol(RemembersWhenOpened, SaysClientGoneOnAccept, WSProtocol):
+class ChatWSProtocol(RemembersWhenOpened, TakesASecondCloseAsDone, SaysClientGoneOnAccept, WSProtocol):
     """uvicorn's wsproto protocol, which says why it closes, says when a handshake's client is gone and
     writes room messages without a coroutine.
 
