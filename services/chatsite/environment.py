@@ -30,9 +30,9 @@ SETTINGS = (
     Setting(
         "CHANNEL_LAYER",
         "redis-cluster",
-        "`redis-cluster` (this layer), `redis` (channels_redis core on `REDIS_URL`), "
-        "`redis-pubsub` (channels_redis pub/sub on `REDIS_URL`), `memory` (one process only: groups are not shared, "
-        "for tests and demos)",
+        "`redis-cluster` (this layer); for `make bench`'s comparisons and tests only: `redis` (channels_redis core "
+        "on `REDIS_URL`), `redis-pubsub` (channels_redis pub/sub on `REDIS_URL`), `memory` (one process only: groups "
+        "are not shared)",
     ),
     Setting(
         "REDIS_CLUSTER_NODES",
