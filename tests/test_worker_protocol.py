@@ -1,6 +1,7 @@
 """The worker's uvicorn protocols on a real socket (what uvicorn leaves unsaid or uncollected), and its gc callback."""
 
 import asyncio
+import contextlib
 import gc
 import weakref
 
@@ -70,6 +71,27 @@ def test_full_collections_freeze_their_survivors_and_every_nth_scans_everything(
         gc.unfreeze()
 
 
+@contextlib.asynccontextmanager
+async def one_socket(protocol_class, app, protocols):
+    """A server of ``protocol_class`` running ``app`` (its protocols appended to ``protocols``), and a client
+    that has sent it a handshake: the client's reader and writer."""
+    config = Config(app=app, lifespan="off")
+    config.load()
+    state = ServerState()
+    server = await asyncio.get_running_loop().create_server(
+        lambda: protocols.append(protocol_class(config, state, {})) or protocols[-1], "127.0.0.1", 0
+    )
+    port = server.sockets[0].getsockname()[1]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(handshake_request("127.0.0.1", port, "/ws/"))
+    try:
+        yield reader, writer
+    finally:
+        writer.close()
+        server.close()
+        await server.wait_closed()
+
+
 @pytest.mark.parametrize("protocol_class", [ChatWSProtocol, ChatSansIOProtocol])
 async def test_accepting_a_handshake_whose_client_is_gone_says_so(protocol_class):
     """uvicorn would accept nothing and fail the next send with a RuntimeError; the consumer's disconnect never ran."""
@@ -86,22 +108,9 @@ async def test_accepting_a_handshake_whose_client_is_gone_says_so(protocol_class
         else:
             outcome.set_result("accepted")
 
-    config = Config(app=app, lifespan="off")
-    config.load()
-    state = ServerState()
-    server = await asyncio.get_running_loop().create_server(
-        lambda: protocols.append(protocol_class(config, state, {})) or protocols[-1], "127.0.0.1", 0
-    )
-    port = server.sockets[0].getsockname()[1]
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(handshake_request("127.0.0.1", port, "/ws/"))
-    try:
+    async with one_socket(protocol_class, app, protocols) as (reader, _):
         assert await asyncio.wait_for(outcome, 5) == "client gone"
         assert await asyncio.wait_for(reader.read(), 5) == b"", "nothing written to a socket being closed"
-    finally:
-        writer.close()
-        server.close()
-        await server.wait_closed()
 
 
 @pytest.mark.parametrize("first_close", ["server", "app"])
@@ -126,26 +135,13 @@ async def test_a_close_after_the_socket_was_closed_is_done_not_an_error(protocol
         else:
             outcome.set_result("closed")
 
-    config = Config(app=app, lifespan="off")
-    config.load()
-    state = ServerState()
-    server = await asyncio.get_running_loop().create_server(
-        lambda: protocols.append(protocol_class(config, state, {})) or protocols[-1], "127.0.0.1", 0
-    )
-    port = server.sockets[0].getsockname()[1]
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(handshake_request("127.0.0.1", port, "/ws/"))
-    try:
+    async with one_socket(protocol_class, app, protocols) as (reader, writer):
         assert await asyncio.wait_for(outcome, 5) == "closed"
         assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).startswith(b"HTTP/1.1 101")
         # The client gets the first close (1012), answers it, and nothing else comes before the end.
         assert await asyncio.wait_for(reader.readexactly(4), 5) == b"\x88\x02\x03\xf4"
         writer.write(b"\x88\x82\x00\x00\x00\x00\x03\xe8")  # a masked close (1000), mask zero
         assert await asyncio.wait_for(reader.read(), 5) == b"", "a second close reached the client"
-    finally:
-        writer.close()
-        server.close()
-        await server.wait_closed()
 
 
 async def test_the_wsproto_protocol_offers_its_direct_write_in_the_scope_and_it_writes_one_frame():
