@@ -44,8 +44,11 @@ def run_locust(url, scenario, report_dir, *options, processes=PROCESSES):
         text=True,
         timeout=SECONDS + 60,
     )
-    verdict = json.loads((report_dir / "verdict.json").read_text())
-    return result.returncode, verdict, result.stdout + result.stderr
+    output = result.stdout + result.stderr
+    verdict_file = report_dir / "verdict.json"
+    # Locust itself failing (it wrote no verdict) says why here, not as a missing file.
+    assert verdict_file.exists(), f"Locust wrote no verdict (exit status {result.returncode}):\n{output[-4000:]}"
+    return result.returncode, json.loads(verdict_file.read_text()), output
 
 
 def assert_passed(status, verdict, output, processes=PROCESSES):
