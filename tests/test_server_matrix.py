@@ -17,6 +17,7 @@ SUITES = [
     "layer/tests/test_layer_conformance.py",
     "layer/tests/test_sync_callers.py",
     "layer/tests/test_history.py",
+    "layer/tests/test_replicated_publish.py",
     "tests/test_failover.py",
     "layer/tests/test_slot_migration.py",
 ]

@@ -6,6 +6,7 @@ import collections
 import hashlib
 import logging
 import re
+from typing import NamedTuple
 from urllib.parse import unquote, urlsplit
 
 from redis._parsers import AsyncCommandsParser, Encoder
@@ -371,6 +372,11 @@ async def _disconnect(connection):
 
 
 RUN_ID = re.compile(rb"run_id:(\w+)")
+# WAIT called from a script counts the replicas that acknowledged the calling connection's writes on Valkey
+# 8 and later. Redis 7.0 refuses WAIT in a script; later Redis (its source as of late 2024) and Valkey 7 count
+# every replica there, whatever it holds.
+VALKEY_MAJOR = re.compile(rb"valkey_version:(\d+)\.")
+SCRIPTS_WAIT_SINCE_VALKEY = 8
 
 
 def pack_commands(commands):
@@ -421,6 +427,8 @@ class NodePipeline:
     ``command_timeout`` seconds fails, and the connection with it: a node that swallows packets costs
     its callers that long, not the minutes TCP would wait. Commands queued with ``replicas`` are
     answered only once that many replicas confirmed them: the batch ends with one WAIT for all of them.
+    A command queued with a follow-up (``then``) has it sent after that WAIT, in the same write, where
+    a script can ask WAIT itself whether the replicas hold the writes (``scripts_wait``).
     """
 
     def __init__(self, node: ClusterNode, command_timeout: float, replica_timeout: float, stats=None):
@@ -435,17 +443,30 @@ class NodePipeline:
         self.expired = False
         self.run_id = asyncio.get_running_loop().create_future()
         self.run_id.add_done_callback(mark_retrieved)
+        self.scripts_wait = False  # known with run_id: whether WAIT in a script counts this connection's writes
         self.task = asyncio.ensure_future(self._run())
 
-    def execute(self, *args, replicas=0):
-        """Queue one command; the returned future holds its reply or error."""
+    def execute(self, *args, replicas=0, then=None):
+        """Queue one command; the returned future holds its reply or error.
+
+        With ``then`` (a command sent after the batch's WAIT) the future holds ``(reply, confirmed,
+        then_reply)`` instead, ``confirmed`` saying whether ``replicas`` replicas acknowledged the
+        batch and ``then_reply`` being the follow-up's reply or error: the caller decides.
+        """
         future = asyncio.get_running_loop().create_future()
         if self.closed:
             future.set_exception(ConnectionError(f"pipeline to {self.node.name} is closed"))
             return future
-        self.pending.append((args, future, replicas))
+        self.pending.append((args, future, replicas, then))
         self.wakeup.set()
         return future
+
+    async def _reply(self):
+        """The next reply; a Redis error is returned, not raised, so the rest of the batch is still read."""
+        try:
+            return await self.connection.read_response()
+        except ResponseError as exc:
+            return exc
 
     def _expire(self):
         self.expired = True
@@ -458,7 +479,10 @@ class NodePipeline:
         try:
             await self.connection.connect()
             await self.connection.send_command("INFO", "server", check_health=False)
-            self.run_id.set_result(RUN_ID.search(await self.connection.read_response()).group(1))
+            info = await self.connection.read_response()
+            valkey = VALKEY_MAJOR.search(info)
+            self.scripts_wait = valkey is not None and int(valkey.group(1)) >= SCRIPTS_WAIT_SINCE_VALKEY
+            self.run_id.set_result(RUN_ID.search(info).group(1))
             timer.cancel()
             while True:
                 await self.wakeup.wait()
@@ -467,43 +491,45 @@ class NodePipeline:
                 self.pending.clear()
                 if not batch:
                     continue
-                commands = [args for args, _, _ in batch]
-                replicas = max(wanted for _, _, wanted in batch)
+                commands = [args for args, _, _, _ in batch]
+                replicas = max(wanted for _, _, wanted, _ in batch)
                 if replicas:
                     commands.append(("WAIT", replicas, int(self.replica_timeout * 1000)))
+                follow_ups = [then for _, _, _, then in batch if then is not None]
+                for index, then in enumerate(follow_ups, 1 - len(follow_ups)):
+                    commands.append(tuple(("1" if index == 0 else "0") if arg is LAST_IN_WRITE else arg for arg in then))
                 timer = loop.call_later(self.command_timeout + (self.replica_timeout if replicas else 0), self._expire)
                 await self.connection.send_packed_command(pack_commands(commands), check_health=False)
-                held = []  # replies that wait for the WAIT's answer
-                for _, future, wanted in batch:
-                    try:
-                        reply = await self.connection.read_response()
-                    except ResponseError as exc:
-                        reply = exc
-                    if wanted and not isinstance(reply, ResponseError):
-                        held.append((future, wanted, reply))
+                held = []  # replies that wait for the WAIT's answer, or for a follow-up's
+                for item in batch:
+                    reply = await self._reply()
+                    _, future, wanted, then = item
+                    if wanted or then is not None:
+                        held.append((item, reply))
                     elif not future.done():
                         if isinstance(reply, ResponseError):
                             future.set_exception(reply)
                         else:
                             future.set_result(reply)
-                if replicas:
-                    try:
-                        acked = await self.connection.read_response()
-                    except ResponseError as exc:  # a node that is a replica now: the writes went nowhere
-                        acked = exc
-                    for future, wanted, reply in held:
-                        if future.done():
-                            continue
-                        if isinstance(acked, ResponseError):
-                            future.set_exception(acked)
-                        elif acked >= wanted:
-                            future.set_result(reply)
-                        else:
-                            future.set_exception(
-                                NotReplicated(
-                                    f"{acked} of {wanted} replicas of {self.node.name} confirmed within {self.replica_timeout}s"
-                                )
+                acked = await self._reply() if replicas else 0  # an error: a node that is a replica now
+                for (_, future, wanted, then), reply in held:
+                    then_reply = await self._reply() if then is not None else None
+                    if future.done():
+                        continue
+                    if isinstance(reply, ResponseError):
+                        future.set_exception(reply)
+                    elif isinstance(acked, ResponseError):
+                        future.set_exception(acked)
+                    elif then is not None:
+                        future.set_result((reply, acked >= wanted, then_reply))
+                    elif acked >= wanted:
+                        future.set_result(reply)
+                    else:
+                        future.set_exception(
+                            NotReplicated(
+                                f"{acked} of {wanted} replicas of {self.node.name} confirmed within {self.replica_timeout}s"
                             )
+                        )
                 timer.cancel()
                 batch = []
         except asyncio.CancelledError:
@@ -522,7 +548,7 @@ class NodePipeline:
             self.closed = True
             if not self.run_id.done():
                 self.run_id.set_exception(error)
-            for _, future, _ in [*batch, *self.pending]:
+            for _, future, _, _ in [*batch, *self.pending]:
                 if not future.done():
                     future.set_exception(error)
             self.pending.clear()
@@ -565,12 +591,18 @@ class CommandRouter:
         """Run a command on the primary that owns ``slot_key``; retry until ``retry_timeout`` passes."""
         return await self.execute_as(slot_key, lambda run_id: args)
 
-    async def execute_as(self, slot_key: bytes, command, replicated=False, retry_timeout=None):
+    async def execute_as(self, slot_key: bytes, command, replicated=False, retry_timeout=None, then=None):
         """Run ``command(run_id)`` on the primary that owns ``slot_key``, ``run_id`` naming its server process.
 
         ``replicated``: answer only once every replica the slot map gives that primary holds the write
         (``NotReplicated`` otherwise, not retried); a primary with none answers at once. Retried across
         failovers for ``retry_timeout`` (the router's own by default).
+
+        ``then``: a follow-up script sent after the replicas' WAIT in the same write, where the server's
+        scripts can ask WAIT themselves (``NodePipeline.scripts_wait``); ``REPLICAS`` among its arguments
+        stands for the number of replicas waited for. The answer is then ``(reply, confirmed,
+        then_reply)``, and ``then_reply`` is None where the server cannot take the follow-up: the caller
+        does its work another way.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (self.retry_timeout if retry_timeout is None else retry_timeout)
@@ -580,7 +612,16 @@ class CommandRouter:
                 pipeline = self._pipeline(self.topology.primary_for(slot_key))
                 run_id = pipeline.run_id
                 replicas = self.topology.replicas_for(slot_key) if replicated else 0
-                return await pipeline.execute(*command(run_id.result() if run_id.done() else await run_id), replicas=replicas)
+                args = command(run_id.result() if run_id.done() else await run_id)
+                if then is None:
+                    return await pipeline.execute(*args, replicas=replicas)
+                if not pipeline.scripts_wait:
+                    return await pipeline.execute(*args, replicas=replicas), True, None
+                follow_up = then.script.command(then.keys, *(replicas if arg is REPLICAS else arg for arg in then.args))
+                reply, confirmed, then_reply = await pipeline.execute(*args, replicas=replicas, then=follow_up)
+                if isinstance(then_reply, NoScriptError):  # loaded for the next ones; this one's caller falls back
+                    pipeline.execute("SCRIPT", "LOAD", then.script.source).add_done_callback(mark_retrieved)
+                return reply, confirmed, then_reply
             except RETRYABLE:
                 if loop.time() + delay > deadline:
                     raise
@@ -596,6 +637,16 @@ class CommandRouter:
 
 
 WRITER = object()  # stands for the run id of the server process that runs a script
+REPLICAS = object()  # stands for the number of replicas a follow-up script asks WAIT about
+LAST_IN_WRITE = object()  # stands for "1" in the last follow-up script of a pipeline's write, "0" in the others
+
+
+class FollowUp(NamedTuple):
+    """A script to run after the replicas' WAIT, in the same write as the command before it."""
+
+    script: "Script"
+    keys: tuple
+    args: tuple
 
 
 class Script:
@@ -605,8 +656,19 @@ class Script:
         self.source = source
         self.sha = hashlib.sha1(source.encode()).hexdigest()
 
-    async def __call__(self, commands, keys, *args, replicated=False, retry_timeout=None):
-        """Run on the primary of the keys' slot; ``WRITER`` among ``args`` becomes its server's run id."""
+    def command(self, keys, *args):
+        """The EVALSHA that runs this script."""
+        return ("EVALSHA", self.sha, len(keys), *keys, *args)
+
+    def later(self, keys, *args):
+        """This script with these arguments, as ``CommandRouter.execute_as`` takes a follow-up (``then``)."""
+        return FollowUp(self, keys, args)
+
+    async def __call__(self, commands, keys, *args, replicated=False, retry_timeout=None, then=None):
+        """Run on the primary of the keys' slot; ``WRITER`` among ``args`` becomes its server's run id.
+
+        ``replicated``, ``retry_timeout`` and ``then`` as ``CommandRouter.execute_as`` takes them.
+        """
         if isinstance(keys, str):
             keys = (keys,)
 
@@ -614,6 +676,6 @@ class Script:
             return lambda run_id: (verb, script, len(keys), *keys, *(run_id if a is WRITER else a for a in args))
 
         try:
-            return await commands.execute_as(keys[0].encode(), command("EVALSHA", self.sha), replicated, retry_timeout)
+            return await commands.execute_as(keys[0].encode(), command("EVALSHA", self.sha), replicated, retry_timeout, then)
         except NoScriptError:
-            return await commands.execute_as(keys[0].encode(), command("EVAL", self.source), replicated, retry_timeout)
+            return await commands.execute_as(keys[0].encode(), command("EVAL", self.source), replicated, retry_timeout, then)

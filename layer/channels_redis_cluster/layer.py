@@ -16,6 +16,8 @@ from redis.asyncio.cluster import RedisCluster
 
 from . import history, scripts, wire
 from .cluster import (
+    LAST_IN_WRITE,
+    REPLICAS,
     RETRYABLE,
     WRITER,
     NotReplicated,
@@ -38,7 +40,15 @@ _discard_member = scripts.load("group_discard")
 _publish_group = scripts.load("group_publish")
 _send_numbered = scripts.load("history_send")
 _publish_numbered = scripts.load("history_publish")
+_publish_confirmed = scripts.load("history_publish_confirmed")
+NOT_CONFIRMED = -1  # history_publish_confirmed's answer when the replicas have not acknowledged the write
 _read_history = scripts.load("history_read")
+
+
+def _published(reply):
+    """Whether a history_publish_confirmed reply says it published (how many, 0 or more): not an error,
+    not sent (None), not a refusal."""
+    return type(reply) is int and reply >= 0
 
 
 class RedisClusterChannelLayer(BaseChannelLayer):
@@ -293,40 +303,11 @@ class RedisClusterChannelLayer(BaseChannelLayer):
                 echo = state.expect_echo(channel)
                 queued = await _publish_group(state.commands, self.keys.group_queues(group), channel, frame, cutoff)
             else:
-                body = self.serialize(message)
                 frame = state.frame(channel, kind=NUMBERED)
                 echo = state.expect_echo(channel)
-                keys, args = self.keys.group_history(group), self._history_args(bound)
-                replicated = self.replicate_before_publish
-                try:
-                    offset, epoch, rotated, duplicate, queued = await _send_numbered(
-                        state.commands,
-                        [*keys, self.keys.group_queues(group)],
-                        *args,
-                        bound.size,
-                        channel,
-                        frame,
-                        body,
-                        idempotency_key or "",
-                        cutoff,
-                        "0" if replicated else "1",
-                        replicated=replicated,
-                        retry_timeout=self.send_retry_timeout,
-                    )
-                except NotReplicated:
-                    self.stats.inc("not_replicated")
-                    state.background(state.topology.refresh())  # the slot may have a new primary by now
-                    raise
-                if replicated:
-                    # Now that its replicas hold it: this and any entry before it not published yet go out, in order.
-                    skipped = frame[:SEQ_END] + SKIPPED if duplicate else b""
-                    await _publish_numbered(
-                        state.commands, keys, *args, channel, offset, skipped, retry_timeout=self.send_retry_timeout
-                    )
-                if rotated:
-                    self.stats.inc("epoch_rotations")
-                if duplicate:
-                    self.stats.inc("duplicates_suppressed")
+                offset, epoch, queued = await self._send_with_history(
+                    state, group, channel, bound, frame, message, idempotency_key, cutoff
+                )
                 if queued:  # normal channels get the offset and epoch that live members get
                     message = {**message, history.OFFSET: offset, history.EPOCH: epoch.decode()}
             if queued:
@@ -340,6 +321,53 @@ class RedisClusterChannelLayer(BaseChannelLayer):
             if echo is not None:
                 state.forget_echo(echo)
         return offset
+
+    async def _send_with_history(self, state, group, channel, bound, frame, message, idempotency_key, cutoff):
+        """Number, keep and publish a group message with history; returns its offset, epoch and normal channels.
+
+        With ``replicate_before_publish`` it is published once its primary's replicas hold it. On Valkey 8
+        and later that takes one round trip: the write, the WAIT and a script that publishes only if the
+        replicas acknowledged the write go out together. Elsewhere, and when that script could not publish
+        (a duplicate, a script not loaded yet), a second round trip publishes it by offset.
+        """
+        keys, args = self.keys.group_history(group), self._history_args(bound)
+        replicated = self.replicate_before_publish
+        try:
+            reply = await _send_numbered(
+                state.commands,
+                [*keys, self.keys.group_queues(group)],
+                *args,
+                bound.size,
+                channel,
+                frame,
+                self.serialize(message),
+                idempotency_key or "",
+                cutoff,
+                "0" if replicated else "1",
+                replicated=replicated,
+                retry_timeout=self.send_retry_timeout,
+                then=_publish_confirmed.later(keys[:2], channel, REPLICAS, frame, LAST_IN_WRITE) if replicated else None,
+            )
+            if replicated:
+                reply, confirmed, published = reply
+                if published == NOT_CONFIRMED or (not confirmed and not _published(published)):
+                    raise NotReplicated(f"the replicas of {group!r}'s primary did not confirm its message in time")
+            offset, epoch, rotated, duplicate, queued = reply
+        except NotReplicated:
+            self.stats.inc("not_replicated")
+            state.background(state.topology.refresh())  # the slot may have a new primary by now
+            raise
+        if replicated and _published(published):
+            self.stats.inc("published_in_one_round_trip")
+        elif replicated:
+            # Now that its replicas hold it: this and any entry before it not published yet go out, in order.
+            skipped = frame[:SEQ_END] + SKIPPED if duplicate else b""
+            await _publish_numbered(state.commands, keys, *args, channel, offset, skipped, retry_timeout=self.send_retry_timeout)
+        if rotated:
+            self.stats.inc("epoch_rotations")
+        if duplicate:
+            self.stats.inc("duplicates_suppressed")
+        return offset, epoch, queued
 
     async def _push_members(self, state, channels, message):
         """Push a group message to the group's normal channels; a full one misses it, as in channels_redis."""

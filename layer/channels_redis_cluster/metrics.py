@@ -22,6 +22,7 @@ EVENTS = {
     "presence_reaped": "Presence entries of processes whose lease ended, removed by this one",
     "duplicates_suppressed": "Group sends not published again because their idempotency key was in the history",
     "not_replicated": "Group sends with history refused because their primary's replicas did not confirm them in time",
+    "published_in_one_round_trip": "Group sends with history published in the same write as the message and its WAIT for the replicas (Valkey 8 and later)",
     "command_deadlines": "Connections to a node dropped because a command or a subscription went unanswered past its deadline",
     "subscriptions_followed": "Shard subscriptions moved because the slot map gave their slot to another primary",
 }

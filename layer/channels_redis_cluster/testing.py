@@ -237,15 +237,30 @@ class LocalCluster:
         return len(self.client(port).execute_command("CLUSTER", "NODES").strip().splitlines())
 
     def wait_healthy(self, timeout=60):
-        """Wait until every running node reports cluster_state:ok and each primary has a synced replica."""
+        """Wait until every running node reports cluster_state:ok, each primary has a synced replica, and every
+        running node sees every other one in the role it has: a client reading the slot map from a node that
+        still lists a replica as a primary without slots would wait for no replica."""
 
         def healthy():
             for port, process in self.processes.items():
                 if process.poll() is None and "cluster_state:ok" not in self.client(port).execute_command("CLUSTER", "INFO"):
                     return False
-            return all(self._replicas_online(port) for port in self.running_primaries())
+            return all(self._replicas_online(port) for port in self.running_primaries()) and self._roles_agree()
 
         self._wait(healthy, "cluster_state:ok with replicas in sync", timeout)
+
+    def _roles_agree(self):
+        running = [port for port, process in self.processes.items() if process.poll() is None]
+        primaries = set(self.running_primaries())
+        role = {
+            self.client(port).execute_command("CLUSTER", "MYID"): "master" if port in primaries else "slave" for port in running
+        }
+        for port in running:
+            for line in self.client(port).execute_command("CLUSTER", "NODES").strip().splitlines():
+                node, _, flags = line.split()[:3]
+                if node in role and role[node] not in flags.split(","):
+                    return False
+        return True
 
     def _replicas_online(self, port):
         info = self.client(port).info("replication")

@@ -1,5 +1,6 @@
 """A room message is published only once its primary's replica holds it: with the replica stopped, a send is
-refused and nobody receives it; its resend with the same idempotency key, once the replica is back, lands once."""
+refused and nobody receives it; its resend with the same idempotency key, once the replica is back, lands once.
+On Valkey 8 and later the write, the WAIT and the publish go out in one round trip; on Redis in two."""
 
 import asyncio
 import signal
@@ -9,6 +10,7 @@ import pytest
 
 from channels_redis_cluster import RedisClusterChannelLayer
 from channels_redis_cluster.cluster import NotReplicated
+from channels_redis_cluster.testing import server_binary, server_version
 
 
 async def test_a_send_its_replica_did_not_confirm_is_refused_and_its_resend_lands_once(own_cluster):
@@ -16,6 +18,9 @@ async def test_a_send_its_replica_did_not_confirm_is_refused_and_its_resend_land
     layer = RedisClusterChannelLayer(hosts=hosts, prefix="rp", history_size=50, replica_timeout=0.3)
     channel = await layer.new_channel()
     await layer.group_add("held", channel)
+    # One message first, so the refused one takes the path every send takes: the scripts are loaded.
+    assert await layer.group_send("held", {"type": "m", "n": 0}) == 1
+    assert (await asyncio.wait_for(layer.receive(channel), 5))["n"] == 0
     primary = own_cluster.primary_for(layer.keys.group_channel("held"))
     replica = int(own_cluster.client(primary).execute_command("ROLE")[2][0][1])
     stopped = own_cluster.processes[replica]
@@ -28,18 +33,18 @@ async def test_a_send_its_replica_did_not_confirm_is_refused_and_its_resend_land
         assert layer.stats["not_replicated"] == 1
         # Written on the primary, but neither published nor shown as history.
         found = await layer.group_history("held", 0, (await layer.group_history("held")).epoch)
-        assert (found.offset, found.messages) == (0, [])
+        assert (found.offset, [m["n"] for m in found.messages]) == (1, [0])
         with pytest.raises(asyncio.TimeoutError):
             await asyncio.wait_for(layer.receive(channel), 1.0)  # bounded: the message that must not come
     finally:
         stopped.send_signal(signal.SIGCONT)
-    assert await layer.group_send("held", {"type": "m", "n": 1}, idempotency_key="k1") == 1
-    assert await layer.group_send("held", {"type": "m", "n": 2}, idempotency_key="k2") == 2
+    assert await layer.group_send("held", {"type": "m", "n": 1}, idempotency_key="k1") == 2
+    assert await layer.group_send("held", {"type": "m", "n": 2}, idempotency_key="k2") == 3
     got = [await asyncio.wait_for(layer.receive(channel), 5) for _ in range(2)]
-    assert [(m["n"], m["__offset__"]) for m in got] == [(1, 1), (2, 2)]
+    assert [(m["n"], m["__offset__"]) for m in got] == [(1, 2), (2, 3)]
     assert layer.stats["duplicates_suppressed"] == 1
     found = await layer.group_history("held", 0, got[0]["__epoch__"])
-    assert [m["n"] for m in found.messages] == [1, 2] and found.recovered
+    assert [m["n"] for m in found.messages] == [0, 1, 2] and found.recovered
     await layer.close()
 
 
@@ -57,4 +62,57 @@ async def test_published_as_written_when_asked(own_cluster):
         assert (await asyncio.wait_for(layer.receive(channel), 5))["__offset__"] == 1
     finally:
         own_cluster.processes[replica].send_signal(signal.SIGCONT)
+    await layer.close()
+
+
+def scripts_ask_wait():
+    """Whether the servers the tests run count a connection's own writes when a script asks WAIT (Valkey 8+)."""
+    name, version = server_version(server_binary())
+    return name == "valkey" and int(version.split(".")[0]) >= 8
+
+
+async def test_a_replicated_send_is_published_in_one_round_trip_where_scripts_can_ask_wait(own_cluster):
+    hosts = [f"redis://{node}" for node in own_cluster.startup_nodes]
+    layer = RedisClusterChannelLayer(hosts=hosts, prefix="ro", history_size=50)
+    channel = await layer.new_channel()
+    await layer.group_add("trip", channel)
+    for n in range(5):
+        assert await layer.group_send("trip", {"type": "m", "n": n}, idempotency_key=f"k{n}") == n + 1
+    assert await layer.group_send("trip", {"type": "m", "n": 4}, idempotency_key="k4") == 5  # a duplicate
+    got = [await asyncio.wait_for(layer.receive(channel), 5) for _ in range(5)]
+    assert [(m["n"], m["__offset__"]) for m in got] == [(n, n + 1) for n in range(5)]
+    # The first send found the publishing script not loaded and published by offset; a duplicate publishes
+    # by offset too (its own entry is an earlier one). Every other one took one round trip, on Valkey.
+    assert layer.stats["published_in_one_round_trip"] == (4 if scripts_ask_wait() else 0)
+    assert layer.stats["duplicates_suppressed"] == 1
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(layer.receive(channel), 0.5)  # bounded: the duplicate must not come
+    await layer.close()
+
+
+async def test_the_layer_asks_wait_from_a_script_only_where_it_counts_this_connections_writes(own_cluster):
+    """With the replica stopped, a write on a connection and then WAIT from a script on it: Valkey 8+ answers
+    that no replica holds the write; Redis 7.0 refuses WAIT in a script, and later Redis and Valkey 7 count the
+    stopped replica. The layer must tell them apart."""
+    hosts = [f"redis://{node}" for node in own_cluster.startup_nodes]
+    layer = RedisClusterChannelLayer(hosts=hosts, prefix="rw", history_size=50)
+    await layer.group_send("probe", {"type": "m"})
+    key = layer.keys.group_channel("probe")
+    primary = own_cluster.primary_for(key)
+    replica = int(own_cluster.client(primary).execute_command("ROLE")[2][0][1])
+    stopped = own_cluster.processes[replica]
+    stopped.send_signal(signal.SIGSTOP)
+    try:
+        with own_cluster.client(primary).pipeline(transaction=False) as one_connection:
+            one_connection.set(key, "written while the replica is stopped")
+            one_connection.eval("return redis.call('WAIT', 1, 0)", 0)
+            counted = one_connection.execute(raise_on_error=False)[1]
+    finally:
+        stopped.send_signal(signal.SIGCONT)
+    pipelines = list((await layer._state()).commands.pipelines.values())
+    assert pipelines and {pipeline.scripts_wait for pipeline in pipelines} == {counted == 0}
+    if scripts_ask_wait():
+        assert counted == 0
+    else:
+        assert counted == 1 or "not allowed from script" in str(counted), counted
     await layer.close()
