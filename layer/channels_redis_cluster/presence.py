@@ -58,6 +58,7 @@ class Leases:
         self.reaped = set()  # ended prefixes whose entries are removed
         self.reaping = set()  # ended prefixes being removed here
         self.restoring = 0  # renewals left that write back this process's entries after its lease was lost
+        self.held = False  # whether a renewal came back: before it, this process had no lease to lose
         self.renewing = None
         self.renewed = None  # a future set once the first renewal is back
         self.listeners = []  # callables(prefixes) told of processes whose lease just ended
@@ -91,8 +92,12 @@ class Leases:
                 layer.stats.inc("errors")
                 logger.warning("presence lease not renewed: %r", exc)
             else:
-                if lost:  # others may have removed this process's entries, and may until they see it renewed
+                # Others may have removed this process's entries, and may until they see it renewed. A lease
+                # missing at the first renewal is only a new one: restoring every group then cost three full
+                # rounds of scripts in a new worker's first seconds, when a reconnect storm fills it.
+                if lost and self.held:
                     self.restoring = 3
+                self.held = True
                 if self.restoring and self.own:  # now and on the next two beats
                     self.state.background(self.restore(list(self.own), registered=False))
                 self.restoring = max(self.restoring - 1, 0)

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import uuid
 
@@ -177,6 +178,34 @@ async def test_entries_lost_with_a_lease_are_written_back(make_layer):
     assert {m["id"] for m in await holder.presence("room")} == {f"m{index}" for index in range(5, 20)}
     assert await command(holder, groups, "SMEMBERS", groups) == [b"room"]
     assert holder.stats["presence_restored"] == 15
+
+
+async def test_a_new_process_writes_nothing_back_at_its_first_renewals(make_layer, redis_cluster):
+    """A lease missing at a process's first renewal is a new one, not a lost one: nothing is written back then
+    (it once ran a script per group on the first three beats, when a reconnect storm fills a new worker)."""
+    holder = make_layer(presence_timeout=TIMEOUT)
+    key = holder.keys.group_presence("room")
+    port = redis_cluster.primary_for(key)
+    seen, stop = [], threading.Event()
+
+    def watch():
+        with redis_cluster.client(port).monitor() as monitor:
+            for command in monitor.listen():
+                if stop.is_set():
+                    return
+                seen.append(command["command"])
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    channels = [await holder.new_channel() for _ in range(5)]
+    for index, channel in enumerate(channels):
+        await holder.presence_join("room", channel, f"m{index}", None)
+    await asyncio.sleep(2 * TIMEOUT / 3 + 0.5)  # two more renewals: bounded, what must not happen is awaited
+    await command(holder, key, "HLEN", key)  # one command after them, so the monitor has seen them all
+    stop.set()
+    assert any("HSETNX" in line or "HSET" in line for line in seen), "the monitor saw none of the joins"
+    assert not [line for line in seen if "HSETNX" in line], "entries were written back with no lease lost"
+    await holder.presence_leave("room", channels)
 
 
 async def test_entries_a_failover_lost_are_written_back_and_shown(own_cluster):
