@@ -366,7 +366,7 @@ class LoopState:
         """Append to ``channel``'s queue in Redis; False when it is at capacity."""
         layer = self.layer
         expires_ms = int((time.time() + (expiry or layer.expiry)) * 1000)
-        entry = b"%0*d" % (wire.TIME_CHARS, expires_ms) + layer.serialize(message)
+        entry = wire.entry_time(expires_ms) + layer.serialize(message)
         return await _push(
             self.commands,
             layer.keys.queue(channel),

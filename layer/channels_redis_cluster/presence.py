@@ -58,7 +58,7 @@ class Leases:
         self.reaped = set()  # ended prefixes whose entries are removed
         self.reaping = set()  # ended prefixes being removed here
         self.restoring = 0  # renewals left that write back this process's entries after its lease was lost
-        self.held = False  # whether a renewal came back: before it, this process had no lease to lose
+        self.held = False  # whether a renewal was tried: before one, this process had no lease to lose
         self.renewing = None
         self.renewed = None  # a future set once the first renewal is back
         self.listeners = []  # callables(prefixes) told of processes whose lease just ended
@@ -97,7 +97,6 @@ class Leases:
                 # rounds of scripts in a new worker's first seconds, when a reconnect storm fills it.
                 if lost and self.held:
                     self.restoring = 3
-                self.held = True
                 if self.restoring and self.own:  # now and on the next two beats
                     self.state.background(self.restore(list(self.own), registered=False))
                 self.restoring = max(self.restoring - 1, 0)
@@ -109,6 +108,8 @@ class Leases:
                 unreaped = ended - self.reaped - self.reaping
                 if unreaped:
                     self.state.background(self.reap(unreaped))
+            # Held from the first try on, answered or not: a renewal that failed here may have run in Redis.
+            self.held = True
             if not self.renewed.done():
                 self.renewed.set_result(None)  # tried once: readers go on with what they know
             await asyncio.sleep(self.timeout / 3)

@@ -22,6 +22,12 @@ OFFSET_END = EPOCH_END + OFFSET_CHARS
 TIME_CHARS = 13
 ENTRY_BODY = TIME_CHARS + HEADER_BYTES
 
+
+def entry_time(expires_ms):
+    """The start of a queue or history entry: its expiry time, as the scripts' TIME_FORMAT writes it."""
+    return b"%0*d" % (TIME_CHARS, expires_ms)
+
+
 # The same, as the first lines of every script (channels_redis_cluster.scripts).
 LUA_CONSTANTS = (
     f"local TIME_CHARS, ENTRY_BODY = {TIME_CHARS}, {ENTRY_BODY}\n"

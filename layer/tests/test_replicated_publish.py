@@ -116,3 +116,61 @@ async def test_the_layer_asks_wait_from_a_script_only_where_it_counts_this_conne
     else:
         assert counted == 1 or "not allowed from script" in str(counted), counted
     await layer.close()
+
+
+async def test_a_resend_whose_numbers_started_again_publishes_its_first_copy(own_cluster):
+    """A sender's numbers start again after a quiet spell, so a resend's frame can carry the header of an
+    older entry still in the history: the resend must publish its first copy, not take the older one for it."""
+    hosts = [f"redis://{node}" for node in own_cluster.startup_nodes]
+    layer = RedisClusterChannelLayer(hosts=hosts, prefix="rs", history_size=50, replica_timeout=0.3)
+    channel = await layer.new_channel()
+    await layer.group_add("quiet", channel)
+    assert await layer.group_send("quiet", {"type": "m", "n": 0}) == 1
+    assert (await asyncio.wait_for(layer.receive(channel), 5))["n"] == 0
+    shard_channel = layer.keys.group_channel("quiet")
+    primary = own_cluster.primary_for(shard_channel)
+    replica = int(own_cluster.client(primary).execute_command("ROLE")[2][0][1])
+    own_cluster.processes[replica].send_signal(signal.SIGSTOP)
+    try:
+        with pytest.raises(NotReplicated):
+            await layer.group_send("quiet", {"type": "m", "n": 1}, idempotency_key="k1")
+    finally:
+        own_cluster.processes[replica].send_signal(signal.SIGCONT)
+    (await layer._state()).sent.set(shard_channel, 0)  # what a quiet spell does: the next frame is number 1 again
+    assert await layer.group_send("quiet", {"type": "m", "n": 1}, idempotency_key="k1") == 2
+    got = await asyncio.wait_for(layer.receive(channel), 5)
+    assert (got["n"], got["__offset__"]) == (1, 2)
+    assert layer.stats["duplicates_suppressed"] == 1
+    await layer.close()
+
+
+async def test_a_resend_from_a_new_connection_waits_for_the_replicas_of_its_first_copy(own_cluster):
+    """A duplicate writes no new entry, and a connection that wrote nothing has nothing for WAIT to wait for:
+    the resend still must not publish a first copy its replicas do not hold."""
+    hosts = [f"redis://{node}" for node in own_cluster.startup_nodes]
+    first = RedisClusterChannelLayer(hosts=hosts, prefix="rn", history_size=50, replica_timeout=0.3)
+    channel = await first.new_channel()
+    await first.group_add("held", channel)
+    assert await first.group_send("held", {"type": "m", "n": 0}) == 1
+    assert (await asyncio.wait_for(first.receive(channel), 5))["n"] == 0
+    second = RedisClusterChannelLayer(hosts=hosts, prefix="rn", history_size=50, replica_timeout=0.3)
+    # Its slot map and connection made now: loaded with the replica stopped, they could outlast the node
+    # timeout (2 s here), and a replica the cluster marks failed is rightly not waited for.
+    await second.group_history("held")
+    primary = own_cluster.primary_for(first.keys.group_channel("held"))
+    replica = int(own_cluster.client(primary).execute_command("ROLE")[2][0][1])
+    own_cluster.processes[replica].send_signal(signal.SIGSTOP)
+    try:
+        with pytest.raises(NotReplicated):
+            await first.group_send("held", {"type": "m", "n": 1}, idempotency_key="k1")
+        with pytest.raises(NotReplicated):  # another process resends it: its connection has written nothing
+            await second.group_send("held", {"type": "m", "n": 1}, idempotency_key="k1")
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(first.receive(channel), 1.0)  # bounded: the message that must not come yet
+    finally:
+        own_cluster.processes[replica].send_signal(signal.SIGCONT)
+    assert await second.group_send("held", {"type": "m", "n": 1}, idempotency_key="k1") == 2
+    got = await asyncio.wait_for(first.receive(channel), 5)
+    assert (got["n"], got["__offset__"]) == (1, 2)
+    await first.close()
+    await second.close()

@@ -2,18 +2,20 @@
 -- entry, and every one before it not published yet, in order, if the replicas hold this connection's writes.
 -- WAIT called from a script answers at once how many replicas acknowledged every write of the calling
 -- connection (Valkey 8 and later; Redis refuses or counts every replica there: the layer sends this to Valkey only).
--- An entry is found by its frame header, among the newest: entries written since it come after it.
+-- An entry is found by how it starts, among the newest: entries written since it come after it.
 -- KEYS[1] the history's hash, KEYS[2] its entries. ARGV[1] shard channel, ARGV[2] replicas wanted, ARGV[3]
--- the entry's frame header (sender, sequence number, kind), ARGV[4] '1' in the last such script of the write.
+-- the entry's start as history_send wrote it (expiry time, then the frame header: sender, sequence number,
+-- kind), ARGV[4] '1' in the last such script of the write.
 -- Returns how many entries it published; -1 when the replicas have not confirmed the writes (nothing is
--- published); -2 when the entry is not among the newest (a duplicate send; the caller publishes by offset).
+-- published); -2 when the entry is not among the newest (a duplicate send wrote none; the caller publishes
+-- by offset).
 --! include lib/publish_pending
 
 local SEARCHED = 16
 
 local wanted = tonumber(ARGV[2])
 if redis.call('WAIT', wanted, 0) < wanted then return -1 end
-local meta, log, channel, header = KEYS[1], KEYS[2], ARGV[1], ARGV[3]
+local meta, log, channel, start = KEYS[1], KEYS[2], ARGV[1], ARGV[3]
 local state = redis.call('HMGET', meta, 'top', 'epoch', 'published')
 local top, epoch = tonumber(state[1]), state[2]
 if not top then return -2 end
@@ -28,7 +30,7 @@ local published = tonumber(state[3]) or top
 if ARGV[4] ~= '1' then redis.set_repl(redis.REPL_NONE) end
 local newest = redis.call('LRANGE', log, -SEARCHED, -1)
 for i = #newest, 1, -1 do
-  if string.sub(newest[i], TIME_CHARS + 1, ENTRY_BODY) == header then
+  if string.sub(newest[i], 1, ENTRY_BODY) == start then
     return publish_pending(meta, log, channel, epoch, top, published, top - #newest + i)
   end
 end

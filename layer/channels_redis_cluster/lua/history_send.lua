@@ -14,7 +14,14 @@ if key ~= '' then
   local seen = redis.call('ZSCORE', keys, key)
   if seen then
     -- Written already: only the sender's sequence number goes out, so no receiver counts a gap.
-    if at_once then redis.call('SPUBLISH', channel, string.sub(header, 1, -2) .. SKIPPED) end
+    if at_once then
+      redis.call('SPUBLISH', channel, string.sub(header, 1, -2) .. SKIPPED)
+    else
+      -- One replicated write, so the WAIT after this script covers the first copy too: this connection may
+      -- have written nothing since (a new one after a retry, another process resending the same key), and
+      -- a WAIT over no write of its own confirms at once.
+      redis.call('HSET', meta, 'top', top)
+    end
     return {tonumber(seen), epoch, rotated, 1, {}}
   end
 end
