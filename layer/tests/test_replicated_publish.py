@@ -13,17 +13,27 @@ from channels_redis_cluster.cluster import NotReplicated
 from channels_redis_cluster.testing import server_binary, server_version
 
 
-async def test_a_send_its_replica_did_not_confirm_is_refused_and_its_resend_lands_once(own_cluster):
-    hosts = [f"redis://{node}" for node in own_cluster.startup_nodes]
-    layer = RedisClusterChannelLayer(hosts=hosts, prefix="rp", history_size=50, replica_timeout=0.3)
+async def room_with_one_message(cluster, prefix, group):
+    """A layer and a channel in ``group`` that got one message (offset 1): the scripts are loaded, so later
+    sends take the path every send takes."""
+    hosts = [f"redis://{node}" for node in cluster.startup_nodes]
+    layer = RedisClusterChannelLayer(hosts=hosts, prefix=prefix, history_size=50, replica_timeout=0.3)
     channel = await layer.new_channel()
-    await layer.group_add("held", channel)
-    # One message first, so the refused one takes the path every send takes: the scripts are loaded.
-    assert await layer.group_send("held", {"type": "m", "n": 0}) == 1
+    await layer.group_add(group, channel)
+    assert await layer.group_send(group, {"type": "m", "n": 0}) == 1
     assert (await asyncio.wait_for(layer.receive(channel), 5))["n"] == 0
-    primary = own_cluster.primary_for(layer.keys.group_channel("held"))
-    replica = int(own_cluster.client(primary).execute_command("ROLE")[2][0][1])
-    stopped = own_cluster.processes[replica]
+    return layer, channel
+
+
+def replica_of(cluster, layer, group):
+    """The server process of the replica of ``group``'s primary."""
+    primary = cluster.primary_for(layer.keys.group_channel(group))
+    return cluster.processes[int(cluster.client(primary).execute_command("ROLE")[2][0][1])]
+
+
+async def test_a_send_its_replica_did_not_confirm_is_refused_and_its_resend_lands_once(own_cluster):
+    layer, channel = await room_with_one_message(own_cluster, "rp", "held")
+    stopped = replica_of(own_cluster, layer, "held")
     stopped.send_signal(signal.SIGSTOP)
     try:
         started = time.monotonic()
@@ -121,22 +131,17 @@ async def test_the_layer_asks_wait_from_a_script_only_where_it_counts_this_conne
 async def test_a_resend_whose_numbers_started_again_publishes_its_first_copy(own_cluster):
     """A sender's numbers start again after a quiet spell, so a resend's frame can carry the header of an
     older entry still in the history: the resend must publish its first copy, not take the older one for it."""
-    hosts = [f"redis://{node}" for node in own_cluster.startup_nodes]
-    layer = RedisClusterChannelLayer(hosts=hosts, prefix="rs", history_size=50, replica_timeout=0.3)
-    channel = await layer.new_channel()
-    await layer.group_add("quiet", channel)
-    assert await layer.group_send("quiet", {"type": "m", "n": 0}) == 1
-    assert (await asyncio.wait_for(layer.receive(channel), 5))["n"] == 0
-    shard_channel = layer.keys.group_channel("quiet")
-    primary = own_cluster.primary_for(shard_channel)
-    replica = int(own_cluster.client(primary).execute_command("ROLE")[2][0][1])
-    own_cluster.processes[replica].send_signal(signal.SIGSTOP)
+    layer, channel = await room_with_one_message(own_cluster, "rs", "quiet")
+    stopped = replica_of(own_cluster, layer, "quiet")
+    stopped.send_signal(signal.SIGSTOP)
     try:
         with pytest.raises(NotReplicated):
             await layer.group_send("quiet", {"type": "m", "n": 1}, idempotency_key="k1")
     finally:
-        own_cluster.processes[replica].send_signal(signal.SIGCONT)
-    (await layer._state()).sent.set(shard_channel, 0)  # what a quiet spell does: the next frame is number 1 again
+        stopped.send_signal(signal.SIGCONT)
+    (await layer._state()).sent.set(
+        layer.keys.group_channel("quiet"), 0
+    )  # what a quiet spell does: the next frame is number 1 again
     assert await layer.group_send("quiet", {"type": "m", "n": 1}, idempotency_key="k1") == 2
     got = await asyncio.wait_for(layer.receive(channel), 5)
     assert (got["n"], got["__offset__"]) == (1, 2)
@@ -147,19 +152,14 @@ async def test_a_resend_whose_numbers_started_again_publishes_its_first_copy(own
 async def test_a_resend_from_a_new_connection_waits_for_the_replicas_of_its_first_copy(own_cluster):
     """A duplicate writes no new entry, and a connection that wrote nothing has nothing for WAIT to wait for:
     the resend still must not publish a first copy its replicas do not hold."""
+    first, channel = await room_with_one_message(own_cluster, "rn", "held")
     hosts = [f"redis://{node}" for node in own_cluster.startup_nodes]
-    first = RedisClusterChannelLayer(hosts=hosts, prefix="rn", history_size=50, replica_timeout=0.3)
-    channel = await first.new_channel()
-    await first.group_add("held", channel)
-    assert await first.group_send("held", {"type": "m", "n": 0}) == 1
-    assert (await asyncio.wait_for(first.receive(channel), 5))["n"] == 0
     second = RedisClusterChannelLayer(hosts=hosts, prefix="rn", history_size=50, replica_timeout=0.3)
     # Its slot map and connection made now: loaded with the replica stopped, they could outlast the node
     # timeout (2 s here), and a replica the cluster marks failed is rightly not waited for.
     await second.group_history("held")
-    primary = own_cluster.primary_for(first.keys.group_channel("held"))
-    replica = int(own_cluster.client(primary).execute_command("ROLE")[2][0][1])
-    own_cluster.processes[replica].send_signal(signal.SIGSTOP)
+    stopped = replica_of(own_cluster, first, "held")
+    stopped.send_signal(signal.SIGSTOP)
     try:
         with pytest.raises(NotReplicated):
             await first.group_send("held", {"type": "m", "n": 1}, idempotency_key="k1")
@@ -168,7 +168,7 @@ async def test_a_resend_from_a_new_connection_waits_for_the_replicas_of_its_firs
         with pytest.raises(asyncio.TimeoutError):
             await asyncio.wait_for(first.receive(channel), 1.0)  # bounded: the message that must not come yet
     finally:
-        own_cluster.processes[replica].send_signal(signal.SIGCONT)
+        stopped.send_signal(signal.SIGCONT)
     assert await second.group_send("held", {"type": "m", "n": 1}, idempotency_key="k1") == 2
     got = await asyncio.wait_for(first.receive(channel), 5)
     assert (got["n"], got["__offset__"]) == (1, 2)
