@@ -496,8 +496,9 @@ class NodePipeline:
                 if replicas:
                     commands.append(("WAIT", replicas, int(self.replica_timeout * 1000)))
                 follow_ups = [then for _, _, _, then in batch if then is not None]
-                for index, then in enumerate(follow_ups, 1 - len(follow_ups)):
-                    commands.append(tuple(("1" if index == 0 else "0") if arg is LAST_IN_WRITE else arg for arg in then))
+                for index, then in enumerate(follow_ups):
+                    last = "1" if index == len(follow_ups) - 1 else "0"
+                    commands.append(tuple(last if arg is LAST_IN_WRITE else arg for arg in then))
                 timer = loop.call_later(self.command_timeout + (self.replica_timeout if replicas else 0), self._expire)
                 await self.connection.send_packed_command(pack_commands(commands), check_health=False)
                 held = []  # replies that wait for the WAIT's answer, or for a follow-up's

@@ -332,10 +332,13 @@ class RedisClusterChannelLayer(BaseChannelLayer):
         """
         keys, args = self.keys.group_history(group), self._history_args(bound)
         replicated = self.replicate_before_publish
-        # How the entry starts (its expiry time, then the frame's header), unique even where a sender's
-        # numbers started again after a quiet spell: the publishing script finds it by that.
-        _, _, now, age, _ = args
-        entry_start = wire.entry_time(now + age) + frame
+        publish_after_wait = None
+        if replicated:
+            # The publishing script finds the entry by how it starts (its expiry time, then the frame's
+            # header): unique even where a sender's numbers started again after a quiet spell.
+            _, _, now, age, _ = args
+            entry_start = wire.entry_time(now + age) + frame
+            publish_after_wait = _publish_confirmed.later(keys[:2], channel, REPLICAS, entry_start, LAST_IN_WRITE)
         try:
             reply = await _send_numbered(
                 state.commands,
@@ -350,7 +353,7 @@ class RedisClusterChannelLayer(BaseChannelLayer):
                 "0" if replicated else "1",
                 replicated=replicated,
                 retry_timeout=self.send_retry_timeout,
-                then=_publish_confirmed.later(keys[:2], channel, REPLICAS, entry_start, LAST_IN_WRITE) if replicated else None,
+                then=publish_after_wait,
             )
             if replicated:
                 reply, confirmed, published = reply

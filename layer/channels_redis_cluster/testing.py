@@ -245,13 +245,13 @@ class LocalCluster:
             for port, process in self.processes.items():
                 if process.poll() is None and "cluster_state:ok" not in self.client(port).execute_command("CLUSTER", "INFO"):
                     return False
-            return all(self._replicas_online(port) for port in self.running_primaries()) and self._roles_agree()
+            primaries = self.running_primaries()
+            return all(self._replicas_online(port) for port in primaries) and self._roles_agree(set(primaries))
 
         self._wait(healthy, "cluster_state:ok with replicas in sync", timeout)
 
-    def _roles_agree(self):
+    def _roles_agree(self, primaries):
         running = [port for port, process in self.processes.items() if process.poll() is None]
-        primaries = set(self.running_primaries())
         role = {
             self.client(port).execute_command("CLUSTER", "MYID"): "master" if port in primaries else "slave" for port in running
         }
