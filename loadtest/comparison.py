@@ -14,7 +14,10 @@ Per room shape it measures:
   median run deciding, until each fails (100% delivered and p99 <= 100 ms to pass).
 
 The chat runs as shipped: room history and presence on, v1 members; at 50 members also a room whose
-v1 and v2 members alternate, to show the mixed room costs what a plain one does.
+v1 and v2 members alternate, to show the mixed room costs what a plain one does. Its cost is measured with
+room history off too (cost runs only, no steps): neither peer keeps a room's messages or waits for a
+replica, so the difference is what the history costs, and the rest is what the chat's own path costs
+against theirs.
 """
 
 import asyncio
@@ -41,11 +44,13 @@ IDLE_SECONDS = 3.0  # how long each system's CPU at rest is measured, its rooms 
 SYSTEMS = {
     "chat": "this chat (history, presence on)",
     "chat-mixed": "this chat, v1 and v2 members alternating",
+    "chat-nohistory": "this chat, room history off",
     "socketio": SocketIOStack.label,
     "nchan": NchanStack.label,
     "ceiling": "bare one-process app",
 }
 MIXED_AT = 50  # the room size at which the mixed room is measured too
+COST_ONLY = {"chat-nohistory"}  # measured for the cost, not stepped to a sustainable rate
 
 
 def smoke_shapes():
@@ -65,6 +70,8 @@ def _start(name, clusters, redis_port, args):
         return NchanStack(clusters["nchan"])
     if name == "ceiling":
         return Stack("ceiling", clusters["chat"], redis_port, ws=args.ws, workers=1)
+    if name == "chat-nohistory":
+        return Stack("redis-cluster-nohistory", clusters["chat"], redis_port, ws=args.ws)
     return Stack("redis-cluster", clusters["chat"], redis_port, ws=args.ws)
 
 
@@ -143,7 +150,7 @@ async def compare(chat_cluster, redis_port, args, shapes, repeats, limit_ms, out
                     profiling = asyncio.get_running_loop().run_in_executor(None, profile, busiest, args.step_seconds, out_dir)
                     await loads["chat"].run_step("profile", cost_rate, args.step_seconds)
                     shape["systems"]["chat"]["profile"] = await profiling
-                stepping = list(names)
+                stepping = [name for name in names if name not in COST_ONLY]
                 for rate in steps:
                     # Each step ``repeats`` times on every system still passing, alternating; the median run
                     # decides, as in the sustainable steps of the rest of the benchmark (one run's p99 is noisy).
@@ -181,11 +188,18 @@ def targets(comparison):
         for key, shape in comparison.items()
     }
     against_socketio = {key: _ratio(cost.get("chat"), cost.get("socketio")) for key, cost in costs.items()}
+
+    def history_off(cost, peer):
+        # What the chat costs without what neither peer does: the reason a ratio is above its target, or not.
+        plain = cost.get("chat-nohistory")
+        return f"; room history off: {plain} µs, {_ratio(plain, cost.get(peer))}x" if plain else ""
+
     rows.append(
         {
             "target": "server CPU per delivery (all server processes and Redis) at or below Socket.IO's on every room shape",
             "measured": "; ".join(
-                f"{key}: {cost.get('chat')} µs against {cost.get('socketio')} µs ({against_socketio[key]}x)"
+                f"{key}: {cost.get('chat')} µs against {cost.get('socketio')} µs ({against_socketio[key]}x"
+                f"{history_off(cost, 'socketio')})"
                 for key, cost in costs.items()
             ),
             "met": all(ratio is not None and ratio <= 1.0 for ratio in against_socketio.values()),
@@ -198,7 +212,8 @@ def targets(comparison):
             rows.append(
                 {
                     "target": f"server CPU per delivery at most {limit}x nchan's in rooms of {members}",
-                    "measured": f"{key}: {costs[key].get('chat')} µs against {costs[key].get('nchan')} µs ({ratio}x)",
+                    "measured": f"{key}: {costs[key].get('chat')} µs against {costs[key].get('nchan')} µs ({ratio}x"
+                    f"{history_off(costs[key], 'nchan')})",
                     "met": ratio is not None and ratio <= limit,
                 }
             )
@@ -277,7 +292,7 @@ def lines(comparison, repeats, step_seconds):
                 f"**{cost['system_us_per_delivery']} µs** ({cost['above_idle_us_per_delivery']} above its "
                 f"{found['idle_cpu_percent']}% at rest; client {cost['client_us_per_delivery']} µs), "
                 f"p50/p99 {cost['p50_ms']}/{cost['p99_ms']} ms, {cost['delivered_ratio']:.2%}; "
-                f"sustainable {top.get('offered_per_s', 'none')}/s"
+                + ("cost only, not stepped" if name in COST_ONLY else f"sustainable {top.get('offered_per_s', 'none')}/s")
             )
         out.append(f"| {key} @ {shape['cost_rate']:,} | " + " | ".join(cells) + " |")
     out += ["", "Where each system's CPU per delivery went at the fixed load: its server processes + its Redis nodes (µs):", ""]
@@ -297,6 +312,15 @@ def lines(comparison, repeats, step_seconds):
                 + "; leaf functions "
                 + ", ".join(f"`{name}` {share}%" for name, share in prof["leaf_functions"][:5])
             )
+    history = list(history_cost_lines(comparison))
+    if history:
+        out += [
+            "",
+            "What room history costs (this chat with it on, as shipped, minus the same chat with it off; neither peer "
+            "keeps a room's messages or waits for a replica before publishing), workers + Redis, µs per delivery:",
+            "",
+            *history,
+        ]
     per_message = fit_per_message(comparison)
     if per_message:
         out += [
@@ -309,6 +333,27 @@ def lines(comparison, repeats, step_seconds):
             ),
         ]
     return [*out, ""]
+
+
+def history_cost_lines(comparison):
+    """Per shape: the chat's cost with room history less its cost without, split into workers and Redis."""
+
+    def split(found):
+        cost = found["cost"]
+        return cost["system_us_per_delivery"] - cost["redis_us_per_delivery"], cost["redis_us_per_delivery"]
+
+    for key, shape in comparison.items():
+        systems = shape["systems"]
+        if not {"chat", "chat-nohistory"} <= set(systems):
+            continue
+        try:
+            (workers, redis), (plain_workers, plain_redis) = split(systems["chat"]), split(systems["chat-nohistory"])
+        except TypeError:  # a run that delivered nothing has no cost
+            continue
+        yield (
+            f"- {key}: {workers - plain_workers:.0f} + {redis - plain_redis:.0f} "
+            f"({(workers + redis - plain_workers - plain_redis) / (workers + redis):.0%} of the chat's cost)"
+        )
 
 
 def fit_per_message(comparison):

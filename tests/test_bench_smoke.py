@@ -27,10 +27,11 @@ def test_benchmark_smoke_writes_the_report_with_every_part():
     out = ROOT / "artifacts" / "bench"
     report = json.loads((out / "report.json").read_text())
     # Against Socket.IO and nchan: every system on every smoke shape, all delivered, its CPU counted, the
-    # mixed v1/v2 room at 50 members; the report's table and the targets on them.
+    # mixed v1/v2 room at 50 members, the chat with room history off for its cost only; the report's table
+    # and the targets on them.
     compared = report["comparison"]
     assert set(compared) == {"4x2", "1x50"}
-    assert set(compared["1x50"]["systems"]) == {"chat", "chat-mixed", "socketio", "nchan", "ceiling"}
+    assert set(compared["1x50"]["systems"]) == {"chat", "chat-mixed", "chat-nohistory", "socketio", "nchan", "ceiling"}
     for shape in compared.values():
         for name, found in shape["systems"].items():
             cost = found["cost"]
