@@ -353,7 +353,7 @@ def history_cost_lines(comparison):
         except TypeError:  # a run that delivered nothing has no cost
             continue
         yield (
-            f"- {key}: {workers - plain_workers:.0f} + {redis - plain_redis:.0f} "
+            f"- {key}: {workers - plain_workers:.1f} + {redis - plain_redis:.1f} "
             f"({(workers + redis - plain_workers - plain_redis) / (workers + redis):.0%} of the chat's cost)"
         )
 
