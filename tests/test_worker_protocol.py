@@ -173,3 +173,85 @@ async def test_the_wsproto_protocol_offers_its_direct_write_in_the_scope_and_it_
     finally:
         server.close()
         await server.wait_closed()
+
+
+def _masked(opcode, payload, mask=b"\x01\x02\x03\x04"):
+    """A client frame: FIN, ``opcode``, a masked length under 126, the mask, the masked payload."""
+    return bytes([0x80 | opcode, 0x80 | len(payload)]) + mask + bytes(byte ^ mask[i % 4] for i, byte in enumerate(payload))
+
+
+@contextlib.asynccontextmanager
+async def _pinging_server(app, ping_timeout=5.0):
+    """A server of the chat's wsproto protocol that pings every 20 ms; its port."""
+    config = Config(
+        app=app,
+        lifespan="off",
+        http=ChatHttpToolsProtocol,
+        ws=ChatWSProtocol,
+        ws_ping_interval=0.02,
+        ws_ping_timeout=ping_timeout,
+    )
+    config.load()
+    state = ServerState()
+    server = await asyncio.get_running_loop().create_server(lambda: ChatHttpToolsProtocol(config, state, {}), "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+@pytest.mark.parametrize("pong_arrives", ["whole", "in two writes", "after a text frame in one write"])
+async def test_answered_keepalive_pings_keep_the_socket_open_however_the_pong_arrives(pong_arrives):
+    """The worker frames its pings and reads a whole pong itself; a pong in parts, or behind another frame, is
+    wsproto's to read. Every way, the next ping follows an answered one and the app gets every message."""
+    messages = []
+
+    async def app(scope, receive, send):
+        await receive()
+        await send({"type": "websocket.accept"})
+        while (event := await receive())["type"] != "websocket.disconnect":
+            messages.append(event["text"])
+
+    async with _pinging_server(app) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(handshake_request("127.0.0.1", port, "/ws/"))
+        await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        payloads = set()
+        for turn in range(4):
+            ping = await asyncio.wait_for(reader.readexactly(6), 5)
+            assert ping[:2] == b"\x89\x04", ping  # a ping, not a close: the pong before it was taken
+            payloads.add(ping[2:])
+            pong = _masked(0xA, ping[2:])
+            if pong_arrives == "whole":
+                writer.write(pong)
+            elif pong_arrives == "in two writes":
+                writer.write(pong[:3])
+                await writer.drain()
+                writer.write(pong[3:])
+            else:
+                writer.write(_masked(0x1, f"message {turn}".encode()) + pong)
+            await writer.drain()
+        assert len(payloads) == 4, "a ping payload repeated: a stale pong could pass for a new one"
+        if pong_arrives.startswith("after"):
+            assert messages[:3] == ["message 0", "message 1", "message 2"]
+        writer.close()
+
+
+async def test_a_pong_to_another_ping_is_no_answer_and_the_socket_closes_as_uvicorn_does():
+    async def app(scope, receive, send):
+        await receive()
+        await send({"type": "websocket.accept"})
+        await receive()
+
+    async with _pinging_server(app, ping_timeout=0.2) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(handshake_request("127.0.0.1", port, "/ws/"))
+        await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        ping = await asyncio.wait_for(reader.readexactly(6), 5)
+        stale = bytes(byte ^ 0xFF for byte in ping[2:])
+        writer.write(_masked(0xA, stale))
+        await writer.drain()
+        # No other ping: the keepalive's close (1011, "keepalive ping timeout") once the pong is overdue.
+        assert await asyncio.wait_for(reader.readexactly(4), 5) == b"\x88\x18\x03\xf3"
+        writer.close()
