@@ -299,10 +299,9 @@ def lines(comparison, repeats, step_seconds):
     out += ["", "Where each system's CPU per delivery went at the fixed load: its server processes + its Redis nodes (µs):", ""]
     for key, shape in comparison.items():
         parts = [
-            f"{SYSTEMS[name]} {found['cost']['system_us_per_delivery'] - found['cost']['redis_us_per_delivery']:.0f} + "
-            f"{found['cost']['redis_us_per_delivery']:.0f}"
+            f"{SYSTEMS[name]} {split[0]:.0f} + {split[1]:.0f}"
             for name, found in shape["systems"].items()
-            if found["cost"]["system_us_per_delivery"] is not None and found["cost"]["redis_us_per_delivery"] is not None
+            if (split := _servers_and_redis(found)) is not None
         ]
         out.append(f"- {key}: " + "; ".join(parts))
         prof = shape["systems"].get("chat", {}).get("profile") or {}
@@ -337,21 +336,25 @@ def lines(comparison, repeats, step_seconds):
     return [*out, ""]
 
 
+def _servers_and_redis(found):
+    """A system's CPU per delivery at the fixed load as (its server processes, its Redis nodes) in µs; None for
+    a run that delivered nothing."""
+    cost = found["cost"]
+    if cost["system_us_per_delivery"] is None or cost["redis_us_per_delivery"] is None:
+        return None
+    return cost["system_us_per_delivery"] - cost["redis_us_per_delivery"], cost["redis_us_per_delivery"]
+
+
 def history_cost_lines(comparison):
     """Per shape: the chat's cost with room history less its cost without, split into workers and Redis."""
-
-    def split(found):
-        cost = found["cost"]
-        return cost["system_us_per_delivery"] - cost["redis_us_per_delivery"], cost["redis_us_per_delivery"]
-
     for key, shape in comparison.items():
         systems = shape["systems"]
         if not {"chat", "chat-nohistory"} <= set(systems):
             continue
-        try:
-            (workers, redis), (plain_workers, plain_redis) = split(systems["chat"]), split(systems["chat-nohistory"])
-        except TypeError:  # a run that delivered nothing has no cost
+        shipped, plain = _servers_and_redis(systems["chat"]), _servers_and_redis(systems["chat-nohistory"])
+        if shipped is None or plain is None:
             continue
+        (workers, redis), (plain_workers, plain_redis) = shipped, plain
         yield (
             f"- {key}: {workers - plain_workers:.1f} + {redis - plain_redis:.1f} "
             f"({(workers + redis - plain_workers - plain_redis) / (workers + redis):.0%} of the chat's cost)"

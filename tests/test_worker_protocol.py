@@ -176,7 +176,8 @@ async def test_the_wsproto_protocol_offers_its_direct_write_in_the_scope_and_it_
 
 
 def _masked(opcode, payload, mask=b"\x01\x02\x03\x04"):
-    """A client frame: FIN, ``opcode``, a masked length under 126, the mask, the masked payload."""
+    """A client frame: FIN, ``opcode``, a masked length under 126, the mask, the masked payload. Not the load
+    client's ``wsclient.frame``: its mask is zero, which would leave the worker's unmasking untested."""
     return bytes([0x80 | opcode, 0x80 | len(payload)]) + mask + bytes(byte ^ mask[i % 4] for i, byte in enumerate(payload))
 
 
