@@ -244,11 +244,16 @@ class Topology:
         """How many replicas the primary of ``name``'s slot has that the cluster does not hold failed."""
         return len(self.nodes_for(name)) - 1
 
-    async def refresh(self):
-        """Reload the slot map; concurrent callers share one reload."""
+    def refresh_soon(self):
+        """Start reloading the slot map without waiting for it (a reload already running serves)."""
         if self._refreshing is None:
             self._refreshing = asyncio.ensure_future(self._reload())
-        task = self._refreshing
+            self._refreshing.add_done_callback(mark_retrieved)
+        return self._refreshing
+
+    async def refresh(self):
+        """Reload the slot map; concurrent callers share one reload."""
+        task = self.refresh_soon()
         try:
             await asyncio.shield(task)
         except RETRYABLE as exc:
@@ -449,9 +454,9 @@ class NodePipeline:
     def execute(self, *args, replicas=0, then=None):
         """Queue one command; the returned future holds its reply or error.
 
-        With ``then`` (a command sent after the batch's WAIT) the future holds ``(reply, confirmed,
-        then_reply)`` instead, ``confirmed`` saying whether ``replicas`` replicas acknowledged the
-        batch and ``then_reply`` being the follow-up's reply or error: the caller decides.
+        With ``replicas`` or ``then`` (a command sent after the batch's WAIT) the future holds ``(reply,
+        acknowledged, then_reply)`` instead: how many replicas acknowledged the batch (WAIT's answer), and
+        the follow-up's reply or error (None without one). The caller judges whether that is enough.
         """
         future = asyncio.get_running_loop().create_future()
         if self.closed:
@@ -521,16 +526,8 @@ class NodePipeline:
                         future.set_exception(reply)
                     elif isinstance(acked, ResponseError):
                         future.set_exception(acked)
-                    elif then is not None:
-                        future.set_result((reply, acked >= wanted, then_reply))
-                    elif acked >= wanted:
-                        future.set_result(reply)
                     else:
-                        future.set_exception(
-                            NotReplicated(
-                                f"{acked} of {wanted} replicas of {self.node.name} confirmed within {self.replica_timeout}s"
-                            )
-                        )
+                        future.set_result((reply, acked, then_reply))
                 timer.cancel()
                 batch = []
         except asyncio.CancelledError:
@@ -596,7 +593,8 @@ class CommandRouter:
         """Run ``command(run_id)`` on the primary that owns ``slot_key``, ``run_id`` naming its server process.
 
         ``replicated``: answer only once every replica the slot map gives that primary holds the write
-        (``NotReplicated`` otherwise, not retried); a primary with none answers at once. Retried across
+        (``NotReplicated`` otherwise, not retried), or the ones that do not were marked failed meanwhile;
+        a primary with none answers at once. Retried across
         failovers for ``retry_timeout`` (the router's own by default).
 
         ``then``: a follow-up script sent after the replicas' WAIT in the same write, where the server's
@@ -614,21 +612,49 @@ class CommandRouter:
                 run_id = pipeline.run_id
                 replicas = self.topology.replicas_for(slot_key) if replicated else 0
                 args = command(run_id.result() if run_id.done() else await run_id)
-                if then is None:
-                    return await pipeline.execute(*args, replicas=replicas)
-                if not pipeline.scripts_wait:
-                    return await pipeline.execute(*args, replicas=replicas), True, None
-                follow_up = then.script.command(then.keys, *(replicas if arg is REPLICAS else arg for arg in then.args))
-                reply, confirmed, then_reply = await pipeline.execute(*args, replicas=replicas, then=follow_up)
+                if not replicas and then is None:
+                    return await pipeline.execute(*args)
+                follow_up = None
+                if then is not None and pipeline.scripts_wait:
+                    follow_up = then.script.command(then.keys, *(replicas if a is REPLICAS else a for a in then.args))
+                reply, acknowledged, then_reply = await pipeline.execute(*args, replicas=replicas, then=follow_up)
                 if isinstance(then_reply, NoScriptError):  # loaded for the next ones; this one's caller falls back
                     pipeline.execute("SCRIPT", "LOAD", then.script.source).add_done_callback(mark_retrieved)
-                return reply, confirmed, then_reply
+                confirmed = acknowledged >= replicas or await self._short_only_of_failed(slot_key, pipeline, acknowledged)
+                if then is not None:
+                    return reply, confirmed, then_reply
+                if not confirmed:
+                    raise NotReplicated(
+                        f"{acknowledged} of {replicas} replicas of {pipeline.node.name} confirmed within {self.replica_timeout}s"
+                    )
+                return reply
             except RETRYABLE:
                 if loop.time() + delay > deadline:
                     raise
             await self.topology.refresh()
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.5)
+
+    async def _short_only_of_failed(self, slot_key, pipeline, acknowledged):
+        """Whether the replicas that did not acknowledge a write are ones the cluster has marked failed since
+        the slot map was read: the primary that took the write, asked at once, lists no more replicas not
+        marked failed than acknowledged, and still owns the slot.
+
+        The map is read every ``follow_interval`` (1 s by default), and a replica stopped or cut off is
+        marked failed after the cluster's node timeout: without this, every send in the gap between the two
+        waited for a replica that no longer counts, and was refused. The primary is asked, not every node
+        as a refresh does, because the stopped replica would hold a refresh for ``command_timeout``.
+        """
+        view = await pipeline.execute("CLUSTER", "NODES")
+        view = view.decode() if isinstance(view, bytes) else view
+        slot = self.topology.cluster.keyslot(slot_key)
+        for first, last, (owner, *replicas) in slot_ranges([view]):
+            if first <= slot <= last:
+                if f"{owner[0]}:{owner[1]}" != pipeline.node.name or len(replicas) > acknowledged:
+                    return False
+                self.topology.refresh_soon()  # so that the next sends stop waiting for it
+                return True
+        return False
 
     async def close(self):
         """Close every pipeline."""

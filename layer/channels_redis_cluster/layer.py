@@ -41,13 +41,12 @@ _publish_group = scripts.load("group_publish")
 _send_numbered = scripts.load("history_send")
 _publish_numbered = scripts.load("history_publish")
 _publish_confirmed = scripts.load("history_publish_confirmed")
-NOT_CONFIRMED = -1  # history_publish_confirmed's answer when the replicas have not acknowledged the write
 _read_history = scripts.load("history_read")
 
 
 def _published(reply):
     """Whether a history_publish_confirmed reply says it published (how many, 0 or more): not an error,
-    not sent (None), not a refusal."""
+    not sent (None), not a refusal (-1: the replicas had not acknowledged; -2: the entry was not found)."""
     return type(reply) is int and reply >= 0
 
 
@@ -357,12 +356,11 @@ class RedisClusterChannelLayer(BaseChannelLayer):
             )
             if replicated:
                 reply, confirmed, published = reply
-                if published == NOT_CONFIRMED or (not confirmed and not _published(published)):
+                if not confirmed and not _published(published):
                     raise NotReplicated(f"the replicas of {group!r}'s primary did not confirm its message in time")
             offset, epoch, rotated, duplicate, queued = reply
         except NotReplicated:
-            self.stats.inc("not_replicated")
-            state.background(state.topology.refresh())  # the slot may have a new primary by now
+            self.stats.inc("not_replicated")  # the slot map was read again before this was raised
             raise
         if replicated and _published(published):
             self.stats.inc("published_in_one_round_trip")

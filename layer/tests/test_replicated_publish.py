@@ -10,7 +10,7 @@ import pytest
 
 from channels_redis_cluster import RedisClusterChannelLayer
 from channels_redis_cluster.cluster import NotReplicated
-from channels_redis_cluster.testing import server_binary, server_version
+from channels_redis_cluster.testing import server_binary, server_version, wait_until
 
 
 async def room_with_one_message(cluster, prefix, group):
@@ -72,6 +72,39 @@ async def test_published_as_written_when_asked(own_cluster):
         assert (await asyncio.wait_for(layer.receive(channel), 5))["__offset__"] == 1
     finally:
         own_cluster.processes[replica].send_signal(signal.SIGCONT)
+    await layer.close()
+
+
+async def test_a_replica_marked_failed_since_the_slot_map_was_read_is_not_waited_for(own_cluster):
+    """The slot map is read every ``follow_interval``, and a stopped replica is marked failed after the node
+    timeout: a send between the two waits for it in vain, then reads the map again, finds it failed, and is
+    published, not refused."""
+    hosts = [f"redis://{node}" for node in own_cluster.startup_nodes]
+    layer = RedisClusterChannelLayer(hosts=hosts, prefix="rf", history_size=50, replica_timeout=0.3, follow_interval=3600)
+    channel = await layer.new_channel()
+    await layer.group_add("gone", channel)
+    assert await layer.group_send("gone", {"type": "m", "n": 0}) == 1
+    assert (await asyncio.wait_for(layer.receive(channel), 5))["n"] == 0
+    primary = own_cluster.primary_for(layer.keys.group_channel("gone"))
+    stopped = replica_of(own_cluster, layer, "gone")
+    stopped_id = own_cluster.client(primary).execute_command("ROLE")[2][0][1]
+
+    def marked_failed():
+        lines = own_cluster.client(primary).execute_command("CLUSTER", "NODES")
+        lines = lines if isinstance(lines, str) else lines.decode()
+        line = next(line for line in lines.splitlines() if line.split()[1].split(":")[1].split("@")[0] == stopped_id)
+        return "fail" in line.split()[2].split(",")
+
+    stopped.send_signal(signal.SIGSTOP)
+    try:
+        await asyncio.to_thread(wait_until, marked_failed, "the stopped replica marked failed")
+        assert await layer.group_send("gone", {"type": "m", "n": 1}) == 2
+        got = await asyncio.wait_for(layer.receive(channel), 5)
+        assert (got["n"], got["__offset__"]) == (1, 2)
+        assert layer.stats["not_replicated"] == 0
+        assert await layer.group_send("gone", {"type": "m", "n": 2}) == 3  # no wait now: the map says so
+    finally:
+        stopped.send_signal(signal.SIGCONT)
     await layer.close()
 
 
