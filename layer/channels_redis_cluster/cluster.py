@@ -518,7 +518,7 @@ class NodePipeline:
                         else:
                             future.set_result(reply)
                 acked = await self._reply() if replicas else 0  # an error: a node that is a replica now
-                for (_, future, wanted, then), reply in held:
+                for (_, future, _, then), reply in held:
                     then_reply = await self._reply() if then is not None else None
                     if future.done():
                         continue
