@@ -617,7 +617,10 @@ class CommandRouter:
                 follow_up = None
                 if then is not None and pipeline.scripts_wait:
                     follow_up = then.script.command(then.keys, *(replicas if a is REPLICAS else a for a in then.args))
-                reply, acknowledged, then_reply = await pipeline.execute(*args, replicas=replicas, then=follow_up)
+                if replicas or follow_up is not None:
+                    reply, acknowledged, then_reply = await pipeline.execute(*args, replicas=replicas, then=follow_up)
+                else:  # a primary with no replica, on a server whose scripts cannot ask WAIT
+                    reply, acknowledged, then_reply = await pipeline.execute(*args), 0, None
                 if isinstance(then_reply, NoScriptError):  # loaded for the next ones; this one's caller falls back
                     pipeline.execute("SCRIPT", "LOAD", then.script.source).add_done_callback(mark_retrieved)
                 confirmed = acknowledged >= replicas or await self._short_only_of_failed(slot_key, pipeline, acknowledged)

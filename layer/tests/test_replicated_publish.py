@@ -75,16 +75,20 @@ async def test_published_as_written_when_asked(own_cluster):
     await layer.close()
 
 
-async def test_a_replica_marked_failed_since_the_slot_map_was_read_is_not_waited_for(own_cluster):
+@pytest.mark.parametrize("scripts_wait", [True, False], ids=["scripts ask WAIT", "publish in a second round trip"])
+async def test_a_replica_marked_failed_since_the_slot_map_was_read_is_not_waited_for(own_cluster, scripts_wait):
     """The slot map is read every ``follow_interval``, and a stopped replica is marked failed after the node
-    timeout: a send between the two waits for it in vain, then reads the map again, finds it failed, and is
-    published, not refused."""
+    timeout: a send between the two waits for it in vain, asks the primary, finds it failed, and is
+    published, not refused; so is the next one, which waits for no replica. Both ways of publishing: where
+    scripts ask WAIT (Valkey 8+) and where they cannot (Redis, told here by the layer's own switch)."""
     hosts = [f"redis://{node}" for node in own_cluster.startup_nodes]
     layer = RedisClusterChannelLayer(hosts=hosts, prefix="rf", history_size=50, replica_timeout=0.3, follow_interval=3600)
     channel = await layer.new_channel()
     await layer.group_add("gone", channel)
     assert await layer.group_send("gone", {"type": "m", "n": 0}) == 1
     assert (await asyncio.wait_for(layer.receive(channel), 5))["n"] == 0
+    for pipeline in (await layer._state()).commands.pipelines.values():
+        pipeline.scripts_wait = pipeline.scripts_wait and scripts_wait
     primary = own_cluster.primary_for(layer.keys.group_channel("gone"))
     stopped = replica_of(own_cluster, layer, "gone")
     stopped_id = own_cluster.client(primary).execute_command("ROLE")[2][0][1]
@@ -102,7 +106,12 @@ async def test_a_replica_marked_failed_since_the_slot_map_was_read_is_not_waited
         got = await asyncio.wait_for(layer.receive(channel), 5)
         assert (got["n"], got["__offset__"]) == (1, 2)
         assert layer.stats["not_replicated"] == 0
-        assert await layer.group_send("gone", {"type": "m", "n": 2}) == 3  # no wait now: the map says so
+        await (await layer._state()).topology.refresh()  # the one the first send started (it waits for the stopped node)
+        started = time.monotonic()
+        assert await layer.group_send("gone", {"type": "m", "n": 2}) == 3
+        assert time.monotonic() - started < 0.3  # no wait now: the map leaves the stopped replica out
+        got = await asyncio.wait_for(layer.receive(channel), 5)
+        assert (got["n"], got["__offset__"]) == (2, 3)
     finally:
         stopped.send_signal(signal.SIGCONT)
     await layer.close()
