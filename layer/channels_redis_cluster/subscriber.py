@@ -12,7 +12,7 @@ import logging
 
 from redis.exceptions import ResponseError
 
-from .cluster import RETRYABLE, Topology, dedicated_connection, mark_retrieved
+from .cluster import LOOP_STALL_SECONDS, RETRYABLE, Topology, dedicated_connection, mark_retrieved
 
 logger = logging.getLogger(__name__)
 
@@ -118,8 +118,11 @@ class _NodeReader:
         silence = interval + self.owner.command_timeout
         loop = asyncio.get_running_loop()
         while not self.closed:
+            asleep_at = loop.time()
             await asyncio.sleep(interval)
-            if loop.time() - self.last_seen > silence:
+            # Woken late, the loop was held up: what the node sent may be unread yet, and is read before the next round.
+            held_up = loop.time() - asleep_at - interval > LOOP_STALL_SECONDS
+            if not held_up and loop.time() - self.last_seen > silence:
                 logger.warning("shard subscriber for %s silent, reconnecting", self.node.name)
                 self.owner.stats.inc("command_deadlines")
                 self.silent = True
