@@ -151,7 +151,9 @@ class Leases:
                 if not pairs:
                     continue
                 key, shard_channel = layer.keys.group_presence(group), layer.keys.presence_channel(group)
-                restored = [channel.decode() for channel in await restore_entries(state.commands, key, layer.group_expiry, *pairs)]
+                restored = [
+                    channel.decode() for channel in await restore_entries(state.commands, key, layer.group_expiry, *pairs)
+                ]
                 if not restored:
                     continue
                 layer.stats.inc("presence_restored", len(restored))
