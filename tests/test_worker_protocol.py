@@ -48,11 +48,12 @@ async def test_the_http_protocol_of_an_upgraded_connection_is_freed_without_the_
         await server.wait_closed()
 
 
-def test_full_collections_freeze_their_survivors_and_every_nth_scans_everything():
+def test_full_collections_freeze_their_survivors_and_one_past_the_interval_scans_everything():
     class Node:
         pass
 
-    freezer = FreezeAfterFullCollections(unfreeze_every=3)
+    now = [0.0]  # the freezer's clock, moved by hand: the collections themselves are real
+    freezer = FreezeAfterFullCollections(scan_everything_every=600.0, clock=lambda: now[0])
     gc.collect()
     gc.callbacks.append(freezer)
     try:
@@ -62,10 +63,20 @@ def test_full_collections_freeze_their_survivors_and_every_nth_scans_everything(
         gc.collect()
         assert gc.get_freeze_count() > 0, "a full collection froze what survived it"
         del a, b
+        now[0] = 599.0
         gc.collect()
-        assert gone() is not None, "a frozen cycle is not scanned by the next full collection"
-        gc.collect()  # the third: everything unfrozen and scanned
+        assert gone() is not None, "a frozen cycle is not scanned by a full collection within the interval"
+        now[0] = 600.0
+        gc.collect()  # the interval has passed: everything unfrozen and scanned
         assert gone() is None
+        a, b = Node(), Node()
+        a.other, b.other = b, a
+        gone = weakref.ref(a)
+        gc.collect()
+        del a, b
+        now[0] = 1199.0
+        gc.collect()
+        assert gone() is not None, "the interval counts from the last scan of everything"
     finally:
         gc.callbacks.remove(freezer)
         gc.unfreeze()
