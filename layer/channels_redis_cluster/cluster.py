@@ -692,15 +692,18 @@ class CommandRouter:
         waited for a replica that no longer counts, and was refused. The primary is asked, not every node
         as a refresh does, because the stopped replica would hold a refresh for ``command_timeout``.
         """
-        view = await pipeline.execute("CLUSTER", "NODES")
+        # The map is read again either way, in the background: the next sends stop waiting for a failed
+        # replica, or find the slot's new primary.
+        self.topology.refresh_soon()
+        try:
+            view = await pipeline.execute("CLUSTER", "NODES")
+        except Exception:  # noqa: BLE001 - unknown, so refused: retrying the write here could write it twice
+            return False
         view = view.decode() if isinstance(view, bytes) else view
         slot = self.topology.cluster.keyslot(slot_key)
         for first, last, (owner, *replicas) in slot_ranges([view]):
             if first <= slot <= last:
-                if f"{owner[0]}:{owner[1]}" != pipeline.node.name or len(replicas) > acknowledged:
-                    return False
-                self.topology.refresh_soon()  # so that the next sends stop waiting for it
-                return True
+                return f"{owner[0]}:{owner[1]}" == pipeline.node.name and len(replicas) <= acknowledged
         return False
 
     async def close(self):

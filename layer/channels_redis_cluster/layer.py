@@ -360,7 +360,7 @@ class RedisClusterChannelLayer(BaseChannelLayer):
                     raise NotReplicated(f"the replicas of {group!r}'s primary did not confirm its message in time")
             offset, epoch, rotated, duplicate, queued = reply
         except NotReplicated:
-            self.stats.inc("not_replicated")  # the slot map was read again before this was raised
+            self.stats.inc("not_replicated")  # the router is reading the slot map again: the slot may have a new primary
             raise
         if replicated and _published(published):
             self.stats.inc("published_in_one_round_trip")
