@@ -490,7 +490,7 @@ class NodePipeline:
         self.run_id = asyncio.get_running_loop().create_future()
         self.run_id.add_done_callback(mark_retrieved)
         self.scripts_wait = False  # known with run_id: whether WAIT in a script counts this connection's writes
-        self.deadline = None  # of the batch being answered
+        self.deadline = None  # of the batch being answered: every reply read moves it
         self.task = asyncio.ensure_future(self._run())
 
     def execute(self, *args, replicas=0, then=None):
@@ -515,8 +515,7 @@ class NodePipeline:
         except ResponseError as exc:
             return exc
         finally:
-            if self.deadline is not None:
-                self.deadline.progress()
+            self.deadline.progress()
 
     def _expire(self):
         self.expired = True
@@ -524,7 +523,7 @@ class NodePipeline:
 
     async def _run(self):
         batch = []
-        timer = self.deadline = Deadline(self.command_timeout, self._expire)
+        self.deadline = Deadline(self.command_timeout, self._expire)
         try:
             await self.connection.connect()
             await self.connection.send_command("INFO", "server", check_health=False)
@@ -532,7 +531,7 @@ class NodePipeline:
             valkey = VALKEY_MAJOR.search(info)
             self.scripts_wait = valkey is not None and int(valkey.group(1)) >= SCRIPTS_WAIT_SINCE_VALKEY
             self.run_id.set_result(RUN_ID.search(info).group(1))
-            timer.cancel()
+            self.deadline.cancel()
             while True:
                 await self.wakeup.wait()
                 self.wakeup.clear()
@@ -548,7 +547,7 @@ class NodePipeline:
                 for index, then in enumerate(follow_ups):
                     last = "1" if index == len(follow_ups) - 1 else "0"
                     commands.append(tuple(last if arg is LAST_IN_WRITE else arg for arg in then))
-                timer = self.deadline = Deadline(self.command_timeout + (self.replica_timeout if replicas else 0), self._expire)
+                self.deadline = Deadline(self.command_timeout + (self.replica_timeout if replicas else 0), self._expire)
                 await self.connection.send_packed_command(pack_commands(commands), check_health=False)
                 held = []  # replies that wait for the WAIT's answer, or for a follow-up's
                 for item in batch:
@@ -572,7 +571,7 @@ class NodePipeline:
                         future.set_exception(acked)
                     else:
                         future.set_result((reply, acked, then_reply))
-                timer.cancel()
+                self.deadline.cancel()
                 batch = []
         except asyncio.CancelledError:
             if not self.expired:
@@ -586,7 +585,7 @@ class NodePipeline:
             error = exc if isinstance(exc, Exception) else ConnectionError(str(exc))
             logger.warning("pipeline to %s failed: %s", self.node.name, exc)
         finally:
-            timer.cancel()
+            self.deadline.cancel()
             self.closed = True
             if not self.run_id.done():
                 self.run_id.set_exception(error)

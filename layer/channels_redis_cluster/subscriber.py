@@ -12,7 +12,7 @@ import logging
 
 from redis.exceptions import ResponseError
 
-from .cluster import LOOP_STALL_SECONDS, RETRYABLE, Topology, dedicated_connection, mark_retrieved
+from .cluster import RETRYABLE, Deadline, Topology, dedicated_connection, mark_retrieved
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ class _NodeReader:
         self.replies = collections.deque()
         self.connection = dedicated_connection(node, owner.command_timeout)
         self.closed = False
-        self.last_seen = 0.0
+        self.deadline = None  # of the silence after which the connection is dropped; every read moves it
         self.tasks = []
         self.forgetting = set()  # SUNSUBSCRIBEs sent for channels that moved, not waited for
         # Set when the connection went silent: the reader is cancelled then, and its channels must move.
@@ -36,7 +36,7 @@ class _NodeReader:
 
     async def start(self):
         await self.connection.connect()
-        self.last_seen = asyncio.get_running_loop().time()
+        self.deadline = Deadline(self.owner.health_interval + self.owner.command_timeout, self._silent)
         self.tasks = [asyncio.ensure_future(self._read()), asyncio.ensure_future(self._watch())]
 
     async def command(self, verb, channel):
@@ -60,7 +60,6 @@ class _NodeReader:
 
     async def _read(self):
         error = ConnectionError(f"subscriber for {self.node.name} closed")
-        loop = asyncio.get_running_loop()
         on_message = self.owner.on_message
         try:
             while True:
@@ -69,7 +68,7 @@ class _NodeReader:
                 except ResponseError as exc:
                     self._answer(None, exc)
                     continue
-                self.last_seen = loop.time()
+                self.deadline.progress()
                 kind = reply[0]
                 if kind == b"smessage":
                     if reply[1] in self.channels:  # not a channel that moved to another node meanwhile
@@ -95,6 +94,7 @@ class _NodeReader:
             logger.warning("shard subscriber for %s lost: %s", self.node.name, exc)
         finally:
             self.closed = True
+            self.deadline.cancel()
             while self.replies:
                 future = self.replies.popleft()[2]
                 if not future.done():
@@ -112,21 +112,19 @@ class _NodeReader:
         else:
             future.set_result(verb)
 
+    def _silent(self):
+        """Nothing read for ``health_interval + command_timeout`` of a loop free to read: a half-open
+        connection. The reader is cancelled, and its channels move."""
+        logger.warning("shard subscriber for %s silent, reconnecting", self.node.name)
+        self.owner.stats.inc("command_deadlines")
+        self.silent = True
+        self.tasks[0].cancel()
+
     async def _watch(self):
-        """PING now and then: a half-open connection shows as silence, then is dropped."""
-        interval = self.owner.health_interval
-        silence = interval + self.owner.command_timeout
-        loop = asyncio.get_running_loop()
-        while not self.closed:
-            asleep_at = loop.time()
-            await asyncio.sleep(interval)
-            # Woken late, the loop was held up: what the node sent may be unread yet, and is read before the next round.
-            held_up = loop.time() - asleep_at - interval > LOOP_STALL_SECONDS
-            if not held_up and loop.time() - self.last_seen > silence:
-                logger.warning("shard subscriber for %s silent, reconnecting", self.node.name)
-                self.owner.stats.inc("command_deadlines")
-                self.silent = True
-                self.tasks[0].cancel()
+        """PING every ``health_interval``: a connection that is alive answers, and its answer is a read."""
+        while True:
+            await asyncio.sleep(self.owner.health_interval)
+            if self.closed:
                 return
             try:
                 await self.connection.send_command("PING", check_health=False)
