@@ -9,6 +9,7 @@ worker used while it sent, so a report can show which side was saturated.
 """
 
 import asyncio
+import gc
 import json
 import multiprocessing
 import random
@@ -393,6 +394,11 @@ def _serve(index, port, wire, connection, source=None):
                 connection.send(("error", traceback.format_exc()))
             else:
                 connection.send(("ok", result))
+            # What a command leaves (its sockets, their futures) is held to the end, so a collection scans
+            # only what the next one makes. Unfrozen, every client process holding 16,700 idle sockets ran
+            # full collections of 0.6 to 1.4 s, three each, in the 8 s of the talking step beside them: a
+            # message that arrived then was timed late by the client's own pause.
+            gc.freeze()
 
     # uvloop, as the servers run: measured here, it takes 7% off the client's CPU per frame received.
     uvloop.run(main())

@@ -10,7 +10,9 @@ descriptors a process, and the load client spread over processes that each conne
 3. a reconnect storm: every idle socket closes at once and connects again; handshakes a second;
 4. every line the workers logged at ERROR or above, their stop at the end included, and workers gunicorn
    replaced (none is the target);
-   the workers' whole log is kept in the temporary directory (``workers_log``).
+   the workers' whole log is kept in the temporary directory (``workers_log``);
+5. the opening and the storm again with the bare app on the same workers and load client: what the machine
+   itself allows, so a rate the chat misses is told apart from one no server here reaches.
 """
 
 import asyncio
@@ -33,6 +35,8 @@ SOCKETS_PER_CLIENT = 18000
 CONCURRENCY = 200
 # The workers at rest with 100,000 sockets open (pings every 20 s, lease renewals) use about this much.
 SETTLED_BELOW_PERCENT = 40
+# The shipped limit (10,000 a worker) would refuse the last ones on workers this full.
+SETTINGS = {"CHAT_MAX_SOCKETS_PER_WORKER": str(SOCKETS_PER_WORKER + 2000), "ACCEPT_BALANCE": "true"}
 TALKING = [(f"talk-{index}", 50) for index in range(10)]
 TALKING_DELIVERIES_PER_S = 10000
 
@@ -98,38 +102,47 @@ def _errors(log_path):
     ]
 
 
+def _plan(sockets, rooms, clients):
+    """Each client process's idle rooms, and the handshakes it keeps in flight."""
+    size = sockets // rooms
+    return [([(f"idle-{room}", size) for room in range(index, rooms, clients)], CONCURRENCY) for index in range(clients)]
+
+
+async def _storm(stack, load, clients):
+    """Every idle socket closes at once and connects again: handshakes a second, with what they cost."""
+    started, spent = time.perf_counter(), Spent(stack, load)
+    storm = _opening(await load._all("rehold", *[(CONCURRENCY,)] * clients))
+    storm.update(spent.per(storm["opened"]))
+    storm["seconds_to_all_open"] = round(time.perf_counter() - started, 3)
+    return storm
+
+
 async def measure(cluster, redis_port, sockets, rooms, step_seconds):
     """The four measurements above for ``sockets`` idle sockets in ``rooms`` rooms."""
     workers = max(2, math.ceil(sockets / SOCKETS_PER_WORKER))
     clients = max(2, math.ceil(sockets / SOCKETS_PER_CLIENT))
-    size = sockets // rooms
     with tempfile.NamedTemporaryFile("w+", prefix="many-sockets-", suffix=".log", delete=False) as log:
         stack = Stack(
             "redis-cluster",
             cluster,
             redis_port,
             workers=workers,
-            # The shipped limit (10,000 a worker) would refuse the last ones on workers this full.
-            settings={"CHAT_MAX_SOCKETS_PER_WORKER": str(SOCKETS_PER_WORKER + 2000), "ACCEPT_BALANCE": "true"},
+            settings=SETTINGS,
             log=log,
         )
         load = None
         try:
             load = Load(stack, clients, own_source_addresses=True)
             rss_before, first_workers = stack.rss_kib(), set(stack.worker_pids())
-            plan = [([(f"idle-{room}", size) for room in range(index, rooms, clients)], CONCURRENCY) for index in range(clients)]
             spent = Spent(stack, load)
-            opening = _opening(await load._all("hold", *plan))
+            opening = _opening(await load._all("hold", *_plan(sockets, rooms, clients)))
             opening.update(spent.per(opening["opened"]))
             rss_per_socket = round((stack.rss_kib() - rss_before) / max(1, opening["opened"]), 2)
             descriptors = sorted(fd_count(pid) for pid in stack.worker_pids())
             await load.add_rooms(TALKING)
             settled_after = await settle(stack)
             talking = await load.run_step("beside-idle", TALKING_DELIVERIES_PER_S, step_seconds)
-            started, spent = time.perf_counter(), Spent(stack, load)
-            storm = _opening(await load._all("rehold", *[(CONCURRENCY,)] * clients))
-            storm.update(spent.per(storm["opened"]))
-            storm["seconds_to_all_open"] = round(time.perf_counter() - started, 3)
+            storm = await _storm(stack, load, clients)
             closed_since = sum(await load._all("held_closed"))
             found = {
                 "sockets": sockets,
@@ -160,7 +173,28 @@ async def measure(cluster, redis_port, sockets, rooms, step_seconds):
     # Read once the workers have stopped: a stop that cannot finish its clean-ups is where errors showed.
     errors = _errors(log.name)
     found["error_lines"], found["errors_logged"] = len(errors), errors[:20]
+    found["bare"] = await measure_bare(cluster, redis_port, sockets, rooms)
     return found
+
+
+async def measure_bare(cluster, redis_port, sockets, rooms):
+    """The opening and the storm again with the bare app (``loadtest.ceiling``: no Django, no channel layer,
+    no Redis) on the same workers and the same load client: what this machine gives a server that does
+    nothing with a socket, the bound on what the chat can reach here."""
+    workers = max(2, math.ceil(sockets / SOCKETS_PER_WORKER))
+    clients = max(2, math.ceil(sockets / SOCKETS_PER_CLIENT))
+    stack = Stack("ceiling", cluster, redis_port, workers=workers, settings=SETTINGS)
+    load = None
+    try:
+        load = Load(stack, clients, own_source_addresses=True)
+        spent = Spent(stack, load)
+        opening = _opening(await load._all("hold", *_plan(sockets, rooms, clients)))
+        opening.update(spent.per(opening["opened"]))
+        return {"opening": opening, "storm": await _storm(stack, load, clients)}
+    finally:
+        if load is not None:
+            load.shutdown()
+        stack.close()
 
 
 def targets(found, sockets_target=100000, storm_target=1500, p99_limit_ms=100):
@@ -180,7 +214,8 @@ def targets(found, sockets_target=100000, storm_target=1500, p99_limit_ms=100):
         {
             "target": f"a reconnect storm of all of them at >= {storm_target:,} handshakes/s, none refused",
             "met": storm["handshakes_per_s"] >= storm_target and storm["opened"] == found["sockets"] and not storm["refused"],
-            "measured": f"{storm['handshakes_per_s']:,}/s ({storm['opened']:,} in {storm['seconds']} s), refused {storm['refused'] or 0}",
+            "measured": f"{storm['handshakes_per_s']:,}/s ({storm['opened']:,} in {storm['seconds']} s), refused {storm['refused'] or 0}; "
+            f"the bare app on the same workers and client: {found['bare']['storm']['handshakes_per_s']:,}/s",
         },
         {
             "target": "nothing logged at ERROR, no worker replaced",
@@ -192,7 +227,7 @@ def targets(found, sockets_target=100000, storm_target=1500, p99_limit_ms=100):
 
 def lines(found):
     """The report's section."""
-    opening, talking, storm = found["opening"], found["talking"], found["storm"]
+    opening, talking, storm, bare = found["opening"], found["talking"], found["storm"], found["bare"]
     return [
         f"## {found['sockets']:,} sockets on one machine ({found['rooms']:,} rooms of {found['sockets'] // found['rooms']}, "
         f"{found['workers']} workers, {found['client_processes']} client processes)",
@@ -210,9 +245,19 @@ def lines(found):
         f"refused {sum(storm['refused'].values()):,}) |",
         f"| storm: CPU µs per handshake (its closes included), workers / Redis / load client | {_spent(storm)} |",
         f"| closed by the server after the storm | {found['closed_by_server_after_storm']:,} |",
+        f"| the bare app (no Django, no layer, no Redis) on the same workers and client: opening / storm handshakes/s | "
+        f"{bare['opening']['handshakes_per_s']:,} / {bare['storm']['handshakes_per_s']:,} "
+        f"(the chat: {_share(opening, bare['opening'])} / {_share(storm, bare['storm'])}) |",
+        f"| the bare app's CPU µs per handshake, workers / load client: opening / storm | "
+        f"{bare['opening']['workers_us_per_handshake']:,} / {bare['opening']['client_us_per_handshake']:,}; "
+        f"{bare['storm']['workers_us_per_handshake']:,} / {bare['storm']['client_us_per_handshake']:,} |",
         f"| lines logged at ERROR / workers replaced | {found['error_lines']:,} / {found['workers_replaced']} |",
         "",
     ]
+
+
+def _share(chat, bare):
+    return f"{100 * chat['handshakes_per_s'] / max(1, bare['handshakes_per_s']):.0f}%"
 
 
 def _spent(phase):

@@ -109,4 +109,8 @@ def test_benchmark_smoke_writes_the_report_with_every_part():
     assert many["talking"]["delivered_ratio"] == 1.0 and many["error_lines"] == 0 and many["workers_replaced"] == 0
     assert many["rss_kib_per_socket"] > 0 and len(many["descriptors_per_worker"]) == many["workers"]
     assert "sockets on one machine" in (out / "report.md").read_text()
+    # The same opening and storm with the bare app: the machine's own bound, beside the chat's rates.
+    bare = many["bare"]
+    assert bare["opening"]["opened"] == bare["storm"]["opened"] == 600 and not bare["storm"]["refused"]
+    assert bare["storm"]["handshakes_per_s"] > 0 and "the bare app (no Django" in (out / "report.md").read_text()
     assert set(report["spublish"]["us_per_publish"]) == {"0", "5"} and report["spublish"]["us_per_publish"]["5"] > 0
