@@ -477,8 +477,9 @@ class NodePipeline:
     a script can ask WAIT itself whether the replicas hold the writes (``scripts_wait``).
     """
 
-    def __init__(self, node: ClusterNode, command_timeout: float, replica_timeout: float, stats=None):
+    def __init__(self, node: ClusterNode, command_timeout: float, replica_timeout: float, stats=None, preload=()):
         self.node = node
+        self.preload = preload  # Scripts put in the node's script cache on connecting
         self.stats = stats
         self.command_timeout = command_timeout
         self.replica_timeout = replica_timeout
@@ -530,6 +531,12 @@ class NodePipeline:
             info = await self.connection.read_response()
             valkey = VALKEY_MAJOR.search(info)
             self.scripts_wait = valkey is not None and int(valkey.group(1)) >= SCRIPTS_WAIT_SINCE_VALKEY
+            if self.preload:
+                # An error here (a server that refuses SCRIPT LOAD) only leaves that script to NOSCRIPT's EVAL.
+                loads = [("SCRIPT", "LOAD", script.source) for script in self.preload]
+                await self.connection.send_packed_command(pack_commands(loads), check_health=False)
+                for _ in loads:
+                    await self._reply()
             self.run_id.set_result(RUN_ID.search(info).group(1))
             self.deadline.cancel()
             while True:
@@ -614,8 +621,11 @@ class CommandRouter:
     """Routes each single-slot command (a publish, a script, a read) to the pipeline of its slot's primary,
     and runs it again on the new primary after a failover or a moved slot, for at most ``retry_timeout``."""
 
-    def __init__(self, topology: Topology, retry_timeout: float, command_timeout: float, replica_timeout: float, stats=None):
+    def __init__(
+        self, topology: Topology, retry_timeout: float, command_timeout: float, replica_timeout: float, stats=None, preload=()
+    ):
         self.topology = topology
+        self.preload = preload  # Scripts every pipeline loads on connecting
         self.stats = stats
         self.retry_timeout = retry_timeout
         self.command_timeout = command_timeout
@@ -625,7 +635,9 @@ class CommandRouter:
     def _pipeline(self, node):
         pipeline = self.pipelines.get(node.name)
         if pipeline is None or pipeline.closed:
-            pipeline = self.pipelines[node.name] = NodePipeline(node, self.command_timeout, self.replica_timeout, self.stats)
+            pipeline = self.pipelines[node.name] = NodePipeline(
+                node, self.command_timeout, self.replica_timeout, self.stats, self.preload
+            )
         return pipeline
 
     async def execute(self, slot_key: bytes, *args):
@@ -726,7 +738,7 @@ class FollowUp(NamedTuple):
 
 
 class Script:
-    """A Lua script run by EVALSHA, loaded on first NOSCRIPT."""
+    """A Lua script run by EVALSHA; a node that does not hold it (NOSCRIPT) is sent the whole text by EVAL."""
 
     def __init__(self, source):
         self.source = source

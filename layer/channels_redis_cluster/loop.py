@@ -86,7 +86,12 @@ class LoopState:
         self.cluster.commands_parser = SharedCommandTable(layer.command_table)
         self.topology = Topology(self.cluster, layer.slot_map, layer.command_timeout)
         self.commands = CommandRouter(
-            self.topology, layer.retry_timeout, layer.command_timeout, layer.replica_timeout, layer.stats
+            self.topology,
+            layer.retry_timeout,
+            layer.command_timeout,
+            layer.replica_timeout,
+            layer.stats,
+            preload=scripts.LOADED,
         )
         self.subscriber = ShardedSubscriber(
             self.topology,
