@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "artifacts" / "bench"
 P99_LIMIT_MS = 100.0
 # What MONITOR sees that is no command of the operation measured (commands_per_send, presence_cost).
-BACKGROUND_COMMANDS = ("replconf", "hello", "client", "auth", "select", "cluster", "ping")
+BACKGROUND_COMMANDS = ("replconf", "hello", "client", "auth", "select", "cluster", "ping", "info", "script")
 RESUMING = {"redis-cluster"}  # backends whose rooms keep a history a member resumes from
 
 

@@ -117,10 +117,14 @@ async def _storm(stack, load, clients):
     return storm
 
 
+def _processes(sockets):
+    """Workers and client processes for ``sockets``: as few as the descriptor limit allows, at least 2 of each."""
+    return max(2, math.ceil(sockets / SOCKETS_PER_WORKER)), max(2, math.ceil(sockets / SOCKETS_PER_CLIENT))
+
+
 async def measure(cluster, redis_port, sockets, rooms, step_seconds):
-    """The four measurements above for ``sockets`` idle sockets in ``rooms`` rooms."""
-    workers = max(2, math.ceil(sockets / SOCKETS_PER_WORKER))
-    clients = max(2, math.ceil(sockets / SOCKETS_PER_CLIENT))
+    """The five measurements above for ``sockets`` idle sockets in ``rooms`` rooms."""
+    workers, clients = _processes(sockets)
     with tempfile.NamedTemporaryFile("w+", prefix="many-sockets-", suffix=".log", delete=False) as log:
         stack = Stack(
             "redis-cluster",
@@ -180,9 +184,9 @@ async def measure(cluster, redis_port, sockets, rooms, step_seconds):
 async def measure_bare(cluster, redis_port, sockets, rooms):
     """The opening and the storm again with the bare app (``loadtest.ceiling``: no Django, no channel layer,
     no Redis) on the same workers and the same load client: what this machine gives a server that does
-    nothing with a socket, the bound on what the chat can reach here."""
-    workers = max(2, math.ceil(sockets / SOCKETS_PER_WORKER))
-    clients = max(2, math.ceil(sockets / SOCKETS_PER_CLIENT))
+    nothing with a socket, the bound on what the chat can reach here. No rooms talk beside them (the bare app
+    fans out within one process only), so its storm follows its opening at once."""
+    workers, clients = _processes(sockets)
     stack = Stack("ceiling", cluster, redis_port, workers=workers, settings=SETTINGS)
     load = None
     try:
@@ -199,7 +203,7 @@ async def measure_bare(cluster, redis_port, sockets, rooms):
 
 def targets(found, sockets_target=100000, storm_target=1500, p99_limit_ms=100):
     """The targets of this part, each met or not, with what was measured."""
-    opening, talking, storm = found["opening"], found["talking"], found["storm"]
+    opening, talking, storm, bare = found["opening"], found["talking"], found["storm"], found.get("bare")
     return [
         {
             "target": f"{sockets_target:,} concurrent sockets on this machine, all opened, none refused",
@@ -214,8 +218,8 @@ def targets(found, sockets_target=100000, storm_target=1500, p99_limit_ms=100):
         {
             "target": f"a reconnect storm of all of them at >= {storm_target:,} handshakes/s, none refused",
             "met": storm["handshakes_per_s"] >= storm_target and storm["opened"] == found["sockets"] and not storm["refused"],
-            "measured": f"{storm['handshakes_per_s']:,}/s ({storm['opened']:,} in {storm['seconds']} s), refused {storm['refused'] or 0}; "
-            f"the bare app on the same workers and client: {found['bare']['storm']['handshakes_per_s']:,}/s",
+            "measured": f"{storm['handshakes_per_s']:,}/s ({storm['opened']:,} in {storm['seconds']} s), refused {storm['refused'] or 0}"
+            + (f"; the bare app on the same workers and client: {bare['storm']['handshakes_per_s']:,}/s" if bare else ""),
         },
         {
             "target": "nothing logged at ERROR, no worker replaced",
@@ -227,7 +231,7 @@ def targets(found, sockets_target=100000, storm_target=1500, p99_limit_ms=100):
 
 def lines(found):
     """The report's section."""
-    opening, talking, storm, bare = found["opening"], found["talking"], found["storm"], found["bare"]
+    opening, talking, storm, bare = found["opening"], found["talking"], found["storm"], found.get("bare")
     return [
         f"## {found['sockets']:,} sockets on one machine ({found['rooms']:,} rooms of {found['sockets'] // found['rooms']}, "
         f"{found['workers']} workers, {found['client_processes']} client processes)",
@@ -245,14 +249,21 @@ def lines(found):
         f"refused {sum(storm['refused'].values()):,}) |",
         f"| storm: CPU µs per handshake (its closes included), workers / Redis / load client | {_spent(storm)} |",
         f"| closed by the server after the storm | {found['closed_by_server_after_storm']:,} |",
+        *(_bare_lines(opening, storm, bare) if bare else []),
+        f"| lines logged at ERROR / workers replaced | {found['error_lines']:,} / {found['workers_replaced']} |",
+        "",
+    ]
+
+
+def _bare_lines(opening, storm, bare):
+    """Rows of the bare app's opening and storm (reports from before it was measured have none)."""
+    return [
         f"| the bare app (no Django, no layer, no Redis) on the same workers and client: opening / storm handshakes/s | "
         f"{bare['opening']['handshakes_per_s']:,} / {bare['storm']['handshakes_per_s']:,} "
         f"(the chat: {_share(opening, bare['opening'])} / {_share(storm, bare['storm'])}) |",
         f"| the bare app's CPU µs per handshake, workers / load client: opening / storm | "
         f"{bare['opening']['workers_us_per_handshake']:,} / {bare['opening']['client_us_per_handshake']:,}; "
         f"{bare['storm']['workers_us_per_handshake']:,} / {bare['storm']['client_us_per_handshake']:,} |",
-        f"| lines logged at ERROR / workers replaced | {found['error_lines']:,} / {found['workers_replaced']} |",
-        "",
     ]
 
 

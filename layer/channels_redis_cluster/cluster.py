@@ -477,9 +477,9 @@ class NodePipeline:
     a script can ask WAIT itself whether the replicas hold the writes (``scripts_wait``).
     """
 
-    def __init__(self, node: ClusterNode, command_timeout: float, replica_timeout: float, stats=None, preload=()):
+    def __init__(self, node: ClusterNode, command_timeout: float, replica_timeout: float, stats=None, preload=None):
         self.node = node
-        self.preload = preload  # Scripts put in the node's script cache on connecting
+        self.preload = preload  # a ScriptCache, or None
         self.stats = stats
         self.command_timeout = command_timeout
         self.replica_timeout = replica_timeout
@@ -531,13 +531,16 @@ class NodePipeline:
             info = await self.connection.read_response()
             valkey = VALKEY_MAJOR.search(info)
             self.scripts_wait = valkey is not None and int(valkey.group(1)) >= SCRIPTS_WAIT_SINCE_VALKEY
-            if self.preload:
-                # An error here (a server that refuses SCRIPT LOAD) only leaves that script to NOSCRIPT's EVAL.
-                loads = [("SCRIPT", "LOAD", script.source) for script in self.preload]
+            run_id = RUN_ID.search(info).group(1)
+            if self.preload is not None and run_id not in self.preload.servers:
+                # An error reply (SCRIPT LOAD refused) only leaves that script to NOSCRIPT's EVAL; a node
+                # still loading its data fails the connect here, as it would fail any command.
+                loads = [("SCRIPT", "LOAD", script.source) for script in self.preload.scripts]
                 await self.connection.send_packed_command(pack_commands(loads), check_health=False)
-                for _ in loads:
-                    await self._reply()
-            self.run_id.set_result(RUN_ID.search(info).group(1))
+                replies = [await self._reply() for _ in loads]
+                if not any(isinstance(reply, ResponseError) for reply in replies):
+                    self.preload.servers.add(run_id)
+            self.run_id.set_result(run_id)
             self.deadline.cancel()
             while True:
                 await self.wakeup.wait()
@@ -622,10 +625,10 @@ class CommandRouter:
     and runs it again on the new primary after a failover or a moved slot, for at most ``retry_timeout``."""
 
     def __init__(
-        self, topology: Topology, retry_timeout: float, command_timeout: float, replica_timeout: float, stats=None, preload=()
+        self, topology: Topology, retry_timeout: float, command_timeout: float, replica_timeout: float, stats=None, preload=None
     ):
         self.topology = topology
-        self.preload = preload  # Scripts every pipeline loads on connecting
+        self.preload = preload  # a ScriptCache every pipeline loads, or None
         self.stats = stats
         self.retry_timeout = retry_timeout
         self.command_timeout = command_timeout
@@ -735,6 +738,17 @@ class FollowUp(NamedTuple):
     script: "Script"
     keys: tuple
     args: tuple
+
+
+class ScriptCache:
+    """The scripts every pipeline puts in its node's script cache as it connects, and the server processes
+    (run ids) known to hold them: once per server process and client process, not once per event loop (a
+    sync caller's every ``async_to_sync`` call has a loop and pipelines of its own). A node whose scripts are
+    flushed later answers NOSCRIPT, and ``Script`` sends it the text."""
+
+    def __init__(self):
+        self.scripts = []
+        self.servers = set()
 
 
 class Script:

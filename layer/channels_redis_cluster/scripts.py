@@ -8,7 +8,7 @@ definition of the frame and entry layout.
 from importlib.resources import files
 
 from . import wire
-from .cluster import Script
+from .cluster import Script, ScriptCache
 
 INCLUDE = "--! include "
 
@@ -16,7 +16,7 @@ INCLUDE = "--! include "
 # command of the layer meets NOSCRIPT. Loaded on the first NOSCRIPT instead, the first burst of a script
 # each had one: a reconnect storm of 10,000 sockets on 2 workers drew 12,453 NOSCRIPT replies, and as many
 # EVALs carrying the whole text, because every group_discard of the burst was sent before the first answer.
-LOADED = []
+LOADED = ScriptCache()
 
 
 def source(name):
@@ -41,5 +41,5 @@ def source(name):
 def load(name):
     """Script ``name``, run by EVALSHA; kept in ``LOADED``."""
     script = Script(source(name))
-    LOADED.append(script)
+    LOADED.scripts.append(script)
     return script

@@ -36,7 +36,6 @@ class _NodeReader:
 
     async def start(self):
         await self.connection.connect()
-        self.deadline = Deadline(self.owner.health_interval + self.owner.command_timeout, self._silent)
         self.tasks = [asyncio.ensure_future(self._read()), asyncio.ensure_future(self._watch())]
 
     async def command(self, verb, channel):
@@ -61,6 +60,8 @@ class _NodeReader:
     async def _read(self):
         error = ConnectionError(f"subscriber for {self.node.name} closed")
         on_message = self.owner.on_message
+        # Made here, not in start(): a reader cancelled before its first step leaves no deadline behind.
+        self.deadline = Deadline(self.owner.health_interval + self.owner.command_timeout, self._silent)
         try:
             while True:
                 try:

@@ -1,7 +1,7 @@
 """The layer's scripts are in each primary's script cache before its first command: a burst of one script on a
 new cluster meets no NOSCRIPT (every call of the burst is sent before the first answer, so loading on the
-first NOSCRIPT cost one error and one EVAL of the whole text per call). A node that loses its scripts
-(SCRIPT FLUSH, or a restart the pipeline has not seen) is still served, by EVAL."""
+first NOSCRIPT cost one error and one EVAL of the whole text per call). A node whose scripts were flushed
+(SCRIPT FLUSH) is still served, by EVAL."""
 
 import asyncio
 
