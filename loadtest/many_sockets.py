@@ -108,6 +108,14 @@ def _plan(sockets, rooms, clients):
     return [([(f"idle-{room}", size) for room in range(index, rooms, clients)], CONCURRENCY) for index in range(clients)]
 
 
+async def _open(stack, load, sockets, rooms, clients):
+    """Every idle socket opened: how many, refused by error, handshakes a second, with what they cost."""
+    spent = Spent(stack, load)
+    opening = _opening(await load._all("hold", *_plan(sockets, rooms, clients)))
+    opening.update(spent.per(opening["opened"]))
+    return opening
+
+
 async def _storm(stack, load, clients):
     """Every idle socket closes at once and connects again: handshakes a second, with what they cost."""
     started, spent = time.perf_counter(), Spent(stack, load)
@@ -138,9 +146,7 @@ async def measure(cluster, redis_port, sockets, rooms, step_seconds):
         try:
             load = Load(stack, clients, own_source_addresses=True)
             rss_before, first_workers = stack.rss_kib(), set(stack.worker_pids())
-            spent = Spent(stack, load)
-            opening = _opening(await load._all("hold", *_plan(sockets, rooms, clients)))
-            opening.update(spent.per(opening["opened"]))
+            opening = await _open(stack, load, sockets, rooms, clients)
             rss_per_socket = round((stack.rss_kib() - rss_before) / max(1, opening["opened"]), 2)
             descriptors = sorted(fd_count(pid) for pid in stack.worker_pids())
             await load.add_rooms(TALKING)
@@ -191,9 +197,7 @@ async def measure_bare(cluster, redis_port, sockets, rooms):
     load = None
     try:
         load = Load(stack, clients, own_source_addresses=True)
-        spent = Spent(stack, load)
-        opening = _opening(await load._all("hold", *_plan(sockets, rooms, clients)))
-        opening.update(spent.per(opening["opened"]))
+        opening = await _open(stack, load, sockets, rooms, clients)
         return {"opening": opening, "storm": await _storm(stack, load, clients)}
     finally:
         if load is not None:
